@@ -1,0 +1,57 @@
+"""Chooses a kernel implementation for an op: ``"reference" | "pallas" | "triton" | "auto"``.
+
+``"auto"`` picks the fastest implementation measured for the current platform
+(``benchmarks/results/kernels-*.json``); on CPU that is the reference (XLA's gather/scatter).
+"""
+from __future__ import annotations
+
+import jax
+
+from jaxkv.kernels import reference
+from jaxkv.kernels.addressing import PageAddressing, TokenAddressing
+
+IMPLS = ("auto", "reference", "pallas", "triton")
+
+# Fastest implementation per (platform, op), from the committed benchmark results.
+_AUTO = {"cpu": {}, "gpu": {}}
+
+
+def _resolve(impl: str, op: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend()
+    return _AUTO.get(platform, {}).get(op, "reference")
+
+
+def _module(name: str):
+    if name == "reference":
+        return reference
+    if name == "pallas":
+        from jaxkv.kernels import pallas_ops
+        return pallas_ops
+    if name == "triton":
+        from jaxkv.kernels import triton_jax
+        return triton_jax
+    raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
+
+
+def gather_tokens(buf, locs, a: TokenAddressing, *, impl: str = "auto"):
+    """See ``reference.gather_tokens``."""
+    return _module(_resolve(impl, "gather_tokens")).gather_tokens(buf, locs, a)
+
+
+def scatter_tokens(buf, locs, value, scale, a: TokenAddressing, *, impl: str = "auto"):
+    """See ``reference.scatter_tokens``."""
+    return _module(_resolve(impl, "scatter_tokens")).scatter_tokens(buf, locs, value, scale, a)
+
+
+def gather_pages(buf, pages, a: PageAddressing, *, impl: str = "auto"):
+    """See ``reference.gather_pages``."""
+    return _module(_resolve(impl, "gather_pages")).gather_pages(buf, pages, a)
+
+
+def scatter_pages(buf, pages, data, a: PageAddressing, *, impl: str = "auto"):
+    """See ``reference.scatter_pages``."""
+    return _module(_resolve(impl, "scatter_pages")).scatter_pages(buf, pages, data, a)
