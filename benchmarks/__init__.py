@@ -1,0 +1,1 @@
+"""jaxkv benchmarks: ``python -m benchmarks.<suite> --out DIR`` (see benchmarks/README.md)."""
