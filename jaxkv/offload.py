@@ -1,0 +1,665 @@
+"""Retract -> resume: bit-exact offload of a request's cache to host memory, and back (SPEC §6).
+
+When a decode server runs short of KV / SWA memory it *retracts* a request: copies all of its cache
+to host memory, frees its device pages, and later *resumes* it into freshly allocated, different
+pages.  This module does the copy, for every DSv4 pool, in both layouts (layer-major and packed).
+
+Two layers
+  * **Location level** — the pools' locations are given explicitly::
+
+        copy  = save_locs(cache, {"swa": s, "c4": c, "c4_state": rows, ...})
+        cache = load_locs(cache, copy, {"swa": s2, "c4": c2, ...})   # same lengths as saved
+
+    ``save_locs`` gathers, on the device, every listed pool's locations for *all layers of the pool
+    in one pass* into one ``uint8`` staging array and moves it to host memory with *one* transfer
+    (``jax.device_put`` to the ``pinned_host`` memory kind).  ``load_locs`` moves it back with one
+    transfer and scatters every pool.  ``-1`` locations are skipped on load (and read zeros on
+    save); a load never writes into page 0 of a token pool nor into a state pool's sentinel row
+    (``ValueError`` outside jit).
+
+  * **Request level** — ``save(cache, alloc_state, request)`` / ``load(cache, alloc_state, copy,
+    request)`` derive every pool's locations from the request's full locations (see
+    ``request_locs``): SWA through ``full_to_swa`` with its validity mask, C4 / C128 / C4-indexer
+    by the ``(f + 1) % r == 0`` rule, the compress-state and indexer-state rows of every compressed
+    layer, request-scoped state.  On load the *new* locations are translated the same way and only
+    entries valid before *and* after are restored (``new_mask[old_mask]``: a tail-only SWA
+    allocation restores the rows it has and writes nothing into page 0).
+
+Asynchronous use
+  ``start_save*`` returns a ``SaveHandle`` at once: the gather and the device-to-host copy are
+  queued on the device and overlap whatever the caller dispatches next (the next decode step).
+  ``handle.wait()`` blocks until the bytes are on the host and returns the ``HostCopy``.  The
+  request's device pages may be released only after that; ``finish_save(handle, alloc_state,
+  request)`` waits *then* releases them, and is the only function here that releases anything —
+  the unsafe order (release, then copy) cannot be written with this API.
+
+Host memory
+  Host copies live in JAX's ``pinned_host`` memory kind (page-locked: ~50 GB/s on an H100 against
+  ~11 GB/s for SGLang's pageable copies).  Where a backend has no ``pinned_host`` memory, the copy
+  falls back to ``unpinned_host`` and then to a NumPy array (``host_kind`` says which one a
+  ``HostCopy`` uses).  Every copy is charged to a ``HostBudget`` *before* anything is dispatched:
+  a save that does not fit raises ``HostBudgetExceeded`` and changes nothing (the device cache and
+  the allocator are untouched; a save never modifies either).  ``HostCopy.free()`` (or loading
+  with ``free=True``) returns the bytes.
+
+  **XLA's cap:** on GPU, XLA's pinned-host allocator is limited to 64 GB per process unless the
+  environment variable ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` is raised *before the backend
+  starts*.  The default budget (``default_budget()``) is therefore
+  ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` GB (64 GB when unset) so that a save fails with our clear
+  error instead of an allocation failure deep inside XLA.  Raise both together for larger host
+  pools.
+
+Compilation
+  Location counts are rounded up to size buckets (at most 1/8 padding, padded with ``-1``) so that
+  requests of similar lengths share one compiled gather / scatter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxkv.cache import Cache, token_addressing
+from jaxkv.kernels import dispatch
+from jaxkv.layout import Layout, PoolLayout
+
+__all__ = [
+    "HostBudget", "HostBudgetExceeded", "HostCopy", "PoolEntry", "SaveHandle", "default_budget",
+    "host_kinds", "save_locs", "start_save_locs", "load_locs", "bucket",
+]
+
+HOST_KINDS = ("pinned_host", "unpinned_host", "numpy")
+_GB = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory accounting
+
+
+class HostBudgetExceeded(MemoryError):
+    """A save needs more host bytes than its ``HostBudget`` has left (nothing was changed)."""
+
+
+class HostBudget:
+    """Host bytes available to offloaded copies (thread-safe).
+
+    Args:
+      limit_bytes: the budget in bytes (>= 0).
+
+    ``reserve`` happens before a save dispatches anything; ``release`` when a ``HostCopy`` is
+    freed.  ``used`` / ``available`` report the state.
+    """
+
+    def __init__(self, limit_bytes: int):
+        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, (int, np.integer)) \
+                or limit_bytes < 0:
+            raise ValueError(f"limit_bytes must be an int >= 0, got {limit_bytes!r}")
+        self.limit = int(limit_bytes)
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def available(self) -> int:
+        return self.limit - self._used
+
+    def reserve(self, nbytes: int, what: str = "a host copy") -> None:
+        """Charges ``nbytes``; raises ``HostBudgetExceeded`` (charging nothing) if they don't fit."""
+        with self._lock:
+            if self._used + nbytes > self.limit:
+                raise HostBudgetExceeded(
+                    f"{what} needs {nbytes:,} host bytes but the host budget has "
+                    f"{self.limit - self._used:,} of {self.limit:,} left; free host copies "
+                    "(HostCopy.free) or raise the budget (and, on GPU, "
+                    "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, XLA's pinned-host cap, 64 GB by default)")
+            self._used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self._used:
+                raise ValueError(f"releasing {nbytes:,} bytes but only {self._used:,} are used")
+            self._used -= nbytes
+
+    def __repr__(self):
+        return f"HostBudget(used={self._used:,}, limit={self.limit:,})"
+
+
+_DEFAULT_BUDGET: HostBudget | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_budget() -> HostBudget:
+    """The process-wide budget: ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` GB (64 when unset).
+
+    That variable is XLA's own cap on pinned host memory on GPU; matching it makes a save that
+    would exceed XLA's allocator fail early with ``HostBudgetExceeded``.
+    """
+    global _DEFAULT_BUDGET
+    with _DEFAULT_LOCK:
+        if _DEFAULT_BUDGET is None:
+            gb = float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "64"))
+            _DEFAULT_BUDGET = HostBudget(int(gb * _GB))
+        return _DEFAULT_BUDGET
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory kinds
+
+
+def host_kinds(device: jax.Device | None = None) -> tuple[str, ...]:
+    """Host memory kinds usable on ``device`` (best first); ``"numpy"`` is always last.
+
+    GPU (jax 0.10 / 0.11) and CPU (jax 0.10.2) both expose ``pinned_host`` and ``unpinned_host``;
+    a backend without memory kinds gets plain NumPy arrays (``jax.device_get``).
+    """
+    device = device or jax.devices()[0]
+    try:
+        kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # backends without the memories API
+        kinds = set()
+    return tuple(k for k in HOST_KINDS[:2] if k in kinds) + ("numpy",)
+
+
+def _host_kind(device, want: str | None) -> str:
+    have = host_kinds(device)
+    if want is None:
+        return have[0]
+    if want not in HOST_KINDS:
+        raise ValueError(f"host_kind must be one of {HOST_KINDS} or None, got {want!r}")
+    if want not in have:
+        raise ValueError(f"host_kind {want!r} is not available on {device} (available: {have})")
+    return want
+
+
+# ---------------------------------------------------------------------------------------------
+# The host copy
+
+
+class PoolEntry(NamedTuple):
+    """Where one (pool, KV-cache group)'s saved tokens sit in a host copy.
+
+    The group's bytes are ``data[offset : offset + nbytes]`` viewed as ``uint8[len(layers),
+    padded, item_bytes]``: for every layer and saved location, the token's value part followed by the
+    written bytes of its scale part (``V + scale_bytes``: 583 for a DSv4 MLA token, 132 for an
+    indexer key, ``4 * width`` for a state row).
+
+    Attributes:
+      pool: pool name.
+      group: index into the pool's ``PoolLayout.groups`` (KV-cache group; 0 in layer-major).
+      layers: the group's pool-local layers (all are saved).
+      count: saved locations N.
+      padded: N rounded up to its size bucket (entries past ``count`` are padding).
+      item_bytes: bytes per (layer, location).
+      offset: byte offset in the staging array.
+    """
+
+    pool: str
+    group: int
+    layers: tuple[int, ...]
+    count: int
+    padded: int
+    item_bytes: int
+    offset: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.pool, self.group)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.layers) * self.padded * self.item_bytes
+
+
+class _Lease:
+    """Mutable part of a HostCopy: its data and its charge on the budget."""
+
+    def __init__(self, data, budget: HostBudget | None, nbytes: int):
+        self.data = data
+        self.budget = budget
+        self.nbytes = nbytes
+        self.freed = False
+        self.lock = threading.Lock()
+
+    def free(self):
+        with self.lock:
+            if self.freed:
+                return
+            self.freed = True
+            self.data = None
+            if self.budget is not None and self.nbytes:
+                self.budget.release(self.nbytes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HostCopy:
+    """A request's (or a set of locations') cache bytes in host memory.
+
+    Attributes:
+      layout: the layout (and so the geometry) the bytes were saved from; a load checks it.
+      entries: one ``PoolEntry`` per saved pool, in staging order.
+      host_kind: ``"pinned_host"``, ``"unpinned_host"`` or ``"numpy"``.
+      nbytes: bytes held in host memory (the staging array, padding included).
+      masks: request level: per pool, the saved validity mask over the request's tokens
+        (``bool[T]``); the saved entries are the tokens where it is True, in token order.
+      meta: request level: other facts of the saved request (token count, state-row maps...).
+    """
+
+    layout: Layout
+    entries: tuple[PoolEntry, ...]
+    host_kind: str
+    nbytes: int
+    _lease: _Lease = dataclasses.field(repr=False)
+    masks: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def data(self):
+        """The host array ``uint8[nbytes]`` (``pinned_host`` jax.Array or np.ndarray); None if empty."""
+        if self._lease.freed:
+            raise ValueError("this HostCopy was freed; its bytes are gone")
+        return self._lease.data
+
+    @property
+    def freed(self) -> bool:
+        return self._lease.freed
+
+    def entry(self, pool: str, group: int = 0) -> PoolEntry | None:
+        for e in self.entries:
+            if e.key == (pool, group):
+                return e
+        return None
+
+    def pool_bytes(self, pool: str, group: int = 0) -> np.ndarray:
+        """uint8[len(layers), count, item_bytes]: the saved bytes of one (pool, group), on host."""
+        e = self.entry(pool, group)
+        if e is None:
+            raise ValueError(f"({pool!r}, {group}) is not in this host copy "
+                             f"(it has {[x.key for x in self.entries]})")
+        flat = np.asarray(self.data)[e.offset:e.offset + e.nbytes]
+        return flat.reshape(len(e.layers), e.padded, e.item_bytes)[:, :e.count]
+
+    def free(self) -> None:
+        """Drops the host bytes and returns them to the budget (idempotent)."""
+        self._lease.free()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def bucket(n: int) -> int:
+    """Size bucket of ``n`` locations: ``n`` rounded up to a multiple of ``2**(bitlen(n) - 4)``.
+
+    At most 1/8 padding; 0 stays 0, ``n <= 16`` stays ``n``.
+    """
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def _concrete_locs(locs, arg: str) -> np.ndarray:
+    if isinstance(locs, jax.core.Tracer):
+        raise ValueError(f"{arg} must be concrete (save/load run outside jit; they dispatch "
+                         "their own compiled gathers and transfers)")
+    a = np.asarray(locs)
+    if a.ndim != 1:
+        raise ValueError(f"{arg} must be 1-D int32[N], got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{arg} must be an integer array, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _check_range(a: np.ndarray, p: PoolLayout, arg: str) -> None:
+    bad = (a < -1) | (a >= p.capacity)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{arg}[{i}] = {int(a[i])} is outside [0, {p.capacity}) for pool "
+                         f"{p.name!r} (-1 is the only allowed padding value)")
+
+
+def _reserved_page0(p: PoolLayout, layout: Layout) -> bool:
+    """Whether page 0 of the pool is reserved: token pools, and every pool of the packed layout
+    (block 0).  Layer-major state pools are plain rows: their reserved row is the sentinel."""
+    return p.spec.kind == "token" or layout.kind == "packed"
+
+
+def _check_targets(a: np.ndarray, p: PoolLayout, layout: Layout, arg: str) -> None:
+    """Load targets: in range, never in a reserved page 0, never a stored sentinel row."""
+    _check_range(a, p, arg)
+    if _reserved_page0(p, layout):
+        bad = (a >= 0) & (a < p.tokens_per_page)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{arg}[{i}] = {int(a[i])} for pool {p.name!r} is in page 0 "
+                             f"(locations [0, {p.tokens_per_page})), which is reserved; an "
+                             "allocator never hands it out")
+    if p.sentinel is not None:
+        bad = a == p.sentinel
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{arg}[{i}] = {int(a[i])} for pool {p.name!r} is the sentinel row, "
+                             "which always holds [kv 0 | score -inf]")
+
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+
+
+def _pad(a: np.ndarray, n: int, fill: int = -1) -> np.ndarray:
+    out = np.full(n, fill, np.int32)
+    out[:a.shape[0]] = a
+    return out
+
+
+def _resolve_keys(layout: Layout, pool_locs: Mapping, arg: str) -> dict[tuple[str, int], Any]:
+    """``{pool | (pool, group): locs}`` -> ``{(pool, group): locs}``, in the layout's order.
+
+    A bare pool name stands for the pool's only KV-cache group; a pool whose layers are split
+    into several groups (packed layout) needs ``(pool, group)`` keys, one set of locations each.
+    """
+    if not isinstance(pool_locs, Mapping):
+        raise ValueError(f"{arg} must be a mapping {{pool or (pool, group): int32[N] locations}}")
+    out = {}
+    for k, v in pool_locs.items():
+        if isinstance(k, str):
+            name, g = k, None
+        elif (isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], str)
+              and isinstance(k[1], (int, np.integer)) and not isinstance(k[1], bool)):
+            name, g = k[0], int(k[1])
+        else:
+            raise ValueError(f"{arg} keys must be pool names or (pool, group) tuples, got {k!r}")
+        if name not in layout.pool_names:
+            raise ValueError(f"{arg} names unknown pool {name!r}; the cache's pools are "
+                             f"{list(layout.pool_names)}")
+        p = layout.pool(name)
+        if g is None:
+            if len(p.groups) != 1:
+                raise ValueError(
+                    f"{arg}[{name!r}]: pool {name!r} has {len(p.groups)} KV-cache groups in the "
+                    f"{layout.kind} layout (layers {[list(x) for x in p.groups]}), each with its "
+                    f"own locations; key them as ({name!r}, group)")
+            g = 0
+        if not 0 <= g < len(p.groups):
+            raise ValueError(f"{arg}[{k!r}]: group must be in [0, {len(p.groups)}) for pool "
+                             f"{name!r}, got {g}")
+        if (name, g) in out:
+            raise ValueError(f"{arg} gives ({name!r}, {g}) twice")
+        out[(name, g)] = v
+    order = [(p.name, g) for p in layout.pools for g in range(len(p.groups))]
+    return {key: out[key] for key in order if key in out}
+
+
+def _item_bytes(layout: Layout, pool: str) -> tuple[int, int]:
+    """(value bytes V, written scale bytes) of a pool's tokens."""
+    _, a = token_addressing(layout, pool)
+    return a.value_bytes, a.scale_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Device programs
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "keys", "impl"))
+def _gather(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, ...]], ...],
+            impl: str):
+    """Every (pool, layers)'s tokens into one ``uint8[total]`` staging array."""
+    parts = []
+    for (pool, layers), loc in zip(keys, locs):
+        b, a = token_addressing(layout, pool, layers)
+        value, scale = dispatch.gather_tokens(buffers[b], loc, a, impl=impl)
+        tok = jnp.concatenate([value, scale], axis=-1) if a.scale_bytes else value
+        parts.append(tok.reshape(-1))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _scatter_impl(buffers, staging, dst, src, *, layout: Layout,
+                  entries: tuple[PoolEntry, ...], impl: str):
+    buffers = list(buffers)
+    for e, d, s in zip(entries, dst, src):
+        b, a = token_addressing(layout, e.pool, e.layers)
+        piece = lax.slice(staging, (e.offset,), (e.offset + e.nbytes,))
+        piece = piece.reshape(len(e.layers), e.padded, e.item_bytes)
+        if s is not None:  # entry s[i] goes to location d[i] (padding: d = -1)
+            piece = jnp.take(piece, s, axis=1, mode="clip")
+        value = piece[..., :a.value_bytes]
+        scale = piece[..., a.value_bytes:]
+        buffers[b] = dispatch.scatter_tokens(buffers[b], d, value, scale, a, impl=impl)
+    return tuple(buffers)
+
+
+_scatter = jax.jit(_scatter_impl, static_argnames=("layout", "entries", "impl"))
+_scatter_donate = jax.jit(_scatter_impl, static_argnames=("layout", "entries", "impl"),
+                          donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+class SaveHandle:
+    """A save in flight: the gather and the device-to-host copy are queued on the device.
+
+    ``wait()`` blocks until the bytes are in host memory and returns the ``HostCopy``; ``done()``
+    polls.  Release the saved request's device pages only after ``wait()`` — ``finish_save`` does
+    both in that order.
+    """
+
+    def __init__(self, copy: HostCopy, pending):
+        self._copy = copy
+        self._pending = pending  # device staging array for the numpy fallback, else None
+        self._done = copy.entries == () or pending is None and copy.data is None
+
+    @property
+    def copy_in_flight(self) -> HostCopy:
+        """The HostCopy, possibly not yet complete (for inspection of its geometry only)."""
+        return self._copy
+
+    def done(self) -> bool:
+        if self._done:
+            return True
+        if self._pending is not None:
+            return self._pending.is_ready()
+        data = self._copy._lease.data
+        return data is None or data.is_ready()
+
+    def wait(self) -> HostCopy:
+        """Blocks until the host copy is complete; returns it."""
+        if not self._done:
+            lease = self._copy._lease
+            if self._pending is not None:  # NumPy fallback: the copy lands in a host ndarray
+                lease.data = np.asarray(self._pending)
+                self._pending = None
+            elif lease.data is not None:
+                jax.block_until_ready(lease.data)
+            self._done = True
+        return self._copy
+
+
+def _prepare(cache: Cache, pool_locs: Mapping):
+    """Validated ``(gather keys, padded locs, entries, total bytes)`` for a save."""
+    _check_cache(cache)
+    layout = cache.layout
+    keys, locs, entries, offset = [], [], [], 0
+    for (pool, g), v in _resolve_keys(layout, pool_locs, "pool_locs").items():
+        p = layout.pool(pool)
+        arg = f"pool_locs[{(pool, g)!r}]"
+        a = _concrete_locs(v, arg)
+        _check_range(a, p, arg)
+        if a.shape[0] == 0:
+            continue
+        n = a.shape[0]
+        npad = bucket(n)
+        vb, sb = _item_bytes(layout, pool)
+        layers = tuple(p.groups[g])
+        e = PoolEntry(pool, g, layers, n, npad, vb + sb, offset)
+        offset += e.nbytes
+        keys.append((pool, layers))
+        locs.append(_pad(a, npad))
+        entries.append(e)
+    return tuple(keys), locs, tuple(entries), offset
+
+
+def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
+                    budget: HostBudget | None = None, host_kind: str | None = None,
+                    impl: str = "auto", masks: Mapping[str, np.ndarray] | None = None,
+                    meta: Mapping[str, Any] | None = None) -> SaveHandle:
+    """Starts saving the given locations of every listed pool; returns at once.
+
+    Args:
+      cache: the cache (not modified).
+      pool_locs: ``{pool: int32[N_pool]}`` locations to save (every layer of the pool); ``-1``
+        entries are saved as zeros (they are placeholders that keep positions aligned).
+      budget: host budget to charge (default: ``default_budget()``).
+      host_kind: ``"pinned_host"`` | ``"unpinned_host"`` | ``"numpy"``; None = the best available.
+      impl: gather kernel implementation (``jaxkv.kernels.dispatch``).
+      masks, meta: stored in the HostCopy as given (used by the request level).
+
+    Returns:
+      A ``SaveHandle``; ``handle.wait()`` gives the ``HostCopy``.
+
+    Raises:
+      ValueError: bad pool name or locations (nothing dispatched).
+      HostBudgetExceeded: the copy does not fit the budget (nothing dispatched).
+    """
+    keys, locs, entries, total = _prepare(cache, pool_locs)
+    budget = default_budget() if budget is None else budget
+    device = next(iter(cache.buffers[0].devices()))
+    kind = _host_kind(device, host_kind)
+    if not entries:  # empty: short-circuit, no device work, no host bytes
+        copy = HostCopy(cache.layout, (), kind, 0, _Lease(None, budget, 0), dict(masks or {}),
+                        dict(meta or {}))
+        return SaveHandle(copy, None)
+    budget.reserve(total, f"saving {sum(e.count for e in entries):,} locations of "
+                          f"{sorted({e.pool for e in entries})}")
+    try:
+        staging = _gather(cache.buffers, [jnp.asarray(x) for x in locs], layout=cache.layout,
+                          keys=keys, impl=impl)
+        pending = None
+        if kind == "numpy":
+            staging.copy_to_host_async()
+            pending, data = staging, None
+        else:
+            data = jax.device_put(staging, staging.sharding.with_memory_kind(kind))
+    except BaseException:
+        budget.release(total)
+        raise
+    copy = HostCopy(cache.layout, entries, kind, total, _Lease(data, budget, total),
+                    dict(masks or {}), dict(meta or {}))
+    return SaveHandle(copy, pending)
+
+
+def save_locs(cache: Cache, pool_locs: Mapping[str, Any], **kw) -> HostCopy:
+    """Synchronous ``start_save_locs(...).wait()``: the HostCopy of the given locations."""
+    return start_save_locs(cache, pool_locs, **kw).wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
+              sources: Mapping | None = None, impl: str = "auto",
+              donate: bool = False, free: bool = False) -> Cache:
+    """Writes a host copy back into (new) locations: one host-to-device transfer, one scatter.
+
+    Args:
+      cache: the cache to write into.
+      host_copy: from ``save_locs`` / ``save`` (completed: ``SaveHandle.wait()``).
+      pool_locs: ``{pool | (pool, group): int32[M]}`` target locations per saved (pool, group)
+        (one left out is not restored).  Without ``sources``, ``M`` must equal the saved count and
+        entry ``i`` goes to location ``i``.  ``-1`` targets are skipped.  A target in a reserved
+        page 0 (token pools; every pool of the packed layout) or on a stored sentinel row is a
+        ValueError.
+      sources: optional ``{pool | (pool, group): int32[M]}``: saved entry ``sources[k][i]`` goes
+        to ``pool_locs[k][i]`` (the request level restores deduplicated state rows this way).
+      impl: scatter kernel implementation.
+      donate: donate the cache buffers (in-place update; the ``cache`` argument is then invalid).
+      free: free the host copy once the load is dispatched.
+
+    Returns:
+      The new cache.  Only the targeted tokens' bytes change (value part and written scale bytes;
+      a DSv4 scale slot's pad byte and page padding are never written).
+
+    Raises:
+      ValueError: wrong layout, freed copy, bad targets or sources (nothing changed).
+    """
+    _check_cache(cache)
+    if not isinstance(host_copy, HostCopy):
+        raise ValueError(f"host_copy must be a HostCopy, got {type(host_copy).__name__}")
+    if host_copy.layout != cache.layout:
+        raise ValueError("host_copy was saved from a cache with a different layout "
+                         f"({host_copy.layout.kind} of {host_copy.layout.geometry.name}); "
+                         f"this cache is {cache.layout.kind} of {cache.layout.geometry.name}")
+    if host_copy.freed:
+        raise ValueError("host_copy was freed; its bytes are gone")
+    layout = cache.layout
+    targets = _resolve_keys(layout, pool_locs, "pool_locs")
+    srcs = _resolve_keys(layout, sources or {}, "sources")
+    saved = {e.key: e for e in host_copy.entries}
+    for name, got in (("pool_locs", targets), ("sources", srcs)):
+        extra = [k for k in got if k not in saved and _concrete_locs(got[k], name).size]
+        if extra:
+            raise ValueError(f"{name} gives locations for {extra}, which the host copy does not "
+                             f"hold (it holds {list(saved)})")
+    extra = [k for k in srcs if k not in targets]
+    if extra:
+        raise ValueError(f"sources gives {extra} without pool_locs for them")
+    entries, dst, src = [], [], []
+    for e in host_copy.entries:
+        if e.key not in targets:
+            continue
+        p = layout.pool(e.pool)
+        arg = f"pool_locs[{e.key!r}]"
+        d = _concrete_locs(targets[e.key], arg)
+        _check_targets(d, p, layout, arg)
+        if e.key in srcs:
+            s = _concrete_locs(srcs[e.key], f"sources[{e.key!r}]")
+            if s.shape != d.shape:
+                raise ValueError(f"sources[{e.key!r}] has {s.shape[0]} entries but "
+                                 f"{arg} has {d.shape[0]}")
+            bad = (s < 0) | (s >= e.count)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f"sources[{e.key!r}][{i}] = {int(s[i])} is not a saved entry "
+                                 f"(the copy holds {e.count} for {e.key!r})")
+            if d.shape[0] == 0:
+                continue
+            m = bucket(d.shape[0])
+            entries.append(e)
+            dst.append(_pad(d, m))
+            src.append(_pad(s, m, fill=0))
+        else:
+            if d.shape[0] != e.count:
+                raise ValueError(f"{arg} has {d.shape[0]} locations but the host copy saved "
+                                 f"{e.count} for {e.key!r} (pass sources= to pick entries)")
+            entries.append(e)
+            dst.append(_pad(d, e.padded))
+            src.append(None)
+    if not entries or not any((d >= 0).any() for d in dst):  # nothing to restore
+        if free:
+            host_copy.free()
+        return cache
+    data = host_copy.data
+    sharding = cache.buffers[0].sharding
+    if getattr(sharding, "memory_kind", None) is not None:
+        sharding = sharding.with_memory_kind("device")
+    staging = jax.device_put(data, sharding)
+    fn = _scatter_donate if donate else _scatter
+    buffers = fn(cache.buffers, staging, [jnp.asarray(x) for x in dst],
+                 [None if s is None else jnp.asarray(s) for s in src],
+                 layout=layout, entries=tuple(entries), impl=impl)
+    if free:
+        host_copy.free()
+    return Cache(tuple(buffers), layout)
