@@ -106,3 +106,50 @@ def scatter_pages(buf: jax.Array, pages: jax.Array, data: jax.Array,
     """Writes ``data`` uint8[L, P, page_bytes] into pages ``pages`` (int32[P]; invalid skipped)."""
     rows, cols = _page_rows(pages, a, buf.shape[0])
     return _scatter_windows(buf, rows, cols, data)
+
+
+def _masked_pair(src_idx, dst_idx, src_n, dst_n):
+    """Both index arrays with -1 wherever either side of a pair is invalid."""
+    s = jnp.asarray(src_idx, jnp.int32)
+    d = jnp.asarray(dst_idx, jnp.int32)
+    ok = (s >= 0) & (s < src_n) & (d >= 0) & (d < dst_n)
+    return jnp.where(ok, s, -1), jnp.where(ok, d, -1)
+
+
+def copy_pages(src: jax.Array, dst: jax.Array, src_pages: jax.Array, dst_pages: jax.Array,
+               src_a: PageAddressing, dst_a: PageAddressing) -> jax.Array:
+    """Copies page ``src_pages[i]`` of every layer of ``src_a`` to page ``dst_pages[i]`` of the same
+    layer of ``dst_a`` (two buffers, different page numbering).
+
+    Args:
+      src, dst: uint8[rows, row_bytes] buffers (may have different shapes).
+      src_pages, dst_pages: int32[P]; pairs with an invalid page on either side are skipped.
+      src_a, dst_a: equal ``page_bytes`` and layer counts.
+
+    Returns:
+      The updated ``dst``.
+    """
+    s, d = _masked_pair(src_pages, dst_pages, src_a.num_pages, dst_a.num_pages)
+    return scatter_pages(dst, d, gather_pages(src, s, src_a), dst_a)
+
+
+def copy_tokens(src: jax.Array, dst: jax.Array, src_locs: jax.Array, dst_locs: jax.Array,
+                src_a: TokenAddressing, dst_a: TokenAddressing) -> jax.Array:
+    """Token-granular copy between paged buffers (SGLang's ``transfer_cache_dsv4_mla``).
+
+    Token ``src_locs[i]`` of every layer is copied to ``dst_locs[i]``: its ``V``-byte value and its
+    whole ``S``-byte scale slot (two byte ranges; the pad byte travels too).
+
+    Args:
+      src, dst: uint8[rows, row_bytes].
+      src_locs, dst_locs: int32[N]; pairs with an invalid location on either side are skipped.
+      src_a, dst_a: the same token format (V, S) and layer count; page sizes may differ.
+
+    Returns:
+      The updated ``dst``.
+    """
+    s, d = _masked_pair(src_locs, dst_locs, src_a.capacity, dst_a.capacity)
+    sa = src_a._replace(scale_bytes=src_a.scale_stride)
+    da = dst_a._replace(scale_bytes=dst_a.scale_stride)
+    value, scale = gather_tokens(src, s, sa)
+    return scatter_tokens(dst, d, value, scale, da)
