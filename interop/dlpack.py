@@ -1,0 +1,359 @@
+"""Zero-copy exchange of arrays between JAX and PyTorch (DLPack), and who owns what.
+
+Exchange
+--------
+``to_torch(array)`` and ``from_torch(tensor)`` either alias the same memory (proved by pointer
+equality: ``tensor.data_ptr() == array.unsafe_buffer_pointer()``) or raise.  They never copy
+silently.  Supported dtypes: ``bfloat16``, ``float8_e4m3fn``, ``uint8``, ``int32`` (and the other
+dtypes both libraries share, e.g. ``float32``, ``int8``, ``bool``).
+
+* **int64** — with ``jax_enable_x64`` off, JAX silently copies an int64 tensor down to int32.
+  ``from_torch`` therefore rejects int64 (and every other 64-bit dtype) by default;
+  ``int64="convert"`` converts explicitly (a copy, values checked to fit in int32, a warning is
+  issued); with x64 on, int64 is exchanged zero-copy.
+* **strides** — only row-major contiguous tensors are exchanged (``tensor.is_contiguous()``); any
+  other stride pattern is a ``ValueError`` telling you to call ``.contiguous()`` (which copies).
+* **alignment** — JAX wants CPU buffers 64-byte aligned; an unaligned tensor (e.g. ``t[3:]``)
+  cannot be aliased and is a ``ValueError``.
+* **fp8** — exchanged natively.  ``from_torch(..., fp8="auto")`` falls back to a zero-copy
+  ``uint8`` view (with a warning) where a JAX/torch pair lacks fp8 DLPack; ``fp8="uint8"`` always
+  returns the ``uint8`` view (bitcast it inside your ``jit``, where that is free).  The other
+  direction has no zero-copy fallback (JAX cannot alias an fp8 buffer as uint8): keep fp8 data in
+  the cache's uint8 buffers, or bitcast inside ``jit``.
+* **sharded arrays** — DLPack describes one buffer on one device.  ``to_torch`` raises for an
+  array over several devices; ``to_torch_shards(array)`` returns one tensor per addressable shard
+  (in ``array.addressable_shards`` order; ``shard.index`` says which slice each one is).
+
+Streams (CUDA)
+--------------
+Both directions use the DLPack stream handshake, so no host synchronisation is needed:
+
+* ``to_torch``: ``torch.from_dlpack`` passes torch's *current* stream; JAX makes that stream wait
+  until the array's producing computation is done.  torch work enqueued afterwards on the current
+  stream sees the final values.  (Work on other torch streams must wait on the current one.)
+* ``from_torch``: JAX passes its stream for external ready events; torch makes it wait for torch's
+  current stream.  JAX computations using the returned array see every torch write enqueued on the
+  current stream *before* the call.
+* Writes made by torch into shared memory *after* the exchange are not ordered with JAX work.
+  Re-export after each torch step (an exchange costs a few microseconds), or synchronise.  Before
+  torch overwrites memory that running JAX computations still read, ``jax.block_until_ready``
+  them.
+
+Ownership
+---------
+A buffer has exactly one owner, the library that allocated it; the other side holds views.
+
+* **JAX-owned cache + torch views** (``to_torch`` / ``torch_views``): XLA refuses to donate a
+  buffer that torch still references ("Donation requested for buffer with external reference") —
+  on GPU deep inside a ``jit`` call, on CPU donation is silently skipped.  Every buffer exported by
+  ``to_torch`` is recorded (with a weak reference to the tensor; views of it keep it alive), and
+  ``donate_safe(tree)`` / ``jit_donating(...)`` turn the misuse into an ``OwnershipError`` that
+  says what to do: drop the torch tensors, or donate nothing.
+* **torch-owned cache + JAX read-only views** (``from_torch``): the JAX array aliases torch's
+  allocation; donating it would hand torch's memory to XLA.  Such arrays are recorded too, and
+  ``donate_safe`` / ``jit_donating`` refuse them.  Use them as read-only inputs; write through the
+  torch owner (``jaxkv.interop.DSV4TorchPool``).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+import weakref
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+__all__ = [
+    "OwnershipError", "to_torch", "to_torch_shards", "from_torch", "donate_safe",
+    "jit_donating", "torch_views", "is_viewed_by_torch", "is_torch_owned", "buffer_pointer",
+]
+
+
+class OwnershipError(ValueError):
+    """A buffer is used against its ownership rule (e.g. donating a buffer torch still views)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries: JAX buffers viewed by torch, and JAX arrays that alias torch memory.
+
+_lock = threading.Lock()
+_exported: dict[int, list[weakref.ref]] = {}   # JAX buffer pointer -> weakrefs to torch tensors
+_imported: dict[int, list[weakref.ref]] = {}   # torch pointer -> weakrefs to the JAX arrays
+
+
+def _live(refs: list[weakref.ref]) -> list:
+    return [o for o in (r() for r in refs) if o is not None]
+
+
+def _record(table: dict, ptr: int, obj) -> None:
+    with _lock:
+        refs = [r for r in table.get(ptr, []) if r() is not None]
+        refs.append(weakref.ref(obj))
+        table[ptr] = refs
+
+
+def buffer_pointer(array: jax.Array) -> int:
+    """Device address of a single-device JAX array's buffer (``unsafe_buffer_pointer``)."""
+    return int(array.unsafe_buffer_pointer())
+
+
+def _array_pointers(array: jax.Array) -> list[int]:
+    if array.is_deleted():
+        return []
+    return [int(s.data.unsafe_buffer_pointer()) for s in array.addressable_shards]
+
+
+def is_viewed_by_torch(array: jax.Array) -> bool:
+    """True while a torch tensor made by ``to_torch`` from this array's buffer is alive."""
+    with _lock:
+        return any(_live(_exported.get(p, [])) for p in _array_pointers(array))
+
+
+def is_torch_owned(array: jax.Array) -> bool:
+    """True when ``array`` aliases torch memory (made by ``from_torch``) and that array is alive."""
+    with _lock:
+        return any(_live(_imported.get(p, [])) for p in _array_pointers(array))
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX -> torch
+
+
+def _check_jax_array(array, arg: str = "array") -> None:
+    if not isinstance(array, jax.Array):
+        raise ValueError(f"{arg} must be a jax.Array, got {type(array).__name__}")
+    if isinstance(array, jax.core.Tracer):
+        raise ValueError(f"{arg} is a tracer: DLPack exchange works on concrete arrays, "
+                         "outside jax.jit")
+    if array.is_deleted():
+        raise ValueError(f"{arg} has been deleted (donated to a jit call?): its buffer is gone; "
+                         "use the array the call returned")
+
+
+def _export_one(array: jax.Array) -> torch.Tensor:
+    try:
+        t = torch.from_dlpack(array)
+    except (BufferError, RuntimeError, TypeError) as e:
+        if array.dtype == jnp.float8_e4m3fn:
+            raise ValueError(
+                "this JAX/torch pair cannot exchange float8_e4m3fn through DLPack, and JAX cannot "
+                "alias an fp8 buffer as uint8 without a copy: exchange the cache's uint8 buffers "
+                "instead, or bitcast inside jit (jax.lax.bitcast_convert_type)") from e
+        raise ValueError(f"DLPack export of a {array.dtype} array failed: {e}") from e
+    if array.size and t.data_ptr() != int(array.unsafe_buffer_pointer()):
+        raise RuntimeError("DLPack export copied the array (pointers differ); refusing a silent "
+                           "copy")
+    _record(_exported, int(array.unsafe_buffer_pointer()), t)
+    return t
+
+
+def to_torch(array: jax.Array) -> torch.Tensor:
+    """A torch tensor aliasing a single-device JAX array's buffer (zero-copy).
+
+    Args:
+      array: a ``jax.Array`` on one device (CPU or GPU), any shape, of a dtype torch has
+        (``bfloat16``, ``float8_e4m3fn``, ``uint8``, ``int32``, ...).
+
+    Returns:
+      A tensor of the same shape and dtype on the matching torch device, with
+      ``tensor.data_ptr() == array.unsafe_buffer_pointer()``.  The JAX array's owner stays JAX;
+      while the tensor (or any view of it) lives the array cannot be donated (see
+      ``donate_safe``).  Do not write through the tensor while JAX computations read the array.
+
+    Raises:
+      ValueError: not a concrete, live jax.Array; an array over several devices (use
+        ``to_torch_shards``); a dtype DLPack cannot carry.
+    """
+    _check_jax_array(array)
+    ndev = len(array.sharding.device_set)
+    if ndev > 1:
+        raise ValueError(f"array is spread over {ndev} devices (sharding {array.sharding}); "
+                         "DLPack describes one buffer: use to_torch_shards(array) for one tensor "
+                         "per shard")
+    return _export_one(array)
+
+
+def to_torch_shards(array: jax.Array) -> list[torch.Tensor]:
+    """One zero-copy torch tensor per addressable shard of ``array``.
+
+    Returns:
+      ``[to_torch(s.data) for s in array.addressable_shards]``: the i-th tensor holds
+      ``array[array.addressable_shards[i].index]`` and lives on that shard's device.  Replicated
+      arrays give one tensor per device, all with the same values.
+    """
+    _check_jax_array(array)
+    return [_export_one(s.data) for s in array.addressable_shards]
+
+
+def torch_views(cache) -> tuple[torch.Tensor, ...]:
+    """Zero-copy ``uint8[rows, row_bytes]`` torch views of every buffer of a JAX-owned cache.
+
+    The cache stays JAX-owned: it cannot be donated while the views live (``donate_safe``).
+    """
+    buffers = getattr(cache, "buffers", None)
+    if buffers is None:
+        raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+    return tuple(to_torch(b) for b in buffers)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch -> JAX
+
+_X64 = {torch.int64: "int64", torch.uint64: "uint64", torch.float64: "float64",
+        torch.complex128: "complex128"}
+_FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not None)
+
+
+def _x64_enabled() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto") -> jax.Array:
+    """A JAX array aliasing a torch tensor's memory (zero-copy), or an error.
+
+    Args:
+      tensor: a row-major contiguous CPU or CUDA tensor (``bfloat16``, ``float8_e4m3fn``,
+        ``uint8``, ``int32``, ...), not requiring grad.
+      int64: policy for 64-bit dtypes while ``jax_enable_x64`` is off (JAX would silently copy
+        them down to 32 bits): ``"error"`` (default) raises; ``"convert"`` converts int64 to an
+        int32 *copy* (values must fit; warns).  With x64 on, 64-bit tensors are aliased.
+      fp8: ``"auto"`` (native fp8, falling back to a uint8 view with a warning where unsupported),
+        ``"native"`` (fp8 or an error), ``"uint8"`` (always the uint8 view).
+
+    Returns:
+      A ``jax.Array`` of the tensor's shape and dtype with
+      ``array.unsafe_buffer_pointer() == tensor.data_ptr()`` (except ``int64="convert"``).  It is a
+      *read-only view* of torch-owned memory: never donate it (``donate_safe`` refuses).
+
+    Raises:
+      ValueError: not a tensor; requires grad; not contiguous; unaligned; a 64-bit dtype under
+        the ``"error"`` policy; a value that does not fit in int32 under ``"convert"``.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if int64 not in ("error", "convert"):
+        raise ValueError(f"int64 must be 'error' or 'convert', got {int64!r}")
+    if fp8 not in ("auto", "native", "uint8"):
+        raise ValueError(f"fp8 must be 'auto', 'native' or 'uint8', got {fp8!r}")
+    if tensor.requires_grad:
+        raise ValueError("tensor requires grad: pass tensor.detach() (zero-copy)")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor must be on a cpu or cuda device, got {tensor.device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"tensor has non-contiguous strides {tuple(tensor.stride())} for shape "
+                         f"{tuple(tensor.shape)}; JAX can only alias row-major compact memory: "
+                         "call tensor.contiguous() first (that makes a copy)")
+    if tensor.is_conj() or tensor.is_neg():
+        raise ValueError("tensor has a lazy conj/neg bit: call tensor.resolve_conj()/"
+                         "resolve_neg() first")
+    converted = False
+    if tensor.dtype in _X64 and not _x64_enabled():
+        if tensor.dtype != torch.int64 or int64 == "error":
+            raise ValueError(
+                f"tensor has dtype {tensor.dtype} but JAX has x64 disabled: it would silently "
+                "copy it down to 32 bits. Pass an int32 tensor (tensor.to(torch.int32)), "
+                "call from_torch(tensor, int64='convert') for an explicit checked copy, or "
+                "enable jax_enable_x64")
+        if tensor.numel():
+            lo, hi = int(tensor.min()), int(tensor.max())
+            if lo < -2**31 or hi >= 2**31:
+                raise ValueError(f"int64 tensor has values in [{lo}, {hi}], outside int32: "
+                                 "cannot convert")
+        warnings.warn("from_torch: converting an int64 tensor to an int32 copy (int64='convert')",
+                      stacklevel=2)
+        tensor = tensor.to(torch.int32)
+        converted = True
+    as_u8 = tensor.dtype in _FP8 and fp8 == "uint8"
+    src = tensor.view(torch.uint8) if as_u8 else tensor
+    try:
+        out = jax.dlpack.from_dlpack(src, copy=False)
+    except ValueError as e:
+        if "aligned" in str(e):
+            raise ValueError(f"tensor's memory at {tensor.data_ptr():#x} is not aligned as JAX "
+                             "requires (64 bytes on CPU), so it cannot be aliased: call "
+                             "tensor.clone() first (a copy), or allocate aligned") from e
+        raise
+    except (BufferError, RuntimeError, TypeError) as e:
+        if tensor.dtype in _FP8 and fp8 == "auto":
+            warnings.warn(f"from_torch: fp8 DLPack unsupported here ({e}); returning a uint8 view",
+                          stacklevel=2)
+            src = tensor.view(torch.uint8)
+            out = jax.dlpack.from_dlpack(src, copy=False)
+        else:
+            hint = " (try fp8='uint8')" if tensor.dtype in _FP8 else ""
+            raise ValueError(f"DLPack import of a {tensor.dtype} tensor failed: {e}{hint}") from e
+    if tensor.numel() and int(out.unsafe_buffer_pointer()) != src.data_ptr():
+        raise RuntimeError("DLPack import copied the tensor (pointers differ); refusing a silent "
+                           "copy")
+    if not converted and tensor.numel():
+        _record(_imported, src.data_ptr(), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Donation
+
+
+def donate_safe(tree: Any, arg: str = "cache") -> Any:
+    """Checks that every JAX array in ``tree`` may be donated; returns ``tree`` unchanged.
+
+    Raises:
+      OwnershipError: a leaf's buffer is viewed by a live torch tensor (made by ``to_torch`` /
+        ``torch_views``), or a leaf aliases torch memory (made by ``from_torch``).  The message
+        says which leaf and what to do.
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+            continue
+        where = f"{arg}{jax.tree_util.keystr(path)}"
+        if leaf.is_deleted():
+            raise OwnershipError(f"{where} was already donated or deleted; pass the array the "
+                                 "previous call returned")
+        with _lock:
+            ptrs = _array_pointers(leaf)
+            views = sum(len(_live(_exported.get(p, []))) for p in ptrs)
+            owned = any(_live(_imported.get(p, [])) for p in ptrs)
+        if views:
+            raise OwnershipError(
+                f"{where} cannot be donated: {views} torch tensor(s) made by "
+                "jaxkv.interop.to_torch still view its buffer (XLA would fail with 'Donation "
+                "requested for buffer with external reference'). Drop them first (del the "
+                "tensors and every view of them), or call without donation.")
+        if owned:
+            raise OwnershipError(
+                f"{where} aliases torch-owned memory (made by jaxkv.interop.from_torch) and is "
+                "a read-only view: donating it would hand torch's allocation to XLA. Write "
+                "through the torch owner (e.g. DSV4TorchPool), or pass a JAX-owned copy "
+                "(jnp.array(x, copy=True)).")
+    return tree
+
+
+def jit_donating(fn: Callable, *, donate_argnames: str | tuple[str, ...],
+                 **jit_kwargs) -> Callable:
+    """``jax.jit(fn, donate_argnames=...)`` that checks ownership of the donated arguments first.
+
+    Each call runs ``donate_safe`` on the donated arguments (keyword or positional), so misuse is
+    an ``OwnershipError`` from jaxkv instead of an XLA error deep inside the call (GPU) or a
+    donation silently skipped (CPU).
+    """
+    import inspect
+
+    names = (donate_argnames,) if isinstance(donate_argnames, str) else tuple(donate_argnames)
+    jitted = jax.jit(fn, donate_argnames=names, **jit_kwargs)
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        for n in names:
+            if n in bound.arguments:
+                donate_safe(bound.arguments[n], arg=n)
+        return jitted(*args, **kwargs)
+
+    call.jitted = jitted
+    return call

@@ -1,0 +1,544 @@
+"""Torch-facing DeepSeek-V4 cache pool (SGLang's layout and method names), and vLLM-style views.
+
+``DSV4TorchPool`` is a *torch-owned* cache: one ``torch.uint8[num_layers * pages, page_bytes]``
+tensor per pool, laid out exactly like ``jaxkv.layer_major(geo, pages)`` (SGLang's layer-major
+layout), so a page written here is byte-identical to one written by ``jaxkv.set_tokens`` into a JAX
+cache of that layout.  A torch engine can drop it in:
+
+=====================================  =========================================================
+method                                 SGLang equivalent
+=====================================  =========================================================
+``set_key_buffer(pool, layer_id, ...)`` ``SetKAndS`` for the MLA pools (swa / c4 / c128)
+``get_k_and_s(pool, layer_id, loc)``    ``GetKAndS``: the exact inverse gather
+``set_index_k_scale_buffer(...)``       indexer ``SetKAndS`` (c4_indexer)
+``get_index_k_scale_buffer(...)``       indexer ``GetKAndS``
+``set_state(pool, layer_id, loc, r)``   compress-state row writes (sentinel row never written)
+``get_state(pool, layer_id, loc)``      compress-state row reads (-1 reads the sentinel)
+``get_key_buffer(pool, layer_id)``      the layer's raw pages ``uint8[pages, page_bytes]``
+``get_cpu_copy(indices)``               retract: every pool of a request to (pinned) host memory
+``load_cpu_copy(copy, indices)``        resume into new locations, bit-exact
+``get_contiguous_buf_infos()``          ``(data_ptrs, data_lens, item_lens)`` per buffer
+=====================================  =========================================================
+
+``layer_id`` is the *model* layer id, as in SGLang (a layer without that pool is a ValueError).
+
+Kernels: the Triton kernels of ``jaxkv.kernels.triton_kernels`` called directly on the torch
+tensors (``impl="triton"``; on CPU tensors they run in Triton's interpreter).  ``impl="torch"`` is
+a plain-torch reference (index arithmetic + advanced indexing) used by default on CPU, where the
+interpreter is slow.  ``impl="auto"``: Triton on CUDA, torch on CPU.
+
+Index translations (full -> SWA / compressed / state locations) are ``jaxkv.locs`` functions run in
+JAX on zero-copy DLPack views of the torch index tensors (``jaxkv.interop.from_torch``), and their
+results come back zero-copy (``to_torch``).
+
+Ownership: the pool owns its tensors; ``as_jax_cache()`` gives a read-only ``jaxkv.Cache`` view
+(never donate it: ``jaxkv.interop.donate_safe`` refuses).  The other direction — a JAX-owned packed
+cache with torch per-layer views — is ``vllm_layer_views(cache)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import numpy as np
+import torch
+
+import jaxkv
+from jaxkv import formats as F
+from jaxkv import locs as L
+from jaxkv.cache import Cache, token_addressing
+from jaxkv.geometry import Geometry
+from jaxkv.kernels.addressing import TokenAddressing
+from jaxkv.interop.dlpack import from_torch, to_torch
+
+__all__ = ["DSV4TorchPool", "DSV4CpuCopy", "vllm_layer_views", "IMPLS"]
+
+IMPLS = ("auto", "triton", "torch")
+
+_TORCH_DTYPE = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+                F._fp8: torch.float8_e4m3fn, F._bf16: torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM-style views of a JAX-owned packed cache
+
+
+def vllm_layer_views(cache: Cache) -> dict[str, list[torch.Tensor]]:
+    """Per-layer torch views of a JAX-owned cache, exactly as vLLM slices its raw KV tensor.
+
+    For the packed layout (one ``uint8[num_blocks, block_stride]`` buffer)::
+
+        raw  = to_torch(cache.buffers[0]).view(-1)                      # zero-copy
+        view = raw.view(-1, block_stride)[:, off : off + page_bytes]     # per (pool, layer)
+
+    For the layer-major layout each layer's view is its row range of its pool's buffer.
+
+    Returns:
+      ``{pool: [uint8[num_pages, page_bytes] per pool-local layer]}`` — strided views into the JAX
+      buffer (no copy).  ``view[p]`` equals ``jaxkv.read_pages(cache, pool, layer)[p]``.  While
+      the views live the cache cannot be donated (``donate_safe``).
+    """
+    if not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+    layout = cache.layout
+    raws = [to_torch(b).view(-1) for b in cache.buffers]
+    out = {}
+    for p in layout.pools:
+        views = []
+        for pl in p.placements:
+            stride = layout.buffer_shapes[pl.buffer][1]
+            rows = raws[pl.buffer].view(-1, stride)
+            if layout.kind == "packed":
+                views.append(rows[:, pl.col:pl.col + p.page_bytes])
+            else:
+                stop = pl.row_base + p.num_pages * pl.row_step
+                views.append(rows[pl.row_base:stop:pl.row_step, pl.col:pl.col + p.page_bytes])
+        out[p.name] = views
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: Triton (direct on torch tensors) or a plain-torch reference
+
+
+def _windows(buf: torch.Tensor, locs: torch.Tensor, a: TokenAddressing, part: str):
+    """Flat int64 byte indices [L, N, W] of every token window, and the validity mask [N]."""
+    dev = buf.device
+    C = buf.shape[1]
+    valid = (locs >= 0) & (locs < a.capacity)
+    safe = torch.where(valid, locs, torch.zeros_like(locs)).to(torch.int64)
+    page, t = safe // a.tpp, safe % a.tpp
+    rb = torch.tensor(a.row_base, dtype=torch.int64, device=dev)[:, None]
+    cb = torch.tensor(a.col_base, dtype=torch.int64, device=dev)[:, None]
+    row = rb + page[None] * a.row_step
+    if part == "value":
+        col, width = cb + t[None] * a.value_bytes, a.value_bytes
+    else:
+        col, width = cb + a.tpp * a.value_bytes + t[None] * a.scale_stride, a.scale_bytes
+    idx = (row * C + col)[..., None] + torch.arange(width, dtype=torch.int64, device=dev)
+    return idx, valid
+
+
+def _torch_gather(buf, locs, a: TokenAddressing):
+    flat = buf.view(-1)
+    out = []
+    for part in ("value", "scale"):
+        if part == "scale" and a.scale_bytes == 0:
+            out.append(torch.zeros((a.num_layers, locs.shape[0], 0), dtype=torch.uint8,
+                                   device=buf.device))
+            continue
+        idx, valid = _windows(buf, locs, a, part)
+        x = flat[idx]
+        x[:, ~valid] = 0
+        out.append(x)
+    return out[0], out[1]
+
+
+def _torch_scatter(buf, locs, value, scale, a: TokenAddressing) -> None:
+    flat = buf.view(-1)
+    for part, data in (("value", value), ("scale", scale)):
+        if part == "scale" and a.scale_bytes == 0:
+            continue
+        idx, valid = _windows(buf, locs, a, part)
+        flat[idx[:, valid]] = data[:, valid]
+
+
+def _triton():
+    from jaxkv.kernels import triton_kernels
+    return triton_kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields <-> bytes (torch)
+
+
+def _field_bytes(x: torch.Tensor, dtype: np.dtype, count: int, n: int, arg: str) -> torch.Tensor:
+    want = _TORCH_DTYPE[np.dtype(dtype)]
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{arg} must be a torch.Tensor of {want}, got {type(x).__name__}")
+    if x.dtype != want:
+        raise ValueError(f"{arg} must have dtype {want}, got {x.dtype}")
+    if tuple(x.shape) != (n, count):
+        raise ValueError(f"{arg} must have shape [N={n}, {count}], got {tuple(x.shape)}")
+    return x.contiguous().view(torch.uint8).reshape(n, count * np.dtype(dtype).itemsize)
+
+
+def _to_parts(fmt: F.TokenFormat, fields: Mapping[str, torch.Tensor], n: int):
+    """Typed fields -> (value uint8[N, V], scale uint8[N, scale_bytes])."""
+    parts = {"value": [], "scale": []}
+    for f in fmt.fields:
+        parts[f.part].append((f.offset, _field_bytes(fields[f.name], f.dtype, f.count, n, f.name)))
+    out = []
+    for part in ("value", "scale"):
+        chunks = [b for _, b in sorted(parts[part], key=lambda p: p[0])]
+        out.append(torch.cat(chunks, dim=-1) if chunks else None)
+    return out[0], out[1]
+
+
+def _from_parts(fmt: F.TokenFormat, value: torch.Tensor, scale: torch.Tensor):
+    """(value uint8[N, V], scale uint8[N, sb]) -> the format's tokens NamedTuple of torch tensors."""
+    parts = {"value": value, "scale": scale}
+    vals = {}
+    for f in fmt.fields:
+        raw = parts[f.part][..., f.offset:f.offset + f.nbytes].contiguous()
+        vals[f.name] = raw.view(_TORCH_DTYPE[np.dtype(f.dtype)])
+    return fmt.tokens_type(**vals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retract copies
+
+
+@dataclasses.dataclass
+class DSV4CpuCopy:
+    """A request's cache in host memory (from ``DSV4TorchPool.get_cpu_copy``).
+
+    Attributes:
+      geometry: the pool's geometry (a copy loads only into a pool of the same geometry).
+      num_tokens: N, the number of full indices saved.
+      host: ``uint8[nbytes]`` host buffer (pinned when the pool is on CUDA) holding every part.
+      parts: ``{pool: (value uint8[L, N, V], scale uint8[L, N, sb])}``, views into ``host``.
+      valid: ``{pool: bool[N]}`` (CPU) locations valid when saved (SWA: ``full_to_swa[f] > 0``;
+        compressed pools: ``(f + 1) % r == 0``; state pools: the SWA mask).
+    """
+
+    geometry: Geometry
+    num_tokens: int
+    host: torch.Tensor
+    parts: dict
+    valid: dict
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.host.numel())
+
+
+@functools.partial(jax.jit, static_argnames=("ratios", "rings", "swa_page"))
+def _translate(table, full, ratios, rings, swa_page):
+    """Every pool's locations from full locations (one compiled call)."""
+    swa, swa_valid = L.swa_locs(table, full)
+    comp = tuple(L.compressed_locs(full, r) for r in ratios)
+    states = tuple(L.state_rows(swa, ring, swa_page) for ring in rings)
+    return swa, swa_valid, comp, states
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+class DSV4TorchPool:
+    """A torch-owned DeepSeek-V4 KV cache in SGLang's layer-major layout.
+
+    Args:
+      geo: a DSv4 geometry (``jaxkv.dsv4_flash()``, ``dsv4_pro()``, ``tiny()``).
+      pages: per pool, pages per layer (token pools) or rows per layer including the sentinel
+        (state pools); or one int for every pool — as ``jaxkv.layer_major``.
+      device: torch device of the buffers.
+      impl: ``"auto" | "triton" | "torch"`` (see module docstring).
+      indexer_align: page alignment of the indexer pool (None: SGLang's, unaligned).
+      full_size: when given, allocate ``full_to_swa_index_mapping`` (int32[full_size + page + 1],
+        zeros, last entry -1) for the engine's allocator to fill; else assign your own table.
+
+    Attributes:
+      layout: the ``jaxkv.Layout`` (``layer_major``) the bytes follow.
+      buffers: ``tuple[torch.uint8[rows, page_bytes]]``, one per pool, in ``layout.pools`` order.
+      full_to_swa_index_mapping: int32 table used by ``get_cpu_copy`` / ``load_cpu_copy``.
+    """
+
+    def __init__(self, geo: Geometry, pages: Mapping[str, int] | int, *,
+                 device: str | torch.device = "cpu", impl: str = "auto",
+                 indexer_align: int | None = None, full_size: int | None = None):
+        if not isinstance(geo, Geometry) or not geo.is_dsv4:
+            raise ValueError("geo must be a DSv4 jaxkv Geometry (dsv4_flash, dsv4_pro, tiny)")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.geometry = geo
+        self.layout = jaxkv.layer_major(geo, pages, indexer_align)
+        self.device = torch.device(device)
+        self.impl = impl
+        self.buffers = tuple(torch.zeros(s, dtype=torch.uint8, device=self.device)
+                             for s in self.layout.buffer_shapes)
+        self._addr = {p.name: token_addressing(self.layout, p.name) for p in self.layout.pools}
+        for p in self.layout.pools:  # sentinel rows [kv 0 | score -inf]
+            if p.spec.kind == "state":
+                w = p.spec.fmt.width
+                row = torch.zeros(w, dtype=torch.float32)
+                row[w // 2:] = -float("inf")
+                b, a = self._addr[p.name]
+                val = row.view(torch.uint8).to(self.device).expand(a.num_layers, 1, 4 * w)
+                loc = torch.tensor([p.sentinel], dtype=torch.int32, device=self.device)
+                self._scatter(b, loc, val.contiguous(), None, a)
+        self.full_to_swa_index_mapping = None
+        if full_size is not None:
+            t = torch.zeros(int(full_size) + geo.page_size + 1, dtype=torch.int32,
+                            device=self.device)
+            t[-1] = -1
+            self.full_to_swa_index_mapping = t
+
+    # -- kernels ---------------------------------------------------------------------------
+
+    def _use_triton(self) -> bool:
+        return self.impl == "triton" or (self.impl == "auto" and self.device.type == "cuda")
+
+    def _gather(self, b: int, locs: torch.Tensor, a: TokenAddressing):
+        if self._use_triton():
+            return _triton().gather_tokens_torch(self.buffers[b], locs, a)
+        return _torch_gather(self.buffers[b], locs, a)
+
+    def _scatter(self, b: int, locs, value, scale, a: TokenAddressing) -> None:
+        if scale is None:
+            scale = torch.zeros((a.num_layers, locs.shape[0], a.scale_bytes), dtype=torch.uint8,
+                                device=self.device)
+        if self._use_triton():
+            _triton().scatter_tokens_torch(self.buffers[b], locs, value, scale, a)
+        else:
+            _torch_scatter(self.buffers[b], locs, value, scale, a)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _pool_layer(self, pool: str, layer_id: int, kind: str | None = None,
+                    fmt: F.TokenFormat | None = None):
+        p = self.layout.pool(pool)
+        if kind is not None and p.spec.kind != kind:
+            raise ValueError(f"pool {pool!r} is a {p.spec.kind} pool; use "
+                             f"{'set_state/get_state' if p.spec.kind == 'state' else 'the token accessors'}")
+        if fmt is not None and p.spec.fmt is not fmt:
+            raise ValueError(f"pool {pool!r} holds {p.spec.fmt.name} tokens, not {fmt.name}")
+        if isinstance(layer_id, bool) or not isinstance(layer_id, (int, np.integer)):
+            raise ValueError(f"layer_id must be an int model layer id, got {layer_id!r}")
+        local = p.spec.local_layer(int(layer_id))
+        return p, local
+
+    def _locs(self, loc, cap: int, arg: str = "loc", check: bool = True) -> torch.Tensor:
+        """int32[N] on the pool's device; -1 allowed; other out-of-range values are an error."""
+        if not isinstance(loc, torch.Tensor):
+            raise ValueError(f"{arg} must be a 1-D integer torch.Tensor, got {type(loc).__name__}")
+        if loc.dim() != 1 or loc.dtype.is_floating_point or loc.dtype == torch.bool \
+                or loc.is_complex():
+            raise ValueError(f"{arg} must be a 1-D integer tensor, got {loc.dtype} "
+                             f"{tuple(loc.shape)}")
+        if check and loc.numel():
+            bad = (loc < -1) | (loc >= cap)
+            if bool(bad.any()):
+                i = int(torch.argmax(bad.to(torch.int32)))
+                raise ValueError(f"{arg}[{i}] = {int(loc[i])} is outside [0, {cap}) "
+                                 "(-1 is the only allowed padding value)")
+        return loc.to(device=self.device, dtype=torch.int32).contiguous()
+
+    # -- token writes / reads (SetKAndS / GetKAndS) ----------------------------------------
+
+    def _set(self, pool, layer_id, loc, fields, fmt, kind, check):
+        p, local = self._pool_layer(pool, layer_id, kind, fmt)
+        loc = self._locs(loc, p.capacity, check=check)
+        value, scale = _to_parts(p.spec.fmt, fields, loc.shape[0])
+        value, scale = value.to(self.device), (None if scale is None else scale.to(self.device))
+        if p.spec.kind == "state":  # the sentinel row is never overwritten
+            loc = torch.where(loc == p.sentinel, torch.full_like(loc, -1), loc)
+        b, a = self._addr[pool]
+        a1 = a.select((local,))
+        self._scatter(b, loc, value[None], None if scale is None else scale[None], a1)
+
+    def _get(self, pool, layer_id, loc, fmt, kind, check):
+        p, local = self._pool_layer(pool, layer_id, kind, fmt)
+        loc = self._locs(loc, p.capacity, check=check)
+        if p.spec.kind == "state":
+            loc = torch.where(loc < 0, torch.full_like(loc, p.sentinel), loc)
+        b, a = self._addr[pool]
+        value, scale = self._gather(b, loc, a.select((local,)))
+        return _from_parts(p.spec.fmt, value[0], scale[0])
+
+    def set_key_buffer(self, pool: str, layer_id: int, loc: torch.Tensor, nope: torch.Tensor,
+                       rope: torch.Tensor, scale: torch.Tensor, *, check: bool = True) -> None:
+        """``SetKAndS``: writes MLA tokens into ``pool`` (``swa``, ``c4`` or ``c128``).
+
+        Args:
+          pool: an MLA token pool.
+          layer_id: model layer id.
+          loc: int[N] pool locations; -1 is skipped.
+          nope: float8_e4m3fn[N, 448]; rope: bfloat16[N, 64]; scale: uint8[N, 7] (UE8M0).
+          check: validate ``loc`` (a device sync on CUDA); invalid ones are masked regardless.
+        """
+        self._set(pool, layer_id, loc, {"nope": nope, "rope": rope, "scale": scale},
+                  self.geometry.mla, "token", check)
+
+    def get_k_and_s(self, pool: str, layer_id: int, loc: torch.Tensor, *,
+                    check: bool = True) -> F.MLATokens:
+        """``GetKAndS``: reads MLA tokens, the exact inverse of ``set_key_buffer``.
+
+        Returns:
+          ``MLATokens(nope fp8[N, 448], rope bf16[N, 64], scale uint8[N, 7])`` (torch); -1 reads
+          zeros.
+        """
+        return self._get(pool, layer_id, loc, self.geometry.mla, "token", check)
+
+    def set_index_k_scale_buffer(self, layer_id: int, loc: torch.Tensor, index_k: torch.Tensor,
+                                 index_k_scale: torch.Tensor, *, check: bool = True) -> None:
+        """Indexer ``SetKAndS``: ``index_k`` fp8[N, 128], ``index_k_scale`` float32[N, 1]."""
+        self._set("c4_indexer", layer_id, loc, {"key": index_k, "scale": index_k_scale},
+                  self.geometry.indexer, "token", check)
+
+    def get_index_k_scale_buffer(self, layer_id: int, loc: torch.Tensor, *,
+                                 check: bool = True) -> F.IndexerTokens:
+        """Indexer ``GetKAndS``: ``IndexerTokens(key fp8[N, 128], scale float32[N, 1])``."""
+        return self._get("c4_indexer", layer_id, loc, self.geometry.indexer, "token", check)
+
+    def set_state(self, pool: str, layer_id: int, loc: torch.Tensor, rows: torch.Tensor, *,
+                  check: bool = True) -> None:
+        """Writes float32[N, W] compress-state rows; writes aimed at the sentinel row are dropped;
+        duplicate locations must carry identical rows."""
+        p = self.layout.pool(pool)
+        self._set(pool, layer_id, loc, {"row": rows}, p.spec.fmt, "state", check)
+
+    def get_state(self, pool: str, layer_id: int, loc: torch.Tensor, *,
+                  check: bool = True) -> torch.Tensor:
+        """Reads float32[N, W] compress-state rows; -1 reads the sentinel ``[0 | -inf]``."""
+        p = self.layout.pool(pool)
+        return self._get(pool, layer_id, loc, p.spec.fmt, "state", check).row
+
+    def get_key_buffer(self, pool: str, layer_id: int) -> torch.Tensor:
+        """The raw pages of one layer: a view ``uint8[num_pages, page_bytes]`` of the pool buffer."""
+        p, local = self._pool_layer(pool, layer_id)
+        pl = p.placements[local]
+        return self.buffers[pl.buffer][pl.row_base:pl.row_base + p.num_pages * pl.row_step]
+
+    # -- memory registration / views -------------------------------------------------------
+
+    def get_contiguous_buf_infos(self) -> tuple[list[int], list[int], list[int]]:
+        """Per buffer (one per pool, ``layout.pools`` order): ``(data_ptrs, data_lens, item_lens)``
+        — device address, total bytes, and bytes of one page (the unit a transfer moves)."""
+        ptrs = [int(b.data_ptr()) for b in self.buffers]
+        lens = [int(b.numel()) for b in self.buffers]
+        items = [int(p.page_bytes) for p in self.layout.pools]
+        return ptrs, lens, items
+
+    def as_jax_cache(self) -> Cache:
+        """A read-only ``jaxkv.Cache`` aliasing this pool's tensors (zero-copy, DLPack).
+
+        Use it with jaxkv's read functions (``get_tokens``, ``read_pages``, ...).  Never donate
+        it (``donate_safe`` refuses: the memory is torch's).  Re-create it after torch writes so
+        that the DLPack stream handshake orders JAX after them.
+        """
+        return Cache(tuple(from_torch(b) for b in self.buffers), self.layout)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    # -- retract / resume ------------------------------------------------------------------
+
+    def _full(self, indices, arg: str = "indices") -> torch.Tensor:
+        table = self.full_to_swa_index_mapping
+        if table is None:
+            raise ValueError("full_to_swa_index_mapping is not set: pass full_size= to the "
+                             "constructor or assign the allocator's int32 table")
+        if not isinstance(table, torch.Tensor) or table.dim() != 1 or table.dtype != torch.int32:
+            raise ValueError("full_to_swa_index_mapping must be a 1-D torch.int32 tensor")
+        return self._locs(indices, table.shape[0] - 1, arg)
+
+    def _all_locs(self, full: torch.Tensor):
+        """{pool: (int32[N] locs on device, bool[N] valid)} from full locations, via jaxkv.locs."""
+        geo = self.geometry
+        table = self.full_to_swa_index_mapping.to(self.device)
+        token = [p for p in self.layout.pools if p.spec.kind == "token" and p.name != "swa"]
+        state = [p for p in self.layout.pools if p.spec.kind == "state"]
+        ratios = tuple(p.spec.ratio for p in token)
+        rings = tuple(p.spec.ring for p in state)
+        swa, swa_valid, comp, states = _translate(from_torch(table), from_torch(full),
+                                                  ratios=ratios, rings=rings,
+                                                  swa_page=geo.page_size)
+        out = {"swa": (to_torch(swa), to_torch(swa_valid))}
+        for p, (loc, valid) in zip(token, comp):
+            out[p.name] = (to_torch(loc), to_torch(valid))
+        for p, rows in zip(state, states):
+            out[p.name] = (torch.where(out["swa"][1], to_torch(rows), -1), out["swa"][1])
+        for p in self.layout.pools:  # locations must exist in the pools (sizing error)
+            loc, _ = out[p.name]
+            cap = p.sentinel if p.spec.kind == "state" else p.capacity
+            if loc.numel() and int(loc.max()) >= cap:
+                raise ValueError(f"pool {p.name!r} is too small for these indices: location "
+                                 f"{int(loc.max())} >= {cap}"
+                                 f"{' (the sentinel row)' if p.spec.kind == 'state' else ''}")
+        return out
+
+    def get_cpu_copy(self, indices: torch.Tensor) -> DSV4CpuCopy:
+        """Retract: copies every pool's data of a request to host memory.
+
+        From the request's full locations ``indices`` (int[N]), derives (with ``jaxkv.locs``) the
+        SWA locations (valid where ``full_to_swa[f] > 0``), the C4 / C128 / C4-indexer locations
+        (``(f + 1) % r == 0``) and the page-scoped compress-state and indexer-state rows of every
+        compressed layer; gathers all layers of each pool in one kernel launch on the device; and
+        copies the result into one host buffer — pinned when the pool is on CUDA — with
+        asynchronous copies and one synchronisation at the end.
+
+        Returns:
+          A ``DSV4CpuCopy`` (complete when this returns).  Bit-exact with the device bytes.
+        """
+        full = self._full(indices)
+        n = int(full.shape[0])
+        locs = self._all_locs(full) if n else {}
+        gathered, sizes = {}, []
+        for p in self.layout.pools:
+            b, a = self._addr[p.name]
+            if n:
+                v, s = self._gather(b, locs[p.name][0], a)
+            else:
+                v = torch.zeros((a.num_layers, 0, a.value_bytes), dtype=torch.uint8,
+                                device=self.device)
+                s = torch.zeros((a.num_layers, 0, a.scale_bytes), dtype=torch.uint8,
+                                device=self.device)
+            gathered[p.name] = (v, s)
+            sizes += [v.numel(), s.numel()]
+        pin = self.device.type == "cuda"
+        host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+        parts, off = {}, 0
+        for p in self.layout.pools:
+            views = []
+            for x in gathered[p.name]:
+                h = host[off:off + x.numel()].view(x.shape)
+                h.copy_(x, non_blocking=pin)
+                views.append(h)
+                off += x.numel()
+            parts[p.name] = tuple(views)
+        valid = {k: v.to("cpu", non_blocking=False) for k, (_, v) in locs.items()} if n else {
+            p.name: torch.zeros(0, dtype=torch.bool) for p in self.layout.pools}
+        if pin:
+            torch.cuda.current_stream(self.device).synchronize()
+        return DSV4CpuCopy(self.geometry, n, host, parts, valid)
+
+    def load_cpu_copy(self, copy: DSV4CpuCopy, indices: torch.Tensor) -> None:
+        """Resume: writes a ``get_cpu_copy`` result back at new full locations ``indices``.
+
+        Translates ``indices`` like ``get_cpu_copy`` and restores only entries valid both when
+        saved and now (``new_mask & old_mask``): a tail-only SWA allocation restores the rows it
+        has and writes nothing into SWA page 0 or another request's rows.  Host-to-device copies
+        are asynchronous on the current stream (ordered before the scatters).
+
+        Raises:
+          ValueError: ``copy`` is not a ``DSV4CpuCopy`` of this geometry, or ``len(indices)``
+            differs from the saved count (nothing is written).
+        """
+        if not isinstance(copy, DSV4CpuCopy):
+            raise ValueError(f"copy must be a DSV4CpuCopy, got {type(copy).__name__}")
+        if copy.geometry != self.geometry:
+            raise ValueError(f"copy was made from a {copy.geometry.name} pool, this pool is "
+                             f"{self.geometry.name}")
+        full = self._full(indices)
+        if full.shape[0] != copy.num_tokens:
+            raise ValueError(f"indices has {full.shape[0]} entries but the copy holds "
+                             f"{copy.num_tokens} tokens")
+        if copy.num_tokens == 0:
+            return
+        locs = self._all_locs(full)
+        pin = self.device.type == "cuda"
+        for p in self.layout.pools:
+            loc, new_valid = locs[p.name]
+            keep = new_valid & copy.valid[p.name].to(self.device)
+            loc = torch.where(keep, loc, torch.full_like(loc, -1))
+            if p.spec.kind == "state":
+                loc = torch.where(loc == p.sentinel, torch.full_like(loc, -1), loc)
+            v, s = copy.parts[p.name]
+            b, a = self._addr[p.name]
+            self._scatter(b, loc, v.to(self.device, non_blocking=pin),
+                          s.to(self.device, non_blocking=pin), a)
