@@ -1,0 +1,677 @@
+"""Paged host pool for HiSparse and prefill->decode direct-to-host transfer (SPEC §7).
+
+A ``HostPool`` mirrors the pages of one device pool byte for byte: a host page has exactly the
+device pool's page bytes (37,440 B for DSv4 C4 with 64 slots per page), value and scale split
+inside the page as on the device, so a page copied either way is one contiguous range and a host
+page can be RDMA-written by a remote prefill node straight from its device page.
+
+Memory
+  ``buffer`` is one ``uint8[num_layers * num_pages, page_bytes]`` array, layer-major
+  (``row = layer * num_pages + page``), in JAX's ``pinned_host`` memory kind.  Where the backend
+  has no ``pinned_host`` memory (some CPU builds), it falls back to ``unpinned_host`` and then to
+  the device's default memory; ``HostPoolSpec.memory_kind`` says which one is in use.  On GPU the
+  XLA pinned-host allocator is capped at 64 GB unless ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` is
+  raised: size host pools with that in mind.
+
+State
+  ``HostPool`` is an immutable pytree (``buffer`` and the page-allocation mask are children, the
+  ``HostPoolSpec`` is static).  Every operation returns a new state; the old state must not be used
+  afterwards when the operation donates the buffer (``backup_from_device`` always donates the host
+  buffer, ``load_to_device`` donates the device cache buffer by default), exactly like
+  ``jax.jit(..., donate_argnames=...)`` at a call site.  Validation happens before anything is
+  donated, so a failed call (``ValueError``) leaves both states intact and usable.
+
+Index spaces
+  Host indices are host *slots*: ``page * tokens_per_page + t`` (for C4 a slot is a C4-token
+  position, ``host_token_len(n) = n // 4``).  Device indices are locations of the device pool
+  (``jaxkv.cache`` conventions).  SPEC §7 validation: either index array ``None`` -> nothing to do;
+  different lengths -> ``ValueError``; then range checks (no -1 padding here), no duplicate
+  destinations, and host pages must be allocated.
+
+Two copy paths (``backup_from_device`` / ``load_to_device``)
+  * page-aligned: both index arrays are sequences of whole pages (``len % tokens_per_page == 0``
+    and every group of ``tokens_per_page`` indices is ``page * tpp + [0, 1, ..., tpp-1]``) ->
+    whole-page copies: ``gather_pages`` on the device into one staging array, one transfer, and
+    the host rows written (or the reverse).  SGLang only checks the counts; a count that is a
+    multiple of the page size but is not made of whole pages takes the token path here instead of
+    being copied to the wrong bytes.
+  * token-granular otherwise: each token is its value (576 B for DSv4 MLA) and its whole scale slot
+    (8 B, pad byte included), two ranges per token.  JAX cannot write part of a pinned-host page,
+    so the ``"xla"`` method assembles whole pages on the device: it reads the affected host pages
+    back (host->device), merges the tokens into them with ``scatter_tokens``, and writes the whole
+    pages (device->host).  Cost: ``2 x affected_pages x page_bytes`` over PCIe against
+    ``N x token_bytes`` of payload; for N tokens into freshly allocated contiguous host slots,
+    ``affected_pages = ceil(N / tpp)`` so the traffic is ``2 x page_bytes / (tpp x token_bytes)``
+    (2.0x for C4) of the payload.  Bytes of the host pages that no token covers (page padding,
+    other tokens of partly covered pages) are preserved.
+
+Methods (how the host side is written)
+  * ``"xla"``: one ``jax.jit`` per operation with the host buffer donated and ``out_shardings`` on
+    the pinned-host sharding; the device->host transfer is ``jax.device_put`` inside the jit and
+    the row update is an XLA scatter on the host-memory operand (``mode="drop"``).  Portable (CPU
+    and GPU).
+  * ``"triton"`` (GPU, needs jax-triton): a Triton kernel launched through jax-triton reads the
+    device pool and writes the pinned host pages through their device-visible address (CUDA UVA:
+    pinned host memory has the same address on the device), so a page is one pass over PCIe and a
+    token is written without reading its page back; the reverse for loads.  XLA does not see these
+    host writes, so the call blocks until the kernel is done before returning the new state.
+  ``method="auto"`` takes the fastest one measured by ``benchmarks/host_pool.py`` for the platform
+  (``_AUTO_METHOD``).
+
+Indices must be concrete (numpy / Python / committed jax arrays): these functions plan transfers
+on the host and are not meant to be traced.  Index arrays are padded to size buckets (at most
+12.5 % padding) to bound recompilations; padding entries are -1 / out-of-range and are dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from jaxkv.cache import Cache, page_addressing, token_addressing
+from jaxkv.kernels import dispatch
+from jaxkv.kernels.addressing import PageAddressing, TokenAddressing
+from jaxkv.layout import Layout
+
+METHODS = ("auto", "xla", "triton")
+# Fastest host-write method per platform (benchmarks/results/host_pool-*.json).  "xla" until the
+# GPU benchmark shows the Triton path is correct and faster there.
+_AUTO_METHOD = {"cpu": "xla", "gpu": "xla"}
+
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec and state
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPoolSpec:
+    """Static description of a host pool (hashable).
+
+    Attributes:
+      pool: the device pool it mirrors (``"c4"``, ``"swa"``, ``"kv"``, ...).
+      num_layers: layers of that pool (all mirrored).
+      num_pages: host pages per layer; host slots are ``0 .. num_pages * tokens_per_page - 1``.
+      tokens_per_page: slots per page (= the device pool's; 64 for DSv4 C4).
+      page_bytes: bytes per page (= the device pool's; 37,440 for DSv4 C4).
+      value_bytes: V, value bytes per token (576 DSv4 MLA, 656 V3.2, 128 indexer).
+      scale_stride: S, bytes of a token's scale slot (8 DSv4 MLA, 4 indexer, 0 unsplit).
+      ratio: full-token positions per slot (4 for C4: ``host_token_len(n) = n // 4``).
+      memory_kind: the JAX memory kind of ``buffer`` (``"pinned_host"`` normally).
+      device: the device whose host memory holds the buffer.
+    """
+
+    pool: str
+    num_layers: int
+    num_pages: int
+    tokens_per_page: int
+    page_bytes: int
+    value_bytes: int
+    scale_stride: int
+    ratio: int
+    memory_kind: str
+    device: jax.Device
+
+    @property
+    def capacity(self) -> int:
+        """Host slots per layer."""
+        return self.num_pages * self.tokens_per_page
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * self.layer_bytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_layers * self.num_pages, self.page_bytes)
+
+    @property
+    def sharding(self) -> SingleDeviceSharding:
+        return SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
+
+    def token_addressing(self, rows_per_layer: int | None = None,
+                         layers: Sequence[int] | None = None) -> TokenAddressing:
+        """Addressing of whole token slots (value + full scale slot) in a ``[L*P, page_bytes]``
+        buffer with ``rows_per_layer`` pages per layer (default: the host buffer itself)."""
+        p = self.num_pages if rows_per_layer is None else rows_per_layer
+        layers = range(self.num_layers) if layers is None else layers
+        return TokenAddressing(row_base=tuple(i * p for i, _ in enumerate(layers)),
+                               col_base=tuple(0 for _ in layers), row_step=1,
+                               tpp=self.tokens_per_page, num_pages=p,
+                               value_bytes=self.value_bytes, scale_stride=self.scale_stride,
+                               scale_bytes=self.scale_stride)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["buffer", "allocated"],
+                   meta_fields=["spec"])
+@dataclasses.dataclass(frozen=True)
+class HostPool:
+    """A paged host pool.
+
+    Attributes:
+      buffer: ``uint8[num_layers * num_pages, page_bytes]`` in ``spec.memory_kind``; page ``p`` of
+        layer ``l`` is row ``l * num_pages + p``.
+      allocated: ``bool[num_pages]`` (numpy, host metadata): pages handed out by ``alloc``.
+      spec: the static ``HostPoolSpec``.
+    """
+
+    buffer: jax.Array
+    allocated: np.ndarray
+    spec: HostPoolSpec
+
+    @property
+    def num_free_pages(self) -> int:
+        return int(self.spec.num_pages - np.count_nonzero(self.allocated))
+
+
+def host_memory_kind(device: jax.Device | None = None) -> str:
+    """``"pinned_host"`` when ``device`` can address it, else ``"unpinned_host"``, else the
+    device's default memory kind (a documented fallback for CPU builds without host memories)."""
+    device = device or jax.devices()[0]
+    try:
+        kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # pragma: no cover - very old runtimes
+        kinds = set()
+    for k in HOST_MEMORY_KINDS:
+        if k in kinds:
+            return k
+    return device.default_memory().kind
+
+
+def init_host_pool(layout: Layout | Cache, pool: str, num_pages: int, *,
+                   device: jax.Device | None = None, memory_kind: str | None = None) -> HostPool:
+    """A zero-filled host pool mirroring ``pool`` of a device cache layout.
+
+    Args:
+      layout: the device cache's ``Layout`` (or the ``Cache``).
+      pool: a pool name of that layout (``"swa"``, ``"c4"``, ``"c128"``, ``"c4_indexer"``; V3.2
+        ``"kv"``, ``"indexer"``; state pools work too, one row per page).
+      num_pages: host pages per layer (>= 1; no page is reserved on the host).
+      device: the device whose host memory to use (default: the cache's / the first device).
+      memory_kind: override the memory kind (default ``host_memory_kind(device)``).
+    """
+    cache = layout if isinstance(layout, Cache) else None
+    if cache is not None:
+        layout = cache.layout
+        if device is None:
+            device = _single_device(cache.buffers[0], "cache")
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a jaxkv Layout or Cache, got {type(layout).__name__}")
+    p = layout.pool(pool)
+    if isinstance(num_pages, bool) or not isinstance(num_pages, (int, np.integer)) \
+            or num_pages < 1:
+        raise ValueError(f"num_pages must be an int >= 1, got {num_pages!r}")
+    device = device or jax.devices()[0]
+    kind = memory_kind or host_memory_kind(device)
+    spec = HostPoolSpec(pool=pool, num_layers=p.spec.num_layers, num_pages=int(num_pages),
+                        tokens_per_page=p.tokens_per_page, page_bytes=p.page_bytes,
+                        value_bytes=p.spec.fmt.value_bytes, scale_stride=p.spec.fmt.scale_stride,
+                        ratio=max(int(p.spec.ratio), 1), memory_kind=kind, device=device)
+    if spec.shape[0] >= 2**31:
+        raise ValueError(f"host pool of {spec.shape[0]} rows needs indices beyond int32")
+    buffer = jax.device_put(np.zeros(spec.shape, np.uint8), spec.sharding)
+    return HostPool(buffer, np.zeros(spec.num_pages, bool), spec)
+
+
+def host_token_len(host: HostPool | HostPoolSpec, n: int) -> int:
+    """Host slots for ``n`` full-token positions: ``n // ratio`` (``n // 4`` for C4)."""
+    spec = host.spec if isinstance(host, HostPool) else host
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    return int(n) // spec.ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation
+
+
+def alloc(host: HostPool, n_tokens: int) -> tuple[HostPool, np.ndarray]:
+    """Allocates ``ceil(n_tokens / tokens_per_page)`` whole host pages (lowest free first).
+
+    Returns:
+      ``(new_state, slots)``: ``slots`` is int32[pages * tokens_per_page], every slot of the new
+      pages in order (the caller uses the first ``n_tokens``).  ``n_tokens == 0`` gives no pages.
+
+    Raises:
+      ValueError: ``n_tokens`` negative / not an int, or not enough free pages (state unchanged).
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    tpp = host.spec.tokens_per_page
+    need = -(-int(n_tokens) // tpp)
+    free = np.flatnonzero(~host.allocated)
+    if need > free.size:
+        raise ValueError(f"host pool {host.spec.pool!r} has {free.size} free pages, "
+                         f"{need} needed for {n_tokens} tokens ({tpp} per page)")
+    pages = free[:need]
+    allocated = host.allocated.copy()
+    allocated[pages] = True
+    slots = (pages[:, None] * tpp + np.arange(tpp)).reshape(-1).astype(np.int32)
+    return dataclasses.replace(host, allocated=allocated), slots
+
+
+def free(host: HostPool, indices) -> HostPool:
+    """Frees the host pages holding ``indices`` (host slots; ``None`` or empty: nothing to do).
+
+    Raises:
+      ValueError: an index out of range, or a page that is not allocated (double free).
+    """
+    if indices is None:
+        return host
+    idx = _as_index_array(indices, "indices")
+    if idx.size == 0:
+        return host
+    _check_range(idx, host.spec.capacity, "indices", f"host pool {host.spec.pool!r}")
+    pages = np.unique(idx // host.spec.tokens_per_page)
+    bad = pages[~host.allocated[pages]]
+    if bad.size:
+        raise ValueError(f"indices free host page {int(bad[0])}, which is not allocated "
+                         "(double free?)")
+    allocated = host.allocated.copy()
+    allocated[pages] = False
+    return dataclasses.replace(host, allocated=allocated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _single_device(x: jax.Array, arg: str) -> jax.Device:
+    devs = getattr(x, "devices", lambda: set())()
+    if len(devs) != 1:
+        raise ValueError(f"{arg} must live on exactly one device, got {len(devs)}")
+    return next(iter(devs))
+
+
+def _as_index_array(x, arg: str) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(f"{arg} must be concrete (numpy or a jax array outside jit): host-pool "
+                         "transfers are planned on the host")
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{arg} must be 1-D, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{arg} must be an integer array, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _check_range(idx: np.ndarray, cap: int, arg: str, what: str):
+    bad = (idx < 0) | (idx >= cap)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{arg}[{i}] = {int(idx[i])} is outside [0, {cap}) for {what}")
+
+
+def _check_unique(idx: np.ndarray, arg: str):
+    s = np.sort(idx)
+    dup = s[1:][s[1:] == s[:-1]]
+    if dup.size:
+        raise ValueError(f"{arg} has duplicate destination {int(dup[0])}: the result would depend "
+                         "on the write order")
+
+
+def _has_transfer_indices(host_indices, device_indices):
+    """SPEC §7: either missing -> nothing to do (None); different lengths -> ValueError.
+
+    Returns ``None`` when there is nothing to do, else ``(host int64[N], device int64[N])``.
+    """
+    if host_indices is None or device_indices is None:
+        return None
+    h = _as_index_array(host_indices, "host_indices")
+    d = _as_index_array(device_indices, "device_indices")
+    if h.size != d.size:
+        raise ValueError(f"host_indices and device_indices must have the same length, got "
+                         f"{h.size} and {d.size}")
+    if h.size == 0:
+        return None
+    return h, d
+
+
+def _whole_pages(idx: np.ndarray, tpp: int) -> np.ndarray | None:
+    """Pages when ``idx`` is a sequence of whole pages (each ``p*tpp + arange(tpp)``), else None."""
+    if idx.size % tpp:
+        return None
+    g = idx.reshape(-1, tpp)
+    if np.any(g[:, 0] % tpp) or np.any(g != g[:, :1] + np.arange(tpp)):
+        return None
+    return g[:, 0] // tpp
+
+
+def _bucket(n: int) -> int:
+    """Size bucket >= n with at most 12.5 % padding (bounds recompiles)."""
+    if n <= 16:
+        return max(n, 1)
+    step = 1 << max(int(math.log2(n)) - 3, 0)
+    return -(-n // step) * step
+
+
+def _pad(a: np.ndarray, n: int, fill: int) -> np.ndarray:
+    out = np.full(n, fill, np.int32)
+    out[:a.size] = a
+    return out
+
+
+def _resolve_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return _AUTO_METHOD.get(jax.default_backend(), "xla")
+
+
+def _check_call(host: HostPool, cache: Cache, pool: str, layer, impl: str, method: str):
+    if not isinstance(host, HostPool):
+        raise ValueError(f"host must be a HostPool, got {type(host).__name__}")
+    if not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+    if pool != host.spec.pool:
+        raise ValueError(f"pool must be the host pool's device pool {host.spec.pool!r}, "
+                         f"got {pool!r}")
+    p = cache.layout.pool(pool)
+    s = host.spec
+    if (p.tokens_per_page, p.page_bytes, p.spec.num_layers) != (
+            s.tokens_per_page, s.page_bytes, s.num_layers):
+        raise ValueError(f"cache pool {pool!r} has pages of {p.tokens_per_page} tokens / "
+                         f"{p.page_bytes} B and {p.spec.num_layers} layers; the host pool "
+                         f"mirrors {s.tokens_per_page} / {s.page_bytes} B / {s.num_layers}")
+    if layer is not None:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+                or not 0 <= layer < s.num_layers:
+            raise ValueError(f"layer must be None or an int in [0, {s.num_layers}) "
+                             f"(pool-local), got {layer!r}")
+    if impl not in dispatch.IMPLS:
+        raise ValueError(f"impl must be one of {dispatch.IMPLS}, got {impl!r}")
+    method = _resolve_method(method)
+    b, _ = page_addressing(cache.layout, pool)
+    dev = _single_device(cache.buffers[b], "cache buffer")
+    if dev != s.device:
+        raise ValueError(f"the host pool belongs to device {s.device}, the cache to {dev}")
+    if host.buffer.is_deleted():
+        raise ValueError("host.buffer was donated to an earlier call: use the returned state")
+    if cache.buffers[b].is_deleted():
+        raise ValueError("the cache buffer was donated to an earlier call: use the returned "
+                         "cache")
+    return p, b, method
+
+
+class _Plan:
+    """Host-side plan of one transfer: pages or tokens, host rows and padded index arrays."""
+
+    def __init__(self, host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[int, ...],
+                 dest: str):
+        s = host.spec
+        tpp = s.tokens_per_page
+        _check_range(h, s.capacity, "host_indices", f"host pool {s.pool!r}")
+        _check_range(d, p.capacity, "device_indices", f"device pool {p.name!r}")
+        _check_unique(h if dest == "host" else d,
+                      "host_indices" if dest == "host" else "device_indices")
+        hp_all = h // tpp
+        unalloc = ~host.allocated[hp_all]
+        if unalloc.any():
+            i = int(np.argmax(unalloc))
+            raise ValueError(f"host_indices[{i}] = {int(h[i])} is in host page {int(hp_all[i])}, "
+                             "which is not allocated (alloc it first)")
+        self.layers = layers
+        nl = len(layers)
+        hpages, dpages = _whole_pages(h, tpp), _whole_pages(d, tpp)
+        self.page_aligned = hpages is not None and dpages is not None
+        if self.page_aligned:
+            n = _bucket(hpages.size)
+            self.n_pages = n
+            self.dev_pages = _pad(dpages, n, -1)
+            host_pages = hpages
+        else:
+            host_pages, inv = np.unique(hp_all, return_inverse=True)
+            n = _bucket(host_pages.size)
+            self.n_pages = n
+            nt = _bucket(h.size)
+            self.local_locs = _pad(inv.reshape(-1) * tpp + h % tpp, nt, -1)
+            self.dev_locs = _pad(d, nt, -1)
+        oob = s.shape[0]  # an out-of-range row: dropped on write, zeros on read
+        rows = np.full((nl, n), oob, np.int64)
+        rows[:, :host_pages.size] = (np.asarray(layers)[:, None] * s.num_pages
+                                     + host_pages[None, :])
+        self.host_rows = rows.reshape(-1).astype(np.int32)
+        self.read_rows = np.where(self.host_rows == oob, 0, self.host_rows).astype(np.int32)
+        self.n_host_pages = int(host_pages.size)
+        self.host_pages = host_pages
+
+
+# ---------------------------------------------------------------------------------------------
+# The "xla" method: jitted functions (cached per static configuration)
+
+
+def _host_take(host_buf, rows, hs):
+    """Rows of a host buffer (host-memory gather; ``rows`` are in range: the plan maps padding
+    rows to row 0 for reads, and their data is never written anywhere)."""
+    return host_buf.at[jax.device_put(rows, hs)].get(mode="promise_in_bounds")
+
+
+def _host_put(host_buf, rows, data, hs):
+    """Writes device ``data`` [R, page_bytes] into host rows (out-of-range rows dropped)."""
+    return host_buf.at[jax.device_put(rows, hs)].set(jax.device_put(data, hs), mode="drop",
+                                                     unique_indices=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_backup_pages(pa: PageAddressing, impl: str, hs, ds):
+    def f(host_buf, dev_buf, dev_pages, host_rows):
+        data = dispatch.gather_pages(dev_buf, dev_pages, pa, impl=impl)  # [L, P, PB] on device
+        return _host_put(host_buf, host_rows, data.reshape(-1, pa.page_bytes), hs)
+    return jax.jit(f, donate_argnums=0, out_shardings=hs)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_backup_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl: str, hs, ds):
+    def f(host_buf, dev_buf, dev_locs, read_rows, host_rows, local_locs):
+        stage = jax.device_put(_host_take(host_buf, read_rows, hs), ds)  # read-back, [L*P, PB]
+        value, scale = dispatch.gather_tokens(dev_buf, dev_locs, ta_dev, impl=impl)
+        stage = dispatch.scatter_tokens(stage, local_locs, value, scale, ta_stage, impl=impl)
+        return _host_put(host_buf, host_rows, stage, hs)
+    return jax.jit(f, donate_argnums=0, out_shardings=hs)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_load_pages(pa: PageAddressing, impl: str, hs, ds, donate: bool):
+    def f(dev_buf, host_buf, host_rows, dev_pages):
+        data = jax.device_put(_host_take(host_buf, host_rows, hs), ds)
+        data = data.reshape(pa.num_layers, -1, pa.page_bytes)
+        return dispatch.scatter_pages(dev_buf, dev_pages, data, pa, impl=impl)
+    return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=ds)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_load_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl: str, hs, ds,
+                     donate: bool):
+    def f(dev_buf, host_buf, host_rows, local_locs, dev_locs):
+        stage = jax.device_put(_host_take(host_buf, host_rows, hs), ds)
+        value, scale = dispatch.gather_tokens(stage, local_locs, ta_stage, impl=impl)
+        return dispatch.scatter_tokens(dev_buf, dev_locs, value, scale, ta_dev, impl=impl)
+    return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=ds)
+
+
+def _full_scale(ta: TokenAddressing) -> TokenAddressing:
+    """Token addressing that moves the whole scale slot (pad byte included)."""
+    return ta._replace(scale_bytes=ta.scale_stride)
+
+
+def _dev_addressing(cache: Cache, pool: str, layers):
+    b, pa = page_addressing(cache.layout, pool, layers)
+    _, ta = token_addressing(cache.layout, pool, layers)
+    return b, pa, _full_scale(ta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public transfers
+
+
+def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, device_indices, *,
+                       layer: int | None = None, impl: str = "auto",
+                       method: str = "auto") -> HostPool:
+    """Copies tokens of a device pool into the host pool (SGLang ``backup_from_device_all_layer``).
+
+    Args:
+      host: the host pool (its buffer is donated: use the returned state).
+      cache: the device cache (read only).
+      pool: the device pool name; must be the one ``host`` mirrors.
+      host_indices: int[N] host slots (allocated pages), or None.
+      device_indices: int[N] device pool locations, or None.
+      layer: pool-local layer, or None for all layers (SGLang's "all_layer").
+      impl: kernel implementation for the device gathers/scatters (``jaxkv.kernels.dispatch``).
+      method: ``"auto" | "xla" | "triton"`` (see the module docstring).
+
+    Returns:
+      The new host pool.  Page-aligned indices copy whole pages (host page bytes == device page
+      bytes); otherwise each token's value and whole scale slot are copied and every other host
+      byte is preserved.
+
+    Raises:
+      ValueError: different index lengths, out-of-range or duplicate host indices, unallocated host
+        pages, a pool/geometry/device mismatch.  Nothing is changed then.
+    """
+    p, b, method = _check_call(host, cache, pool, layer, impl, method)
+    idx = _has_transfer_indices(host_indices, device_indices)
+    if idx is None:
+        return host
+    layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
+    plan = _Plan(host, p, idx[0], idx[1], layers, dest="host")
+    if method == "triton":
+        from jaxkv import _host_pool_triton as T
+        return T.backup(host, cache, pool, plan, impl)
+    s = host.spec
+    hs, ds = s.sharding, cache.buffers[b].sharding
+    sel = None if layer is None else layers
+    b, pa, ta_dev = _dev_addressing(cache, pool, sel)
+    rows = jnp.asarray(plan.host_rows)
+    if plan.page_aligned:
+        fn = _xla_backup_pages(pa, impl, hs, ds)
+        buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_pages), rows)
+    else:
+        ta_stage = s.token_addressing(plan.n_pages, layers)
+        fn = _xla_backup_tokens(ta_dev, ta_stage, impl, hs, ds)
+        buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_locs),
+                 jnp.asarray(plan.read_rows), rows, jnp.asarray(plan.local_locs))
+    return dataclasses.replace(host, buffer=buf)
+
+
+def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device_indices, *,
+                   layer: int | None = None, impl: str = "auto", method: str = "auto",
+                   donate: bool = True) -> Cache:
+    """Copies tokens from the host pool into a device pool (SGLang ``load_to_device_*``).
+
+    Args:
+      host: the host pool (read only).
+      cache: the device cache; its pool buffer is donated unless ``donate=False``.
+      pool, host_indices, device_indices, layer, impl, method: as ``backup_from_device``;
+        ``device_indices`` must not repeat (they are the destinations).
+
+    Returns:
+      The new cache.  Page-aligned: whole device pages are overwritten with the host pages.
+      Otherwise each token's value and whole scale slot are written; other device bytes unchanged.
+    """
+    p, b, method = _check_call(host, cache, pool, layer, impl, method)
+    idx = _has_transfer_indices(host_indices, device_indices)
+    if idx is None:
+        return cache
+    layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
+    plan = _Plan(host, p, idx[0], idx[1], layers, dest="device")
+    if method == "triton":
+        from jaxkv import _host_pool_triton as T
+        return T.load(host, cache, pool, plan, impl, donate)
+    s = host.spec
+    hs, ds = s.sharding, cache.buffers[b].sharding
+    sel = None if layer is None else layers
+    b, pa, ta_dev = _dev_addressing(cache, pool, sel)
+    rows = jnp.asarray(plan.read_rows)
+    if plan.page_aligned:
+        fn = _xla_load_pages(pa, impl, hs, ds, donate)
+        new = fn(cache.buffers[b], host.buffer, rows, jnp.asarray(plan.dev_pages))
+    else:
+        ta_stage = s.token_addressing(plan.n_pages, layers)
+        fn = _xla_load_tokens(ta_dev, ta_stage, impl, hs, ds, donate)
+        new = fn(cache.buffers[b], host.buffer, rows, jnp.asarray(plan.local_locs),
+                 jnp.asarray(plan.dev_locs))
+    bufs = list(cache.buffers)
+    bufs[b] = new
+    return Cache(tuple(bufs), cache.layout)
+
+
+def backup_from_device_all_layer(host, cache, pool, host_indices, device_indices, **kw):
+    """SGLang's name: ``backup_from_device(..., layer=None)``."""
+    return backup_from_device(host, cache, pool, host_indices, device_indices, layer=None, **kw)
+
+
+def load_to_device_per_layer(host, cache, pool, layer, host_indices, device_indices, **kw):
+    """SGLang's name: ``load_to_device(..., layer=layer)``."""
+    return load_to_device(host, cache, pool, host_indices, device_indices, layer=layer, **kw)
+
+
+def load_to_device_all_layer(host, cache, pool, host_indices, device_indices, **kw):
+    """``load_to_device(..., layer=None)``."""
+    return load_to_device(host, cache, pool, host_indices, device_indices, layer=None, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer-engine registration and inspection
+
+
+def buffer_address(host: HostPool) -> int:
+    """The host buffer's address (``unsafe_buffer_pointer``; valid until the buffer is donated)."""
+    if host.buffer.is_deleted():
+        raise ValueError("host.buffer was donated to an earlier call: use the returned state")
+    return int(host.buffer.unsafe_buffer_pointer())
+
+
+def contiguous_buf_infos(host: HostPool, per: str = "layer") -> tuple[list[int], list[int],
+                                                                      list[int]]:
+    """Memory regions for a transfer engine to register (SGLang ``get_contiguous_buf_infos``).
+
+    Args:
+      host: the host pool.
+      per: ``"layer"`` (SGLang: one region per layer) or ``"region"`` (the whole buffer, one
+        region; same addresses, fewer registrations).
+
+    Returns:
+      ``(data_ptrs, data_lens, item_lens)``: real addresses inside ``host.buffer`` (layer ``l``
+      starts at ``buffer_address + l * num_pages * page_bytes``), byte lengths, and the bytes of
+      one item (a page).  Addresses stay valid while this state's buffer is alive; the in-place
+      ``"xla"`` and ``"triton"`` updates keep the same allocation (check with ``buffer_address``).
+    """
+    s = host.spec
+    base = buffer_address(host)
+    if per == "layer":
+        return ([base + l * s.layer_bytes for l in range(s.num_layers)],
+                [s.layer_bytes] * s.num_layers, [s.page_bytes] * s.num_layers)
+    if per == "region":
+        return [base], [s.nbytes], [s.page_bytes]
+    raise ValueError(f"per must be 'layer' or 'region', got {per!r}")
+
+
+def read_host_pages(host: HostPool, layer: int, pages=None) -> np.ndarray:
+    """Host pages of one layer as numpy ``uint8[P, page_bytes]`` (inspection and tests)."""
+    s = host.spec
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+            or not 0 <= layer < s.num_layers:
+        raise ValueError(f"layer must be an int in [0, {s.num_layers}), got {layer!r}")
+    arr = np.asarray(jax.device_get(host.buffer)).reshape(s.num_layers, s.num_pages,
+                                                          s.page_bytes)[layer]
+    return arr if pages is None else arr[np.asarray(pages)]
+
+
+__all__ = [
+    "HostPool", "HostPoolSpec", "METHODS", "alloc", "backup_from_device",
+    "backup_from_device_all_layer", "buffer_address", "contiguous_buf_infos", "free",
+    "host_memory_kind", "host_token_len", "init_host_pool", "load_to_device",
+    "load_to_device_all_layer", "load_to_device_per_layer", "read_host_pages",
+]

@@ -1,0 +1,407 @@
+"""Tests of jaxkv.host_pool against a plain-numpy model of the page bytes (SPEC §2, §7)."""
+import ctypes
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jaxkv
+from jaxkv import host_pool as hp
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures and the independent reference
+
+
+def _random_cache(geo, layout, seed):
+    rng = np.random.default_rng(seed)
+    bufs = tuple(jnp.asarray(rng.integers(0, 256, size=s, dtype=np.uint8))
+                 for s in layout.buffer_shapes)
+    return jaxkv.Cache(bufs, layout)
+
+
+def _poison_host(h, seed):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=h.spec.shape, dtype=np.uint8)
+    return dataclasses.replace(h, buffer=jax.device_put(data, h.spec.sharding)), data
+
+
+def _dev_pages(cache, pool):
+    """numpy uint8[L, num_pages, page_bytes] of a device pool, read with plain numpy slicing."""
+    p = cache.layout.pool(pool)
+    out = []
+    for pl in p.placements:
+        buf = np.asarray(cache.buffers[pl.buffer])
+        rows = pl.row_base + np.arange(p.num_pages) * pl.row_step
+        out.append(buf[rows, pl.col:pl.col + p.page_bytes])
+    return np.stack(out)
+
+
+def _host_pages(h):
+    s = h.spec
+    return np.asarray(h.buffer).reshape(s.num_layers, s.num_pages, s.page_bytes)
+
+
+def _token_ranges(spec, slot):
+    """(page, [(start, stop), ...]) byte ranges of one token slot: value, then whole scale slot."""
+    tpp, v, s = spec.tokens_per_page, spec.value_bytes, spec.scale_stride
+    page, t = divmod(int(slot), tpp)
+    ranges = [(t * v, (t + 1) * v)]
+    if s:
+        ranges.append((tpp * v + t * s, tpp * v + (t + 1) * s))
+    return page, ranges
+
+
+def _ref_copy(dst, src, dst_idx, src_idx, spec, layers):
+    """Reference token copy between [L, P, PB] numpy page arrays (dst modified in place)."""
+    for d, s_ in zip(dst_idx, src_idx):
+        dp, dr = _token_ranges(spec, d)
+        sp, sr = _token_ranges(spec, s_)
+        for (a, b), (c, e) in zip(dr, sr):
+            for l in layers:
+                dst[l, dp, a:b] = src[l, sp, c:e]
+
+
+GEOS = {
+    "dsv4": lambda: jaxkv.tiny(5),
+    "v32": lambda: jaxkv.tiny(3, v32=True),
+}
+POOLS = [("dsv4", "swa"), ("dsv4", "c4"), ("dsv4", "c128"), ("dsv4", "c4_indexer"),
+         ("v32", "kv"), ("v32", "indexer")]
+
+
+def _setup(geo_name, pool, *, pages=8, host_pages=10, packed=False, seed=0):
+    geo = GEOS[geo_name]()
+    layout = jaxkv.packed(geo, pages) if packed else jaxkv.layer_major(geo, pages)
+    cache = _random_cache(geo, layout, seed)
+    h = hp.init_host_pool(cache, pool, host_pages)
+    h, poison = _poison_host(h, seed + 1)
+    return geo, cache, h, poison
+
+
+# ------------------------------------------------------------------------------------------------
+# Backup: page path and token path
+
+
+@pytest.mark.parametrize("geo_name,pool", POOLS)
+def test_backup_page_aligned_is_byte_equal(geo_name, pool):
+    _, cache, h, poison = _setup(geo_name, pool)
+    s = h.spec
+    tpp = s.tokens_per_page
+    h, slots = hp.alloc(h, 3 * tpp)
+    dev_pages = np.array([5, 1, 6])
+    dev = (dev_pages[:, None] * tpp + np.arange(tpp)).ravel()
+    h2 = hp.backup_from_device(h, cache, pool, slots, dev)
+    got, want = _host_pages(h2), poison.reshape(_host_pages(h2).shape).copy()
+    d = _dev_pages(cache, pool)
+    want[:, :3] = d[:, dev_pages]            # whole pages, padding included
+    np.testing.assert_array_equal(got, want)  # untouched pages keep the poison
+
+
+@pytest.mark.parametrize("geo_name,pool", POOLS)
+def test_backup_token_granular_matches_reference(geo_name, pool):
+    _, cache, h, poison = _setup(geo_name, pool, seed=3)
+    s = h.spec
+    rng = np.random.default_rng(7)
+    n = 2 * s.tokens_per_page + 3                       # not a multiple of the page size
+    h, slots = hp.alloc(h, n)
+    host_idx = rng.permutation(slots)[:n]               # random slots of the new pages
+    dev_cap = cache.layout.pool(pool).capacity
+    dev_idx = rng.integers(0, dev_cap, n)               # random, repeats allowed (sources)
+    h2 = hp.backup_from_device(h, cache, pool, host_idx, dev_idx)
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    _ref_copy(want, _dev_pages(cache, pool), host_idx, dev_idx, s, range(s.num_layers))
+    np.testing.assert_array_equal(_host_pages(h2), want)
+
+
+def test_backup_multiple_of_page_but_not_whole_pages_takes_token_path():
+    _, cache, h, poison = _setup("dsv4", "c4", seed=5)
+    s = h.spec
+    tpp = s.tokens_per_page
+    h, slots = hp.alloc(h, 2 * tpp)
+    host_idx = slots[::-1].copy()                       # count is 2 pages, but reversed
+    dev_idx = np.arange(tpp, 3 * tpp)
+    h2 = hp.backup_from_device(h, cache, "c4", host_idx, dev_idx)
+    want = poison.reshape(_host_pages(h2).shape).copy()
+    _ref_copy(want, _dev_pages(cache, "c4"), host_idx, dev_idx, s, range(s.num_layers))
+    np.testing.assert_array_equal(_host_pages(h2), want)
+
+
+def test_backup_packed_layout():
+    _, cache, h, poison = _setup("dsv4", "c4", packed=True, seed=9)
+    s = h.spec
+    tpp = s.tokens_per_page
+    h, slots = hp.alloc(h, 2 * tpp)
+    dev = np.concatenate([np.arange(4 * tpp, 5 * tpp), np.arange(2 * tpp, 3 * tpp)])
+    h2 = hp.backup_from_device(h, cache, "c4", slots, dev)
+    want = poison.reshape(_host_pages(h2).shape).copy()
+    want[:, :2] = _dev_pages(cache, "c4")[:, [4, 2]]
+    np.testing.assert_array_equal(_host_pages(h2), want)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_backup_one_layer(aligned):
+    _, cache, h, poison = _setup("dsv4", "swa", seed=11)
+    s = h.spec
+    tpp = s.tokens_per_page
+    h, slots = hp.alloc(h, tpp)
+    dev = np.arange(3 * tpp, 4 * tpp) if aligned else np.arange(3 * tpp, 4 * tpp)[::-1].copy()
+    h2 = hp.backup_from_device(h, cache, "swa", slots, dev, layer=2)
+    want = poison.reshape(_host_pages(h2).shape).copy()
+    _ref_copy(want, _dev_pages(cache, "swa"), slots, dev, s, [2])
+    if aligned:
+        want[2, 0] = _dev_pages(cache, "swa")[2, 3]
+    np.testing.assert_array_equal(_host_pages(h2), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trips back to different device pages
+
+
+@pytest.mark.parametrize("geo_name,pool", POOLS)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_round_trip_to_different_device_pages(geo_name, pool, aligned):
+    _, cache, h, _ = _setup(geo_name, pool, seed=13)
+    s = h.spec
+    tpp = s.tokens_per_page
+    rng = np.random.default_rng(17)
+    n = 3 * tpp if aligned else 3 * tpp - 2
+    src_pages = np.array([2, 7, 4])
+    src = (src_pages[:, None] * tpp + np.arange(tpp)).ravel()[:n]
+    h, slots = hp.alloc(h, n)
+    h = hp.backup_from_device(h, cache, pool, slots[:n], src)
+    before = _dev_pages(cache, pool)
+    dst_pages = np.array([1, 5, 3])
+    dst = (dst_pages[:, None] * tpp + np.arange(tpp)).ravel()[:n]
+    if not aligned:
+        dst = rng.permutation(dst)
+    new = hp.load_to_device(h, cache, pool, slots[:n], dst)
+    after = _dev_pages(new, pool)
+    want = before.copy()
+    if aligned:
+        want[:, dst_pages] = before[:, src_pages]          # whole pages incl. padding
+    else:
+        hostp = _host_pages(h)
+        _ref_copy(want, hostp, dst, slots[:n], s, range(s.num_layers))
+        # the tokens themselves went device -> host -> device unchanged
+        check = before.copy()
+        _ref_copy(check, before, dst, src, s, range(s.num_layers))
+        np.testing.assert_array_equal(after, check)
+    np.testing.assert_array_equal(after, want)
+    # other pools' bytes are untouched
+    b = cache.layout.pool(pool).placements[0].buffer
+    for i, (x, y) in enumerate(zip(cache.buffers, new.buffers)):
+        if i != b:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_load_one_layer(aligned):
+    _, cache, h, poison = _setup("dsv4", "c4", seed=19)
+    s = h.spec
+    tpp = s.tokens_per_page
+    h, slots = hp.alloc(h, tpp)
+    dst = np.arange(6 * tpp, 7 * tpp) if aligned else np.arange(6 * tpp, 7 * tpp)[::-1].copy()
+    before = _dev_pages(cache, "c4")
+    new = hp.load_to_device_per_layer(h, cache, "c4", 1, slots, dst, donate=False)
+    want = before.copy()
+    _ref_copy(want, _host_pages(h), dst, slots, s, [1])
+    if aligned:
+        want[1, 6] = _host_pages(h)[1, 0]
+    np.testing.assert_array_equal(_dev_pages(new, "c4"), want)
+    np.testing.assert_array_equal(_dev_pages(cache, "c4"), before)  # donate=False kept it
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_round_trip_property(data):
+    _, cache, h, _ = _setup("dsv4", "c4", seed=21)
+    s = h.spec
+    cap = cache.layout.pool("c4").capacity
+    n = data.draw(st.integers(1, 3 * s.tokens_per_page), label="n")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    h, slots = hp.alloc(h, n)
+    src = rng.choice(cap, n, replace=False)
+    hidx = rng.permutation(slots)[:n]
+    h = hp.backup_from_device(h, cache, "c4", hidx, src)
+    dst = rng.choice(cap, n, replace=False)
+    new = hp.load_to_device(h, cache, "c4", hidx, dst, donate=False)
+    want = _dev_pages(cache, "c4").copy()
+    _ref_copy(want, _dev_pages(cache, "c4"), dst, src, s, range(s.num_layers))
+    np.testing.assert_array_equal(_dev_pages(new, "c4"), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (SPEC §7) and failure atomicity
+
+
+def test_missing_indices_do_nothing():
+    _, cache, h, poison = _setup("dsv4", "c4")
+    h, slots = hp.alloc(h, 4)
+    assert hp.backup_from_device(h, cache, "c4", None, [1, 2]) is h
+    assert hp.backup_from_device(h, cache, "c4", slots[:2], None) is h
+    assert hp.backup_from_device(h, cache, "c4", [], []) is h
+    assert hp.load_to_device(h, cache, "c4", None, None) is cache
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("length", "same length"),
+    ("host_oob", "host_indices"),
+    ("dev_oob", "device_indices"),
+    ("neg", "host_indices"),
+    ("dup_host", "duplicate"),
+    ("unalloc", "not allocated"),
+    ("pool", "pool must be"),
+    ("layer", "layer must be"),
+    ("method", "method must be"),
+    ("impl", "impl must be"),
+    ("float", "integer"),
+    ("2d", "1-D"),
+])
+def test_backup_validation_errors_leave_state_unchanged(case, match):
+    _, cache, h, poison = _setup("dsv4", "c4")
+    h, slots = hp.alloc(h, 8)
+    cap = cache.layout.pool("c4").capacity
+    hi, di, kw, pool = slots[:4], np.arange(4), {}, "c4"
+    if case == "length":
+        di = np.arange(5)
+    elif case == "host_oob":
+        hi = np.array([0, 1, 2, h.spec.capacity])
+    elif case == "dev_oob":
+        di = np.array([0, 1, 2, cap])
+    elif case == "neg":
+        hi = np.array([0, -1, 2, 3])
+    elif case == "dup_host":
+        hi = np.array([0, 1, 1, 3])
+    elif case == "unalloc":
+        hi = np.array([0, 1, 2, h.spec.capacity - 1])
+    elif case == "pool":
+        pool = "swa"
+    elif case == "layer":
+        kw = {"layer": 7}
+    elif case == "method":
+        kw = {"method": "cuda"}
+    elif case == "impl":
+        kw = {"impl": "fast"}
+    elif case == "float":
+        hi = np.array([0.0, 1.0, 2.0, 3.0])
+    elif case == "2d":
+        hi = slots[:4].reshape(2, 2)
+    with pytest.raises(ValueError, match=match):
+        hp.backup_from_device(h, cache, pool, hi, di, **kw)
+    assert not h.buffer.is_deleted()
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)
+    # the state is still usable
+    h2 = hp.backup_from_device(h, cache, "c4", slots[:4], np.arange(4))
+    assert _host_pages(h2).shape[0] == h.spec.num_layers
+
+
+def test_load_validation_errors():
+    _, cache, h, _ = _setup("dsv4", "c4")
+    h, slots = hp.alloc(h, 8)
+    with pytest.raises(ValueError, match="duplicate"):
+        hp.load_to_device(h, cache, "c4", slots[:2], [3, 3])
+    with pytest.raises(ValueError, match="same length"):
+        hp.load_to_device(h, cache, "c4", slots[:2], [3])
+    with pytest.raises(ValueError, match="device_indices"):
+        hp.load_to_device(h, cache, "c4", slots[:2], [3, -1])
+    b = cache.layout.pool("c4").placements[0].buffer
+    assert not cache.buffers[b].is_deleted()
+
+
+def test_donated_state_is_rejected_and_traced_indices_are_rejected():
+    _, cache, h, _ = _setup("dsv4", "c4")
+    h, slots = hp.alloc(h, 4)
+    h2 = hp.backup_from_device(h, cache, "c4", slots[:4], np.arange(4))
+    assert h.buffer.is_deleted()          # the host buffer was donated (in-place update)
+    with pytest.raises(ValueError, match="donated"):
+        hp.backup_from_device(h, cache, "c4", slots[:4], np.arange(4))
+    with pytest.raises(ValueError, match="concrete"):
+        jax.jit(lambda i: hp.backup_from_device(h2, cache, "c4", i, i).buffer)(
+            jnp.arange(4))
+
+
+def test_geometry_mismatch():
+    geo = jaxkv.tiny(5)
+    cache = _random_cache(geo, jaxkv.layer_major(geo, 8), 0)
+    other = jaxkv.layer_major(geo, 8, indexer_align=576)
+    h = hp.init_host_pool(other, "c4_indexer", 4)
+    h, slots = hp.alloc(h, 4)
+    with pytest.raises(ValueError, match="mirrors"):
+        hp.backup_from_device(h, cache, "c4_indexer", slots[:4], np.arange(4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Allocation
+
+
+def test_alloc_rounds_up_and_free():
+    _, _, h, _ = _setup("dsv4", "c4", host_pages=4)
+    tpp = h.spec.tokens_per_page
+    h1, a = hp.alloc(h, tpp + 1)
+    assert a.dtype == np.int32 and a.size == 2 * tpp
+    np.testing.assert_array_equal(a, np.arange(2 * tpp))
+    assert h1.num_free_pages == 2 and h.num_free_pages == 4      # old state untouched
+    h2, b = hp.alloc(h1, 1)
+    np.testing.assert_array_equal(b, np.arange(2 * tpp, 3 * tpp))
+    with pytest.raises(ValueError, match="free pages"):
+        hp.alloc(h2, 2 * tpp)
+    h3 = hp.free(h2, a[:1])                       # frees page 0
+    assert h3.num_free_pages == 2
+    with pytest.raises(ValueError, match="not allocated"):
+        hp.free(h3, a[:1])
+    h4, c = hp.alloc(h3, tpp)
+    np.testing.assert_array_equal(c, np.arange(tpp))  # lowest free page first
+    assert hp.free(h4, None) is h4
+    with pytest.raises(ValueError, match="n_tokens"):
+        hp.alloc(h4, -1)
+    h5, e = hp.alloc(h4, 0)
+    assert e.size == 0 and h5.num_free_pages == h4.num_free_pages
+
+
+def test_host_token_len():
+    geo = jaxkv.tiny(5)
+    layout = jaxkv.layer_major(geo, 4)
+    assert hp.host_token_len(hp.init_host_pool(layout, "c4", 2), 17) == 17 // geo.csa_ratio
+    assert hp.host_token_len(hp.init_host_pool(layout, "swa", 2), 17) == 17
+    full = jaxkv.layer_major(jaxkv.dsv4_flash(), 2)
+    spec = hp.init_host_pool(full, "c4", 1).spec
+    assert hp.host_token_len(spec, 1000) == 250
+    assert (spec.page_bytes, spec.tokens_per_page) == (37440, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transfer-engine registration
+
+
+def test_contiguous_buf_infos_are_real_addresses():
+    _, cache, h, poison = _setup("dsv4", "swa")
+    s = h.spec
+    ptrs, lens, items = hp.contiguous_buf_infos(h)
+    assert ptrs[0] == h.buffer.unsafe_buffer_pointer()
+    assert lens == [s.num_pages * s.page_bytes] * s.num_layers and items == [s.page_bytes] * s.num_layers
+    assert h.buffer.sharding.memory_kind == s.memory_kind
+    if jax.default_backend() == "cpu":  # host memory is directly readable: check the bytes
+        for l, (p, n) in enumerate(zip(ptrs, lens)):
+            raw = np.frombuffer((ctypes.c_uint8 * n).from_address(p), np.uint8)
+            np.testing.assert_array_equal(raw, poison.reshape(s.num_layers, -1)[l])
+    (rp,), (rl,), (ri,) = hp.contiguous_buf_infos(h, per="region")
+    assert (rp, rl, ri) == (ptrs[0], s.nbytes, s.page_bytes)
+    # in-place updates keep the registered addresses valid
+    h, slots = hp.alloc(h, s.tokens_per_page)
+    h2 = hp.backup_from_device(h, cache, "swa", slots, np.arange(s.tokens_per_page))
+    assert hp.buffer_address(h2) == ptrs[0]
+    with pytest.raises(ValueError, match="per must"):
+        hp.contiguous_buf_infos(h2, per="page")
+
+
+def test_memory_kind_is_host():
+    _, _, h, _ = _setup("dsv4", "c4")
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    if "pinned_host" in kinds:
+        assert h.spec.memory_kind == "pinned_host"
+    assert h.buffer.sharding.memory_kind == h.spec.memory_kind
