@@ -16,14 +16,19 @@ Locations
   ``check=True`` under ``jax.experimental.checkify.checkify``, reported as a checkify error.
 
 Layers
-  ``layer`` is the pool-local layer index (``Geometry.pool(name).local_layer(model_layer)``), or
-  ``None`` for all layers of the pool at once (tokens then carry a leading ``[L, ...]`` axis).
+  ``layer`` is the pool-local layer index (``Geometry.pool(name).local_layer(model_layer)``),
+  a tuple of them, or ``None`` for all layers of the pool (tokens then carry a leading
+  ``[L, ...]`` axis).  One call writes the same locations into every selected layer, so in the
+  packed layout the layers must belong to one KV-cache group (``PoolLayout.groups``): layers of
+  different groups can share a slot and take different blocks (vLLM splits the 43 SWA layers of
+  Flash into groups of 22 + 21).  Selecting layers that share a slot is a ValueError.
 
 State pools
-  Rows of ``c4_state``, ``c4_indexer_state`` and ``c128_state``; the last row is the sentinel
-  ``[kv = 0 | score = -inf]`` that invalid locations read.  A write aimed at the sentinel row is
-  dropped, so the sentinel always holds its value (SGLang writes it and then restores it: same
-  result).  Duplicate locations are legal when they carry identical rows.
+  Rows of ``c4_state``, ``c4_indexer_state`` and ``c128_state``.  Invalid (-1) locations read the
+  sentinel value ``[kv = 0 | score = -inf]``.  In the layer-major layout the last row stores it
+  (SGLang's kernels read it there); a write aimed at that row is dropped, so it always holds its
+  value (SGLang writes it and then restores it: same result).  Duplicate locations are legal when
+  they carry identical rows.
 """
 from __future__ import annotations
 
@@ -112,7 +117,7 @@ def init_cache(geo: Geometry, layout: Layout) -> Cache:
                          f"not {geo.name}")
     buffers = [jnp.zeros(s, jnp.uint8) for s in layout.buffer_shapes]
     for p in layout.pools:
-        if p.spec.kind != "state":
+        if p.sentinel is None:
             continue
         b, a = token_addressing(layout, p.name)
         row = jnp.asarray(_sentinel_row(p.spec))
@@ -140,13 +145,25 @@ def _check_pool_layer(cache: Cache, pool: str, layer, kind: str | None = None):
         raise ValueError(f"pool {pool!r} is a {p.spec.kind} pool; use the "
                          f"{'*_rows' if p.spec.kind == 'state' else '*_tokens'} accessors")
     n = p.spec.num_layers
-    if layer is not None:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer must be an int pool-local layer index or None, got {layer!r}")
-        if not 0 <= layer < n:
+    sel = (layer,) if not isinstance(layer, (tuple, list, type(None))) else layer
+    for x in (sel if sel is not None else ()):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise ValueError(f"layer must be an int pool-local layer index, a tuple of them or "
+                             f"None, got {layer!r}")
+        if not 0 <= x < n:
             raise ValueError(f"layer must be in [0, {n}) for pool {pool!r} (pool-local index; "
-                             f"model layers {p.spec.layers}), got {layer}")
+                             f"model layers {p.spec.layers}), got {x}")
+    layers = tuple(range(n)) if sel is None else tuple(int(x) for x in sel)
+    if len(layers) > 1:
+        places = [p.placements[i] for i in layers]
+        if len(set(places)) != len(places):
+            raise ValueError(
+                f"layer selects layers of pool {pool!r} that share a slot (groups "
+                f"{[list(g) for g in p.groups]}): "
+                "in the packed layout they belong to different KV-cache groups and take "
+                "different blocks; write each group of PoolLayout.groups with its own locations")
     return p
+
 
 
 def _check_locs(locs, p: PoolLayout, arg: str = "locs", check: bool = False) -> jax.Array:
@@ -183,7 +200,13 @@ def _check_impl(impl: str):
 
 
 def _layers(layer) -> tuple[int, ...] | None:
-    return None if layer is None else (int(layer),)
+    if layer is None:
+        return None
+    return tuple(int(x) for x in layer) if isinstance(layer, (tuple, list)) else (int(layer),)
+
+
+def _single(layer) -> bool:
+    return layer is not None and not isinstance(layer, (tuple, list))
 
 
 def set_tokens(cache: Cache, pool: str, layer: int | None, locs: jax.Array, tokens, *,
@@ -193,7 +216,7 @@ def set_tokens(cache: Cache, pool: str, layer: int | None, locs: jax.Array, toke
     Args:
       cache: the cache.
       pool: a pool name (token or state pool).
-      layer: pool-local layer index, or None for all layers.
+      layer: pool-local layer index, a tuple of them, or None for all layers (see module doc).
       locs: int32[N] locations; -1 is skipped.
       tokens: the pool format's NamedTuple (``formats.MLATokens`` for MLA pools:
         nope fp8[N, 448], rope bf16[N, 64], scale uint8[N, 7]); with ``layer=None`` every field has
@@ -209,15 +232,16 @@ def set_tokens(cache: Cache, pool: str, layer: int | None, locs: jax.Array, toke
     locs = _check_locs(locs, p, check=check)
     fmt = p.spec.fmt
     lead = F.check_tokens(fmt, tokens)
-    want = (locs.shape[0],) if layer is not None else (p.spec.num_layers, locs.shape[0])
+    n_sel = p.spec.num_layers if layer is None else len(_layers(layer))
+    want = (locs.shape[0],) if _single(layer) else (n_sel, locs.shape[0])
     if tuple(lead) != want:
         raise ValueError(f"tokens must have leading shape {want} "
-                         f"({'[N]' if layer is not None else '[L, N]'} with N = len(locs)), "
+                         f"({'[N]' if _single(layer) else '[L, N]'} with N = len(locs)), "
                          f"got {tuple(lead)}")
     value, scale = F.to_parts(fmt, tokens)
-    if layer is not None:
+    if _single(layer):
         value, scale = value[None], scale[None]
-    if p.spec.kind == "state":  # the sentinel row is never overwritten
+    if p.sentinel is not None:  # the stored sentinel row is never overwritten
         locs = jnp.where(locs == p.sentinel, -1, locs)
     b, a = token_addressing(cache.layout, pool, _layers(layer))
     bufs = list(cache.buffers)
@@ -236,11 +260,12 @@ def get_tokens(cache: Cache, pool: str, layer: int | None, locs: jax.Array, *,
     _check_impl(impl)
     p = _check_pool_layer(cache, pool, layer)
     locs = _check_locs(locs, p, check=check)
-    if p.spec.kind == "state":  # invalid locations read the sentinel
-        locs = jnp.where(locs < 0, p.sentinel, locs)
     b, a = token_addressing(cache.layout, pool, _layers(layer))
     value, scale = dispatch.gather_tokens(cache.buffers[b], locs, a, impl=impl)
-    if layer is not None:
+    if p.spec.kind == "state":  # invalid locations read the sentinel value
+        sentinel = jnp.asarray(_sentinel_row(p.spec))
+        value = jnp.where((locs < 0)[None, :, None], sentinel, value)
+    if _single(layer):
         value, scale = value[0], scale[0]
     return F.from_parts(p.spec.fmt, value, scale)
 
@@ -264,9 +289,9 @@ def read_pages(cache: Cache, pool: str, layer: int) -> jax.Array:
 
     State pools in the layer-major layout have one row per page.
     """
+    if not _single(layer):
+        raise ValueError(f"layer must be an int for read_pages, got {layer!r}")
     p = _check_pool_layer(cache, pool, layer)
-    if layer is None:
-        raise ValueError("layer must be an int for read_pages")
     pl = p.placements[layer]
     buf = cache.buffers[pl.buffer]
     stop = pl.row_base + (p.num_pages - 1) * pl.row_step + 1

@@ -70,6 +70,11 @@ class PoolLayout:
       page_bytes: bytes a page spans (payload + padding).
       num_pages: pages per layer; locations are ``0 .. num_pages * tokens_per_page - 1``.
       placements: one ``Placement`` per pool-local layer.
+      stores_sentinel: the last row holds the state sentinel (layer-major state pools).
+      groups: pool-local layers grouped by KV-cache group.  Layers of one group share a page
+        table (one set of locations addresses them all); in the packed layout layers of
+        *different* groups may share a slot, so they must be given different blocks.  Layer-major
+        has one group holding every layer.
     """
 
     spec: PoolSpec
@@ -77,6 +82,19 @@ class PoolLayout:
     page_bytes: int
     num_pages: int
     placements: tuple[Placement, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
+    stores_sentinel: bool = False
+
+    def __post_init__(self):
+        if not self.groups:
+            object.__setattr__(self, "groups", (tuple(range(len(self.placements))),))
+
+    def group_of(self, layer: int) -> int:
+        """Index into ``groups`` of a pool-local layer."""
+        for g, members in enumerate(self.groups):
+            if layer in members:
+                return g
+        raise ValueError(f"layer {layer} is not a layer of pool {self.name!r}")
 
     @property
     def name(self) -> str:
@@ -88,9 +106,14 @@ class PoolLayout:
         return self.num_pages * self.tokens_per_page
 
     @property
-    def sentinel(self) -> int:
-        """State pools: the last row, which every invalid location reads (``[0 | -inf]``)."""
-        return self.capacity - 1
+    def sentinel(self) -> int | None:
+        """Layer-major state pools: the last row, stored as ``[kv = 0 | score = -inf]`` (SGLang).
+
+        None for token pools and for packed state pools: there layers of different KV-cache
+        groups share every slot, so no row is free to hold a sentinel; invalid locations read the
+        sentinel *value* in both layouts (``jaxkv.get_rows``).
+        """
+        return self.capacity - 1 if self.stores_sentinel else None
 
     @property
     def payload_bytes(self) -> int:
@@ -198,7 +221,8 @@ def layer_major(geo: Geometry, pages: Mapping[str, int] | int,
             tpp, pb = 1, spec.fmt.token_bytes
         n = pages[spec.name]
         placements = tuple(Placement(i, layer * n, 1, 0) for layer in range(spec.num_layers))
-        pools.append(PoolLayout(spec, tpp, pb, n, placements))
+        pools.append(PoolLayout(spec, tpp, pb, n, placements,
+                                stores_sentinel=spec.kind == "state"))
         shapes.append((spec.num_layers * n, pb))
     _check_int32(shapes)
     return Layout("layer_major", geo, tuple(shapes), tuple(pools))
@@ -296,13 +320,17 @@ def packed(geo: Geometry, num_blocks: int, align: int = FLASHMLA_ALIGN) -> Layou
             offsets[(pb, i)] = offset
             offset += pb
     block_stride = offset
+    group_of = {(name, layer): gi for gi, g in enumerate(groups) for name, layer, _ in g}
     pools = []
     for spec in geo.pools():
         tpp = page[spec.name][0]
         pb = slot_of[(spec.name, 0)][0]
         placements = tuple(Placement(0, 0, 1, offsets[slot_of[(spec.name, i)]])
                            for i in range(spec.num_layers))
-        pools.append(PoolLayout(spec, tpp, pb, int(num_blocks), placements))
+        gids = sorted({group_of[(spec.name, i)] for i in range(spec.num_layers)})
+        pgroups = tuple(tuple(i for i in range(spec.num_layers) if group_of[(spec.name, i)] == g)
+                        for g in gids)
+        pools.append(PoolLayout(spec, tpp, pb, int(num_blocks), placements, pgroups))
     shapes = ((int(num_blocks), block_stride),)
     _check_int32(shapes)
     return Layout("packed", geo, shapes, tuple(pools), block_stride, tuple(slots))
