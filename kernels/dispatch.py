@@ -55,3 +55,17 @@ def gather_pages(buf, pages, a: PageAddressing, *, impl: str = "auto"):
 def scatter_pages(buf, pages, data, a: PageAddressing, *, impl: str = "auto"):
     """See ``reference.scatter_pages``."""
     return _module(_resolve(impl, "scatter_pages")).scatter_pages(buf, pages, data, a)
+
+
+def copy_pages(src, dst, src_pages, dst_pages, src_a: PageAddressing, dst_a: PageAddressing, *,
+               impl: str = "auto"):
+    """See ``reference.copy_pages``."""
+    return _module(_resolve(impl, "copy_pages")).copy_pages(src, dst, src_pages, dst_pages,
+                                                            src_a, dst_a)
+
+
+def copy_tokens(src, dst, src_locs, dst_locs, src_a: TokenAddressing, dst_a: TokenAddressing, *,
+                impl: str = "auto"):
+    """See ``reference.copy_tokens``."""
+    return _module(_resolve(impl, "copy_tokens")).copy_tokens(src, dst, src_locs, dst_locs,
+                                                              src_a, dst_a)
