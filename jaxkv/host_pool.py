@@ -79,6 +79,11 @@ from jaxkv.kernels import dispatch
 from jaxkv.kernels.addressing import PageAddressing, TokenAddressing
 from jaxkv.layout import Layout
 
+try:  # optional: only the "triton" host-write method needs it (annotations stay strings)
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is an optional dependency
+    tl = None
+
 METHODS = ("auto", "xla", "triton")
 # Fastest host-write method per platform (benchmarks/results/host_pool-*.json).  "xla" until the
 # GPU benchmark shows the Triton path is correct and faster there.
@@ -438,6 +443,7 @@ class _Plan:
             nt = _bucket(h.size)
             self.local_locs = _pad(inv.reshape(-1) * tpp + h % tpp, nt, -1)
             self.dev_locs = _pad(d, nt, -1)
+            self.host_slots = _pad(h, nt, -1)
         oob = s.shape[0]  # an out-of-range row: dropped on write, zeros on read
         rows = np.full((nl, n), oob, np.int64)
         rows[:, :host_pages.size] = (np.asarray(layers)[:, None] * s.num_pages
@@ -513,6 +519,173 @@ def _dev_addressing(cache: Cache, pool: str, layers):
 
 
 # ---------------------------------------------------------------------------------------------
+# The "triton" method: a kernel reads/writes pinned host memory through its device-visible address
+
+
+def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, host_addr, out,
+                      DEV_ROW: tl.constexpr, HOST_ROW: tl.constexpr, W: tl.constexpr,
+                      BLOCK: tl.constexpr, ALIGN: tl.constexpr, TO_HOST: tl.constexpr):
+    """Copies window ``i`` of ``W`` 4-byte words between the device buffer (byte offset
+    ``dev_row[i] * DEV_ROW + dev_col[i]``) and host memory at ``host_addr`` (byte offset
+    ``host_row[i] * HOST_ROW + host_col[i]``).  Rows < 0 mark padding windows (skipped).
+    ``TO_HOST``: device -> host (``out`` is a dummy), else host -> device (``out`` aliases
+    ``dev_in``).  Grid: (windows, cdiv(W, BLOCK))."""
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    dr = tl.load(dev_row + i).to(tl.int64)
+    dc = tl.load(dev_col + i).to(tl.int64)
+    hr = tl.load(host_row + i).to(tl.int64)
+    hc = tl.load(host_col + i).to(tl.int64)
+    ok = (dr >= 0) & (hr >= 0)
+    dbase = tl.multiple_of((dr * DEV_ROW + dc) // 4, ALIGN)
+    hbase = tl.multiple_of((hr * HOST_ROW + hc) // 4, ALIGN)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    m = (offs < W) & ok
+    host = host_addr.to(tl.pointer_type(tl.uint32))
+    if TO_HOST:
+        src = dev_in.to(tl.pointer_type(tl.uint32))
+        x = tl.load(src + dbase + offs, mask=m)
+        tl.store(host + hbase + offs, x, mask=m)
+    else:
+        dst = out.to(tl.pointer_type(tl.uint32))
+        x = tl.load(host + hbase + offs, mask=m)
+        tl.store(dst + dbase + offs, x, mask=m)
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_windows_kernel(interpret: bool = False):
+    if tl is None:
+        raise ValueError("method='triton' needs triton (pip install 'jaxkv[gpu]')")
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(_copy_windows_src)
+    import triton
+    return triton.jit(_copy_windows_src)
+
+
+def _jax_triton():
+    if jax.default_backend() != "gpu":
+        raise ValueError("method='triton' writes pinned host memory from a CUDA kernel: it needs a "
+                         "GPU backend (use method='xla' elsewhere)")
+    try:
+        import jax_triton
+    except ImportError as e:  # pragma: no cover - depends on the GPU environment
+        raise ValueError("method='triton' needs jax-triton (pip install 'jaxkv[gpu]')") from e
+    return jax_triton
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr: int,
+                  offsets: Sequence[int]) -> dict:
+    """constexpr parameters of the window-copy kernel (every byte size/offset must be a multiple
+    of 4; ``ALIGN`` is the word alignment, up to 4 words = 16 B, that every window start has)."""
+    sizes = [width, dev_row_bytes, host_row_bytes, *offsets]
+    if any(int(x) % 4 for x in sizes):
+        raise ValueError(f"method='triton' copies 4-byte words; sizes/offsets {sizes} are not all "
+                         "multiples of 4 (use method='xla')")
+    g = math.gcd(*[int(x) for x in sizes if x] or [16], 16)
+    align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else (2 if g % 8 == 0 else 1)
+    words = width // 4
+    block = min(1024, _pow2(words))
+    return dict(DEV_ROW=dev_row_bytes, HOST_ROW=host_row_bytes, W=words, BLOCK=block,
+                ALIGN=align)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_copy_fn(to_host: bool, host_addr: int, meta: tuple, donate: bool):
+    jt = _jax_triton()
+    kernel = _copy_windows_kernel()
+    meta = dict(meta)
+    chunks = -(-meta["W"] // meta["BLOCK"])
+    nw = 4 if meta["BLOCK"] >= 512 else (2 if meta["BLOCK"] >= 128 else 1)
+
+    def f(dev_buf, dev_row, dev_col, host_row, host_col):
+        out = (jax.ShapeDtypeStruct((1,), jnp.int32) if to_host
+               else jax.ShapeDtypeStruct(dev_buf.shape, dev_buf.dtype))
+        return jt.triton_call(dev_buf, dev_row, dev_col, host_row, host_col, int(host_addr),
+                              kernel=kernel, out_shape=out, grid=(dev_row.shape[0], chunks),
+                              input_output_aliases={} if to_host else {0: 0}, num_warps=nw,
+                              num_stages=1, TO_HOST=to_host, **meta)
+    return jax.jit(f, donate_argnums=(0,) if (donate and not to_host) else ())
+
+
+def _windows(host: HostPool, cache: Cache, pool: str, plan: _Plan):
+    """Per-window int32 (dev_row, dev_col, host_row, host_col) arrays and widths.
+
+    Returns a list of ``(width_bytes, col_offsets, (dev_row, dev_col, host_row, host_col))``:
+    one entry for whole pages, or two (value, scale) for tokens.  Padding windows have row -1.
+    """
+    s = host.spec
+    tpp, V, S = s.tokens_per_page, s.value_bytes, s.scale_stride
+    p = cache.layout.pool(pool)
+    pl = [p.placements[l] for l in plan.layers]
+    rb = np.array([x.row_base for x in pl], np.int64)[:, None]
+    cb = np.array([x.col for x in pl], np.int64)[:, None]
+    step = pl[0].row_step
+    lay = np.asarray(plan.layers, np.int64)[:, None]
+
+    def pack(dr, dc, hr, hc):
+        return tuple(np.ascontiguousarray(np.broadcast_to(a, dr.shape)).reshape(-1)
+                     .astype(np.int32) for a in (dr, dc, hr, hc))
+
+    if plan.page_aligned:
+        dp = plan.dev_pages[None, :].astype(np.int64)
+        hpg = np.full(plan.n_pages, -1, np.int64)
+        hpg[:plan.n_host_pages] = plan.host_pages
+        dr = np.where(dp >= 0, rb + dp * step, -1)
+        hr = np.where(hpg[None, :] >= 0, lay * s.num_pages + hpg[None, :], -1)
+        return [(s.page_bytes, tuple(int(c) for c in cb[:, 0]), pack(dr, cb, hr, 0))]
+    d = plan.dev_locs[None, :].astype(np.int64)
+    valid = d >= 0
+    dpage, dt = np.where(valid, d // tpp, 0), np.where(valid, d % tpp, 0)
+    hslot = plan.host_slots[None, :].astype(np.int64)
+    hvalid = hslot >= 0
+    hpage, ht = np.where(hvalid, hslot // tpp, 0), np.where(hvalid, hslot % tpp, 0)
+    dr = np.where(valid & hvalid, rb + dpage * step, -1)
+    hr = np.where(valid & hvalid, lay * s.num_pages + hpage, -1)
+    cols = tuple(int(c) for c in cb[:, 0]) + (tpp * V,)
+    out = [(V, cols, pack(dr, cb + dt * V, hr, ht * V))]
+    if S:
+        out.append((S, cols, pack(dr, cb + tpp * V + dt * S, hr, tpp * V + ht * S)))
+    return out
+
+
+def _triton_run(host: HostPool, cache: Cache, pool: str, plan: _Plan, to_host: bool,
+                donate: bool):
+    b, _ = page_addressing(cache.layout, pool)
+    host.buffer.block_until_ready()        # earlier XLA writes of the host buffer are done
+    addr = buffer_address(host)
+    dev = cache.buffers[b]
+    outs = []
+    for width, cols, arrays in _windows(host, cache, pool, plan):
+        meta = window_params(width, dev.shape[1], host.spec.page_bytes, addr, cols)
+        fn = _triton_copy_fn(to_host, addr, tuple(sorted(meta.items())), donate)
+        res = fn(dev, *(jnp.asarray(a) for a in arrays))
+        if not to_host:
+            dev = res
+        outs.append(res)
+    jax.block_until_ready(outs)            # XLA does not see the host accesses: finish them
+    return b, dev
+
+
+def _triton_backup(host: HostPool, cache: Cache, pool: str, plan: _Plan) -> HostPool:
+    _triton_run(host, cache, pool, plan, to_host=True, donate=False)
+    # The host buffer was written in place: the returned state shares it (the old one must not
+    # be used any more, as after a donation).
+    return dataclasses.replace(host)
+
+
+def _triton_load(host: HostPool, cache: Cache, pool: str, plan: _Plan, donate: bool) -> Cache:
+    b, dev = _triton_run(host, cache, pool, plan, to_host=False, donate=donate)
+    bufs = list(cache.buffers)
+    bufs[b] = dev
+    return Cache(tuple(bufs), cache.layout)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public transfers
 
 
@@ -547,8 +720,7 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
     plan = _Plan(host, p, idx[0], idx[1], layers, dest="host")
     if method == "triton":
-        from jaxkv import _host_pool_triton as T
-        return T.backup(host, cache, pool, plan, impl)
+        return _triton_backup(host, cache, pool, plan)
     s = host.spec
     hs, ds = s.sharding, cache.buffers[b].sharding
     sel = None if layer is None else layers
@@ -587,8 +759,7 @@ def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
     plan = _Plan(host, p, idx[0], idx[1], layers, dest="device")
     if method == "triton":
-        from jaxkv import _host_pool_triton as T
-        return T.load(host, cache, pool, plan, impl, donate)
+        return _triton_load(host, cache, pool, plan, donate)
     s = host.spec
     hs, ds = s.sharding, cache.buffers[b].sharding
     sel = None if layer is None else layers

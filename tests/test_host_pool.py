@@ -405,3 +405,110 @@ def test_memory_kind_is_host():
     if "pinned_host" in kinds:
         assert h.spec.memory_kind == "pinned_host"
     assert h.buffer.sharding.memory_kind == h.spec.memory_kind
+
+
+# ------------------------------------------------------------------------------------------------
+# The "triton" method's kernel, run by Triton's interpreter on CPU: the device side is a torch CPU
+# tensor, the host side the JAX host buffer written through its raw address (as on the GPU, where
+# pinned host memory has the same address on the device).
+
+
+def _interpret(h, cache, pool, hidx, didx, to_host, layer=None):
+    torch = pytest.importorskip("torch")
+    kernel = hp._copy_windows_kernel(interpret=True)
+    p = cache.layout.pool(pool)
+    layers = tuple(range(h.spec.num_layers)) if layer is None else (layer,)
+    plan = hp._Plan(h, p, np.asarray(hidx, np.int64), np.asarray(didx, np.int64), layers,
+                    dest="host" if to_host else "device")
+    b = p.placements[0].buffer
+    dev = torch.from_numpy(np.asarray(cache.buffers[b]).copy())
+    addr = hp.buffer_address(h)
+    for width, cols, arrays in hp._windows(h, cache, pool, plan):
+        meta = hp.window_params(width, dev.shape[1], h.spec.page_bytes, addr, cols)
+        grid = (arrays[0].size, -(-meta["W"] // meta["BLOCK"]))
+        out = torch.zeros(1, dtype=torch.int32) if to_host else dev
+        kernel[grid](dev, *(torch.from_numpy(a) for a in arrays), addr, out, TO_HOST=to_host,
+                     **meta)
+    return dev.numpy()
+
+
+@pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("dsv4", "c4_indexer"),
+                                           ("v32", "kv")])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_triton_window_kernel_interpreted(geo_name, pool, aligned):
+    _, cache, h, poison = _setup(geo_name, pool, seed=23)
+    s = h.spec
+    tpp = s.tokens_per_page
+    rng = np.random.default_rng(29)
+    n = 2 * tpp if aligned else 2 * tpp - 3
+    h, slots = hp.alloc(h, n)
+    src = np.concatenate([np.arange(4 * tpp, 5 * tpp), np.arange(tpp, 2 * tpp)])[:n]
+    hidx = slots[:n] if aligned else rng.permutation(slots)[:n]
+    # device -> host through the raw host address
+    _interpret(h, cache, pool, hidx, src, to_host=True)
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    d = _dev_pages(cache, pool)
+    if aligned:
+        want[:, :2] = d[:, [4, 1]]
+    else:
+        _ref_copy(want, d, hidx, src, s, range(s.num_layers))
+    got = np.asarray(jax.device_get(h.buffer)).reshape(want.shape)
+    np.testing.assert_array_equal(got, want)
+    # host -> device (one layer), into other device pages
+    dst = np.concatenate([np.arange(6 * tpp, 7 * tpp), np.arange(2 * tpp, 3 * tpp)])[:n]
+    dev_after = _interpret(h, cache, pool, hidx, dst, to_host=False, layer=s.num_layers - 1)
+    p = cache.layout.pool(pool)
+    pl = p.placements
+    before = np.asarray(cache.buffers[pl[0].buffer])
+    want_dev = before.copy()
+    l = s.num_layers - 1
+    hostp = got
+    for hslot, dl in zip(hidx, dst):
+        hp_, hr = _token_ranges(s, hslot)
+        dp_, dr = _token_ranges(s, dl)
+        row = pl[l].row_base + dp_ * pl[l].row_step
+        for (a, bb), (c, e) in zip(dr, hr):
+            want_dev[row, pl[l].col + a:pl[l].col + bb] = hostp[l, hp_, c:e]
+    if aligned:
+        for j, dp_ in enumerate([6, 2]):
+            row = pl[l].row_base + dp_ * pl[l].row_step
+            want_dev[row, pl[l].col:pl[l].col + s.page_bytes] = hostp[l, j]
+    np.testing.assert_array_equal(dev_after, want_dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["xla", "triton"])
+@pytest.mark.parametrize("geo_name,pool", POOLS)
+def test_gpu_methods_round_trip(method, geo_name, pool):
+    """On the GPU machine: both host-write methods against the numpy reference."""
+    _, cache, h, poison = _setup(geo_name, pool, seed=31)
+    s = h.spec
+    assert s.memory_kind == "pinned_host"
+    tpp = s.tokens_per_page
+    rng = np.random.default_rng(37)
+    for n in (3 * tpp, 3 * tpp - 1):
+        h, slots = hp.alloc(h, n)
+        src = rng.choice(cache.layout.pool(pool).capacity, n, replace=False)
+        if n % tpp == 0:
+            src = (rng.permutation(cache.layout.pool(pool).num_pages)[:3, None] * tpp
+                   + np.arange(tpp)).ravel()
+        want = np.asarray(jax.device_get(h.buffer)).reshape(
+            s.num_layers, s.num_pages, s.page_bytes).copy()
+        d = _dev_pages(cache, pool)
+        h = hp.backup_from_device(h, cache, pool, slots[:n], src, method=method)
+        if n % tpp == 0:
+            want[:, slots[::tpp][:3] // tpp] = d[:, src[::tpp] // tpp]
+        else:
+            _ref_copy(want, d, slots[:n], src, s, range(s.num_layers))
+        np.testing.assert_array_equal(
+            np.asarray(jax.device_get(h.buffer)).reshape(want.shape), want)
+        dst = rng.choice(cache.layout.pool(pool).capacity, n, replace=False)
+        if n % tpp == 0:
+            dst = (rng.permutation(cache.layout.pool(pool).num_pages)[:3, None] * tpp
+                   + np.arange(tpp)).ravel()
+        new = hp.load_to_device(h, cache, pool, slots[:n], dst, method=method, donate=False)
+        wd = d.copy()
+        _ref_copy(wd, want, dst, slots[:n], s, range(s.num_layers))
+        if n % tpp == 0:
+            wd[:, dst[::tpp] // tpp] = want[:, slots[::tpp][:3] // tpp]
+        np.testing.assert_array_equal(_dev_pages(new, pool), wd)
