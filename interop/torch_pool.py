@@ -145,6 +145,16 @@ def _torch_scatter(buf, locs, value, scale, a: TokenAddressing) -> None:
         flat[idx[:, valid]] = data[:, valid]
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when JAX can alias it (64-B aligned, contiguous), else a contiguous copy.
+
+    Index tensors handed to a pool are often slices of bigger tables (``req_to_token[i, :n]``);
+    they are small, so copying them is cheap and keeps the DLPack exchange zero-copy.
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def _triton():
     from jaxkv.kernels import triton_kernels
     return triton_kernels
@@ -261,13 +271,10 @@ class DSV4TorchPool:
         self.buffers = tuple(torch.zeros(s, dtype=torch.uint8, device=self.device)
                              for s in self.layout.buffer_shapes)
         self._addr = {p.name: token_addressing(self.layout, p.name) for p in self.layout.pools}
-        for p in self.layout.pools:  # sentinel rows [kv 0 | score -inf]
-            if p.spec.kind == "state":
-                w = p.spec.fmt.width
-                row = torch.zeros(w, dtype=torch.float32)
-                row[w // 2:] = -float("inf")
+        for p in self.layout.pools:  # stored sentinel rows [kv 0 | score -inf] (SGLang)
+            if p.spec.kind == "state" and p.sentinel is not None:
                 b, a = self._addr[p.name]
-                val = row.view(torch.uint8).to(self.device).expand(a.num_layers, 1, 4 * w)
+                val = self._sentinel_bytes(p).expand(a.num_layers, 1, 4 * p.spec.fmt.width)
                 loc = torch.tensor([p.sentinel], dtype=torch.int32, device=self.device)
                 self._scatter(b, loc, val.contiguous(), None, a)
         self.full_to_swa_index_mapping = None
@@ -334,7 +341,7 @@ class DSV4TorchPool:
         loc = self._locs(loc, p.capacity, check=check)
         value, scale = _to_parts(p.spec.fmt, fields, loc.shape[0])
         value, scale = value.to(self.device), (None if scale is None else scale.to(self.device))
-        if p.spec.kind == "state":  # the sentinel row is never overwritten
+        if p.sentinel is not None:  # the stored sentinel row is never overwritten
             loc = torch.where(loc == p.sentinel, torch.full_like(loc, -1), loc)
         b, a = self._addr[pool]
         a1 = a.select((local,))
@@ -343,11 +350,18 @@ class DSV4TorchPool:
     def _get(self, pool, layer_id, loc, fmt, kind, check):
         p, local = self._pool_layer(pool, layer_id, kind, fmt)
         loc = self._locs(loc, p.capacity, check=check)
-        if p.spec.kind == "state":
-            loc = torch.where(loc < 0, torch.full_like(loc, p.sentinel), loc)
         b, a = self._addr[pool]
         value, scale = self._gather(b, loc, a.select((local,)))
-        return _from_parts(p.spec.fmt, value[0], scale[0])
+        value, scale = value[0], scale[0]
+        if p.spec.kind == "state":  # invalid locations read the sentinel value [0 | -inf]
+            value = torch.where((loc < 0)[:, None], self._sentinel_bytes(p), value)
+        return _from_parts(p.spec.fmt, value, scale)
+
+    def _sentinel_bytes(self, p) -> torch.Tensor:
+        w = p.spec.fmt.width
+        row = torch.zeros(w, dtype=torch.float32)
+        row[w // 2:] = -float("inf")
+        return row.view(torch.uint8).to(self.device)
 
     def set_key_buffer(self, pool: str, layer_id: int, loc: torch.Tensor, nope: torch.Tensor,
                        rope: torch.Tensor, scale: torch.Tensor, *, check: bool = True) -> None:
@@ -445,7 +459,8 @@ class DSV4TorchPool:
         state = [p for p in self.layout.pools if p.spec.kind == "state"]
         ratios = tuple(p.spec.ratio for p in token)
         rings = tuple(p.spec.ring for p in state)
-        swa, swa_valid, comp, states = _translate(from_torch(table), from_torch(full),
+        swa, swa_valid, comp, states = _translate(from_torch(_aligned(table)),
+                                                  from_torch(_aligned(full)),
                                                   ratios=ratios, rings=rings,
                                                   swa_page=geo.page_size)
         out = {"swa": (to_torch(swa), to_torch(swa_valid))}
@@ -455,11 +470,11 @@ class DSV4TorchPool:
             out[p.name] = (torch.where(out["swa"][1], to_torch(rows), -1), out["swa"][1])
         for p in self.layout.pools:  # locations must exist in the pools (sizing error)
             loc, _ = out[p.name]
-            cap = p.sentinel if p.spec.kind == "state" else p.capacity
+            cap = p.capacity if p.sentinel is None else p.sentinel
             if loc.numel() and int(loc.max()) >= cap:
                 raise ValueError(f"pool {p.name!r} is too small for these indices: location "
                                  f"{int(loc.max())} >= {cap}"
-                                 f"{' (the sentinel row)' if p.spec.kind == 'state' else ''}")
+                                 f"{'' if p.sentinel is None else ' (the sentinel row)'}")
         return out
 
     def get_cpu_copy(self, indices: torch.Tensor) -> DSV4CpuCopy:
@@ -536,7 +551,7 @@ class DSV4TorchPool:
             loc, new_valid = locs[p.name]
             keep = new_valid & copy.valid[p.name].to(self.device)
             loc = torch.where(keep, loc, torch.full_like(loc, -1))
-            if p.spec.kind == "state":
+            if p.sentinel is not None:
                 loc = torch.where(loc == p.sentinel, torch.full_like(loc, -1), loc)
             v, s = copy.parts[p.name]
             b, a = self._addr[p.name]

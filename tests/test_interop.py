@@ -1,0 +1,634 @@
+"""Tests of jaxkv.interop: DLPack exchange, ownership, vLLM-style views, the torch-facing DSv4 pool.
+
+CPU by default (torch CPU + JAX CPU; the pool's Triton path runs in Triton's interpreter on tiny
+sizes).  ``-m gpu`` runs the CUDA tests (stream semantics, pinned retract, XLA's donation error).
+"""
+import gc
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import jaxkv
+from jaxkv import formats as F
+from jaxkv import interop as I
+from jaxkv.cache import Cache
+
+RNG = np.random.default_rng(0)
+
+_DTYPES = [  # (jax dtype, torch dtype)
+    (jnp.bfloat16, torch.bfloat16), (jnp.float8_e4m3fn, torch.float8_e4m3fn),
+    (jnp.uint8, torch.uint8), (jnp.int32, torch.int32), (jnp.float32, torch.float32),
+]
+
+
+def _random_bytes(shape, rng=RNG):
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def _random_jax(shape, dtype):
+    """Random bits of ``dtype`` (finite floats: fp8/bf16 from random normals)."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray((RNG.normal(size=shape) * 7).astype(np.dtype(dtype)))
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(RNG.integers(info.min, info.max, size=shape, dtype=np.int64)
+                       .astype(np.dtype(dtype)))
+
+
+def _bits(x) -> np.ndarray:
+    """Raw bytes of a jax array or torch tensor (independent of the bridge)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+    return np.asarray(x).reshape(-1).view(np.uint8).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# DLPack exchange
+
+
+@pytest.mark.parametrize("jdt,tdt", _DTYPES)
+def test_to_torch_zero_copy_and_bit_exact(jdt, tdt):
+    x = _random_jax((6, 40), jdt)
+    t = I.to_torch(x)
+    assert t.dtype == tdt and tuple(t.shape) == (6, 40)
+    assert t.data_ptr() == x.unsafe_buffer_pointer()
+    assert np.array_equal(_bits(t), _bits(x))
+
+
+@pytest.mark.parametrize("jdt,tdt", _DTYPES)
+def test_from_torch_zero_copy_and_bit_exact(jdt, tdt):
+    t = I.to_torch(_random_jax((5, 48), jdt)).clone()  # a torch-owned tensor
+    y = I.from_torch(t)
+    assert y.dtype == jdt and y.shape == (5, 48)
+    assert y.unsafe_buffer_pointer() == t.data_ptr()
+    assert np.array_equal(_bits(y), _bits(t))
+    assert I.is_torch_owned(y)
+
+
+def test_round_trip_same_pointer_and_torch_writes_visible():
+    x = jnp.asarray(_random_bytes((64, 33)))
+    y = I.from_torch(I.to_torch(x))
+    assert y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
+    assert np.array_equal(np.asarray(y), np.asarray(x))
+    t = torch.from_numpy(_random_bytes((128,))).clone()
+    z = I.from_torch(t)
+    t[5] = int(t[5]) ^ 0xFF  # same memory: the write shows through the JAX view
+    assert int(np.asarray(z)[5]) == int(t[5])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+       k=st.integers(0, len(_DTYPES) - 1))
+def test_round_trip_property(shape, k):
+    jdt, _ = _DTYPES[k]
+    x = _random_jax(tuple(shape), jdt)
+    t = I.to_torch(x)
+    back = I.from_torch(t.clone())
+    assert np.array_equal(_bits(back), _bits(x)) and back.dtype == x.dtype
+    assert t.data_ptr() == x.unsafe_buffer_pointer()
+
+
+def test_int64_policy():
+    t = torch.arange(-3, 9, dtype=torch.int64) * 1000
+    with pytest.raises(ValueError, match="int64='convert'"):
+        I.from_torch(t)
+    with pytest.warns(UserWarning, match="int32 copy"):
+        y = I.from_torch(t, int64="convert")
+    assert y.dtype == jnp.int32 and np.array_equal(np.asarray(y), t.numpy())
+    with pytest.raises(ValueError, match="outside int32"):
+        I.from_torch(torch.tensor([2**31], dtype=torch.int64), int64="convert")
+    with pytest.raises(ValueError, match="float64"):
+        I.from_torch(torch.ones(3, dtype=torch.float64), int64="convert")
+    with pytest.raises(ValueError, match="int64 must be"):
+        I.from_torch(t, int64="truncate")
+
+
+def test_non_contiguous_rejected_with_hint():
+    t = torch.from_numpy(_random_bytes((8, 64))).clone()  # torch's allocator: 64-B aligned
+    for bad in (t.t(), t[:, 2:6], t[::2]):
+        with pytest.raises(ValueError, match=r"contiguous\(\)"):
+            I.from_torch(bad)
+    y = I.from_torch(t[2:6])  # a row range: compact, 128-B offset
+    assert np.array_equal(np.asarray(y), t[2:6].numpy())
+
+
+def test_unaligned_rejected():
+    t = torch.from_numpy(_random_bytes((200,))).clone()[3:]
+    with pytest.raises(ValueError, match="aligned"):
+        I.from_torch(t)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        I.from_torch(np.zeros(3))
+    with pytest.raises(ValueError, match="detach"):
+        I.from_torch(torch.ones(3, requires_grad=True))
+    with pytest.raises(ValueError, match="jax.Array"):
+        I.to_torch(np.zeros(3))
+    with pytest.raises(ValueError, match="fp8 must be"):
+        I.from_torch(torch.ones(3), fp8="bytes")
+
+    @jax.jit
+    def inside(x):
+        I.to_torch(x)
+        return x
+
+    with pytest.raises(ValueError, match="tracer"):
+        inside(jnp.ones(3))
+
+
+def test_deleted_array_rejected():
+    x = jnp.ones(16, jnp.uint8) + 1
+    x.delete()
+    with pytest.raises(ValueError, match="deleted"):
+        I.to_torch(x)
+
+
+def test_fp8_uint8_view_and_auto_fallback(monkeypatch):
+    t = I.to_torch(_random_jax((4, 64), jnp.float8_e4m3fn)).clone()
+    y = I.from_torch(t, fp8="uint8")
+    assert y.dtype == jnp.uint8 and y.unsafe_buffer_pointer() == t.data_ptr()
+    assert np.array_equal(np.asarray(y).reshape(-1), _bits(t))
+    real = jax.dlpack.from_dlpack
+
+    def no_fp8(ext, *a, **k):  # a JAX/torch pair without fp8 DLPack
+        if getattr(ext, "dtype", None) == torch.float8_e4m3fn:
+            raise BufferError("unsupported dtype float8_e4m3fn")
+        return real(ext, *a, **k)
+
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", no_fp8)
+    with pytest.warns(UserWarning, match="uint8 view"):
+        z = I.from_torch(t)
+    assert z.dtype == jnp.uint8 and z.unsafe_buffer_pointer() == t.data_ptr()
+    assert np.array_equal(np.asarray(z).reshape(-1), _bits(t))
+    with pytest.raises(ValueError, match="fp8='uint8'"):
+        I.from_torch(t, fp8="native")
+
+
+def test_sharded_arrays_per_shard():
+    devs = jax.devices()
+    if len(devs) < 4:
+        pytest.skip("needs 4 (simulated) devices")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(devs[:4]), ("x",))
+    host = _random_bytes((8, 24))
+    x = jax.device_put(jnp.asarray(host), NamedSharding(mesh, P("x")))
+    with pytest.raises(ValueError, match="to_torch_shards"):
+        I.to_torch(x)
+    ts = I.to_torch_shards(x)
+    assert len(ts) == 4
+    for t, s in zip(ts, x.addressable_shards):
+        assert t.data_ptr() == s.data.unsafe_buffer_pointer()
+        assert np.array_equal(t.numpy(), host[s.index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership
+
+
+def test_donate_safe_jax_owned_with_torch_views():
+    x = jnp.asarray(_random_bytes((32,)))
+    I.donate_safe({"a": x})  # nothing exported: fine
+    t = I.to_torch(x)
+    v = t[4:8]  # a view of the view keeps the export alive
+    del t
+    gc.collect()
+    assert I.is_viewed_by_torch(x)
+    with pytest.raises(I.OwnershipError, match=r"cache\['a'\].*torch tensor"):
+        I.donate_safe({"a": x})
+    del v
+    gc.collect()
+    assert not I.is_viewed_by_torch(x)
+    I.donate_safe({"a": x})
+
+
+def test_donate_safe_torch_owned():
+    t = torch.from_numpy(_random_bytes((64,))).clone()
+    y = I.from_torch(t)
+    with pytest.raises(I.OwnershipError, match="torch-owned"):
+        I.donate_safe(y, arg="buf")
+    I.donate_safe(jnp.array(y, copy=True))  # a JAX-owned copy is fine
+
+
+def test_jit_donating():
+    step = I.jit_donating(lambda cache, k: cache + k, donate_argnames="cache")
+    x = jnp.asarray(_random_bytes((48,)))
+    want = (np.asarray(x) + 3).astype(np.uint8)
+    t = I.to_torch(x)
+    with pytest.raises(I.OwnershipError, match="cannot be donated"):
+        step(x, jnp.uint8(3))
+    assert not x.is_deleted()  # nothing happened
+    del t
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPU may not implement donation
+        y = step(x, jnp.uint8(3))
+    assert np.array_equal(np.asarray(y), want)
+
+
+def test_cache_torch_views_block_donation():
+    geo = jaxkv.tiny()
+    cache = jaxkv.init_cache(geo, jaxkv.packed(geo, 3))
+    views = I.torch_views(cache)
+    assert views[0].data_ptr() == cache.buffers[0].unsafe_buffer_pointer()
+    with pytest.raises(I.OwnershipError, match=r"buffers\[0\]"):
+        I.donate_safe(cache)
+    del views
+    gc.collect()
+    I.donate_safe(cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM-style views
+
+
+@pytest.mark.parametrize("kind", ["packed", "layer_major"])
+def test_vllm_layer_views_equal_read_pages(kind):
+    geo = jaxkv.tiny()
+    layout = jaxkv.packed(geo, 4) if kind == "packed" else jaxkv.layer_major(geo, 3)
+    cache = Cache(tuple(jnp.asarray(_random_bytes(s)) for s in layout.buffer_shapes), layout)
+    views = I.vllm_layer_views(cache)
+    raw = cache.buffers[0].unsafe_buffer_pointer()
+    n = 0
+    for p in layout.pools:
+        assert len(views[p.name]) == p.spec.num_layers
+        for layer, v in enumerate(views[p.name]):
+            want = np.asarray(jaxkv.read_pages(cache, p.name, layer))
+            assert tuple(v.shape) == (p.num_pages, p.page_bytes)
+            assert np.array_equal(v.numpy(), want)
+            pl = p.placements[layer]
+            if kind == "packed":  # address arithmetic of vLLM: base + b*stride + offset
+                assert v.data_ptr() == raw + pl.col
+                assert v.stride() == (layout.block_stride, 1)
+            else:
+                base = cache.buffers[pl.buffer].unsafe_buffer_pointer()
+                assert v.data_ptr() == base + pl.row_base * p.page_bytes
+            n += 1
+    assert n == sum(p.spec.num_layers for p in layout.pools)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch pool: an independent numpy model of SGLang's layer-major bytes
+
+GEO = jaxkv.tiny()
+# state pools: (swa pages) * ring + 1 sentinel rows
+PAGES = {"swa": 4, "c4": 4, "c128": 4, "c4_indexer": 4, "c4_state": 4 * GEO.c4_ring + 1,
+         "c4_indexer_state": 4 * GEO.c4_ring + 1, "c128_state": 4 * GEO.c128_ring + 1}
+
+
+def _np_windows(pool: jaxkv.PoolLayout, local: int, loc: int):
+    """(row, [(col, width)]) of token ``loc`` of pool-local layer ``local`` — SPEC §2 by hand."""
+    fmt = pool.spec.fmt
+    tpp = pool.tokens_per_page
+    page, t = divmod(loc, tpp)
+    row = local * pool.num_pages + page
+    wins = [(t * fmt.value_bytes, fmt.value_bytes)]
+    if fmt.scale_stride:
+        wins.append((tpp * fmt.value_bytes + t * fmt.scale_stride, fmt.scale_bytes))
+    return row, wins
+
+
+def _np_token_bytes(tokens_np: dict, fmt, i):
+    """One token's (value bytes, scale bytes) from numpy fields, by the format's field table."""
+    val, scl = bytearray(fmt.value_bytes), bytearray(fmt.scale_bytes)
+    for f in fmt.fields:
+        b = np.ascontiguousarray(tokens_np[f.name][i]).view(np.uint8).tobytes()
+        dst = val if f.part == "value" else scl
+        dst[f.offset:f.offset + len(b)] = b
+    return bytes(val), bytes(scl)
+
+
+def _poisoned_pool(impl="torch", seed=1):
+    pool = I.DSV4TorchPool(GEO, PAGES, impl=impl)
+    rng = np.random.default_rng(seed)
+    host = [_random_bytes(tuple(b.shape), rng) for b in pool.buffers]
+    for b, h in zip(pool.buffers, host):
+        b.copy_(torch.from_numpy(h))
+    return pool, host
+
+
+def _tokens(fmt, n, seed):
+    tok = F.random_tokens(fmt, jax.random.key(seed), n)
+    return tok, {k: np.asarray(v) for k, v in tok._asdict().items()}
+
+
+def _torch_fields(tok):
+    return [I.to_torch(jnp.asarray(v)) for v in tok]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("pool_name", ["swa", "c4", "c128", "c4_indexer", "c4_state",
+                                       "c128_state"])
+def test_pool_writes_match_numpy_model_and_jaxkv(pool_name, impl):
+    pool, host = _poisoned_pool(impl)
+    p = pool.layout.pool(pool_name)
+    layer_id = p.spec.layers[-1]
+    local = p.spec.num_layers - 1
+    n = min(6, p.capacity - 2)
+    cand = np.arange(p.capacity - (1 if p.spec.kind == "state" else 0))
+    locs = RNG.choice(cand, size=n, replace=False).astype(np.int32)
+    locs[1] = -1  # padding: skipped
+    tok, tnp = _tokens(p.spec.fmt, n, seed=3)
+    loc_t = torch.from_numpy(locs)
+    if p.spec.kind == "state":
+        pool.set_state(pool_name, layer_id, loc_t, I.to_torch(tok.row))
+    elif pool_name == "c4_indexer":
+        pool.set_index_k_scale_buffer(layer_id, loc_t, *_torch_fields(tok))
+    else:
+        pool.set_key_buffer(pool_name, layer_id, loc_t, *_torch_fields(tok))
+    # 1) independent numpy model of the bytes (every other byte untouched)
+    want = [h.copy() for h in host]
+    b = p.placements[local].buffer
+    for i, loc in enumerate(locs):
+        if loc < 0:
+            continue
+        parts = _np_token_bytes(tnp, p.spec.fmt, i)
+        r, wins = _np_windows(p, local, int(loc))
+        for (col, w), data in zip(wins, parts):
+            want[b][r, col:col + w] = np.frombuffer(data, np.uint8)
+    for got, exp in zip(pool.buffers, want):
+        assert np.array_equal(got.numpy(), exp)
+    # 2) byte-identical to jaxkv.set_tokens into a JAX cache of the same layout
+    cache = Cache(tuple(jnp.asarray(h) for h in host), pool.layout)
+    cache = jaxkv.set_tokens(cache, pool_name, local, jnp.asarray(locs), tok)
+    for got, exp in zip(pool.buffers, cache.buffers):
+        assert np.array_equal(got.numpy(), np.asarray(exp))
+    # 3) reads: the exact inverse; -1 reads zeros (token) / the sentinel (state)
+    if p.spec.kind == "state":
+        rows = pool.get_state(pool_name, layer_id, loc_t)
+        keep = locs >= 0
+        assert np.array_equal(_bits(rows[torch.from_numpy(keep)]), _bits(tnp["row"][keep]))
+        sent = np.asarray(jaxkv.get_rows(cache, pool_name, local, jnp.asarray([-1])))
+        assert np.array_equal(_bits(rows[1:2]), _bits(sent))
+    else:
+        got = (pool.get_index_k_scale_buffer(layer_id, loc_t) if pool_name == "c4_indexer"
+               else pool.get_k_and_s(pool_name, layer_id, loc_t))
+        for f in p.spec.fmt.fields:
+            g = _bits(getattr(got, f.name)).reshape(n, -1)
+            w = np.ascontiguousarray(tnp[f.name]).view(np.uint8).reshape(n, -1)
+            assert np.array_equal(g[locs >= 0], w[locs >= 0])
+            assert not g[1].any()
+    # 4) a read-only JAX view of the torch-owned pool reads the same tokens, zero-copy
+    view = pool.as_jax_cache()
+    assert view.buffers[b].unsafe_buffer_pointer() == pool.buffers[b].data_ptr()
+    jt = jaxkv.get_tokens(view, pool_name, local, jnp.asarray(locs))
+    jc = jaxkv.get_tokens(cache, pool_name, local, jnp.asarray(locs))
+    for a, c in zip(jt, jc):
+        assert np.array_equal(_bits(a), _bits(c))
+    with pytest.raises(I.OwnershipError):
+        I.donate_safe(view)
+
+
+def test_pool_fresh_matches_init_cache_and_sentinel():
+    pool = I.DSV4TorchPool(GEO, PAGES)
+    cache = jaxkv.init_cache(GEO, pool.layout)
+    for got, exp in zip(pool.buffers, cache.buffers):
+        assert np.array_equal(got.numpy(), np.asarray(exp))
+    p = pool.layout.pool("c4_state")
+    rows = _random_jax((2, p.spec.fmt.width), jnp.float32)
+    before = pool.buffers[4].numpy().copy()
+    pool.set_state("c4_state", GEO.c4_layers[0], torch.tensor([p.sentinel, p.sentinel],
+                   dtype=torch.int32), I.to_torch(rows))
+    assert np.array_equal(pool.buffers[4].numpy(), before)  # writes at the sentinel dropped
+    s = pool.get_state("c4_state", GEO.c4_layers[0], torch.tensor([-1], dtype=torch.int32))
+    w = p.spec.fmt.width
+    assert not s[0, :w // 2].any() and torch.isneginf(s[0, w // 2:]).all()
+
+
+def test_pool_errors_leave_state_unchanged():
+    pool, host = _poisoned_pool()
+    tok, _ = _tokens(GEO.mla, 3, seed=5)
+    fields = _torch_fields(tok)
+    loc = torch.tensor([1, 2, 3], dtype=torch.int32)
+    c4 = GEO.c4_layers[0]
+    cases = [
+        (lambda: pool.set_key_buffer("c4", GEO.c128_layers[0], loc, *fields), "has no 'c4'"),
+        (lambda: pool.set_key_buffer("c4", c4, torch.tensor([1, 2, 999], dtype=torch.int32),
+                                     *fields), r"loc\[2\] = 999"),
+        (lambda: pool.set_key_buffer("c4", c4, torch.tensor([1, -2, 0]), *fields),
+         r"loc\[1\] = -2"),
+        (lambda: pool.set_key_buffer("c4", c4, loc.float(), *fields), "integer"),
+        (lambda: pool.set_key_buffer("c4", c4, loc, fields[1], fields[0], fields[2]), "dtype"),
+        (lambda: pool.set_key_buffer("c4", c4, loc[:2], *fields), "shape"),
+        (lambda: pool.set_key_buffer("c4_state", c4, loc, *fields), "state pool"),
+        (lambda: pool.set_key_buffer("c4_indexer", c4, loc, *fields), "dsv4_indexer"),
+        (lambda: pool.set_key_buffer("nope", c4, loc, *fields), "pool must be one of"),
+        (lambda: pool.get_k_and_s("c4", "1", loc), "layer_id"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+    for got, exp in zip(pool.buffers, host):
+        assert np.array_equal(got.numpy(), exp)
+    with pytest.raises(ValueError, match="impl"):
+        I.DSV4TorchPool(GEO, PAGES, impl="cuda")
+    with pytest.raises(ValueError, match="DSv4"):
+        I.DSV4TorchPool(jaxkv.tiny(v32=True), 4)
+
+
+def test_get_contiguous_buf_infos_and_key_buffer():
+    pool, _ = _poisoned_pool()
+    ptrs, lens, items = pool.get_contiguous_buf_infos()
+    assert ptrs == [b.data_ptr() for b in pool.buffers]
+    assert lens == [b.numel() for b in pool.buffers] and sum(lens) == pool.layout.nbytes
+    assert items == [p.page_bytes for p in pool.layout.pools]
+    lay = GEO.c128_layers[1]
+    kb = pool.get_key_buffer("c128", lay)
+    p = pool.layout.pool("c128")
+    assert kb.data_ptr() == pool.buffers[2].data_ptr() + p.num_pages * p.page_bytes
+    cache = Cache(tuple(jnp.asarray(b.numpy()) for b in pool.buffers), pool.layout)
+    assert np.array_equal(kb.numpy(), np.asarray(jaxkv.read_pages(cache, "c128", 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retract -> resume (get_cpu_copy / load_cpu_copy)
+
+PAGE = GEO.page_size
+
+
+def _request(full_pages, swa_pages, n, swa_from):
+    """Full locs of a request of n positions on full pages; table entries for positions >= swa_from
+    mapped to SWA pages (s % page == f % page)."""
+    pos = np.arange(n)
+    full = np.array([full_pages[q] * PAGE + r for q, r in zip(pos // PAGE, pos % PAGE)],
+                    np.int32)
+    swa = np.array([swa_pages[q] * PAGE + r if p >= swa_from else 0
+                    for p, q, r in zip(pos, pos // PAGE, pos % PAGE)], np.int32)
+    return full, swa
+
+
+def _np_locs(pool, full, swa_of_full):
+    """Independent SPEC §4 translation: (locs, valid) of a pool from full locs."""
+    spec = pool.spec
+    s = np.array([swa_of_full[f] for f in full])
+    swa_valid = s > 0
+    if spec.name == "swa":
+        return np.where(swa_valid, s, -1), swa_valid
+    if spec.kind == "token":
+        valid = (full + 1) % spec.ratio == 0
+        return np.where(valid, full // spec.ratio, -1), valid
+    rows = (s // PAGE) * spec.ring + s % spec.ring
+    return np.where(swa_valid, rows, -1), swa_valid
+
+
+@pytest.mark.parametrize("impl,tail_only", [("torch", False), ("torch", True),
+                                            ("triton", False)])
+def test_retract_resume_bit_exact(impl, tail_only):
+    full_size = 4 * PAGE
+    pool, _ = _poisoned_pool(impl, seed=7)
+    table = np.zeros(full_size + PAGE + 1, np.int32)
+    table[-1] = -1
+    n, window = PAGE + 8, GEO.swa_window
+    old_full, old_swa = _request([1, 2], [2, 3], n, n - window)
+    table[old_full] = old_swa
+    pool.full_to_swa_index_mapping = torch.from_numpy(table.copy())
+    at_save = [b.numpy().copy() for b in pool.buffers]
+    copy = pool.get_cpu_copy(torch.from_numpy(old_full).to(torch.int64))
+    assert copy.num_tokens == n and copy.nbytes > 0
+    for got, exp in zip(pool.buffers, at_save):  # saving changes nothing
+        assert np.array_equal(got.numpy(), exp)
+    # free + reallocate elsewhere: new full pages, new SWA pages (tail-only: fewer SWA slots)
+    new_full, new_swa = _request([3, 1], [1, 2], n, n - (window // 2 if tail_only else window))
+    table2 = table.copy()
+    table2[old_full] = 0
+    table2[new_full] = new_swa
+    pool.full_to_swa_index_mapping = torch.from_numpy(table2)
+    for b in pool.buffers:  # scribble: freed pages get reused by others
+        b.copy_(torch.from_numpy(_random_bytes(tuple(b.shape))))
+    before = [b.numpy().copy() for b in pool.buffers]
+    pool.load_cpu_copy(copy, torch.from_numpy(new_full))
+    # expected: every pool, every layer: windows valid before AND after copied old -> new
+    want = [b.copy() for b in before]
+    restored = 0
+    for p in pool.layout.pools:
+        o_loc, o_ok = _np_locs(p, old_full, table)
+        n_loc, n_ok = _np_locs(p, new_full, table2)
+        for local in range(p.spec.num_layers):
+            for i in range(n):
+                if not (o_ok[i] and n_ok[i]):
+                    continue
+                r0, wins = _np_windows(p, local, int(o_loc[i]))
+                r1, wins1 = _np_windows(p, local, int(n_loc[i]))
+                bi = p.placements[local].buffer
+                for (c0, w), (c1, _) in zip(wins, wins1):
+                    want[bi][r1, c1:c1 + w] = at_save[bi][r0, c0:c0 + w]
+                restored += 1
+    assert restored > 0
+    for got, exp in zip(pool.buffers, want):
+        assert np.array_equal(got.numpy(), exp)
+    # SWA page 0 (the dummy slot) untouched
+    swa = pool.layout.pool("swa")
+    for local in range(swa.spec.num_layers):
+        assert np.array_equal(pool.buffers[0].numpy()[local * swa.num_pages],
+                              before[0][local * swa.num_pages])
+
+
+def test_retract_errors_and_empty():
+    pool, host = _poisoned_pool()
+    full = torch.arange(PAGE, PAGE + 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="full_to_swa_index_mapping"):
+        pool.get_cpu_copy(full)
+    table = torch.zeros(4 * PAGE + PAGE + 1, dtype=torch.int32)
+    table[-1] = -1
+    pool.full_to_swa_index_mapping = table
+    copy = pool.get_cpu_copy(full)
+    with pytest.raises(ValueError, match="holds 8 tokens"):
+        pool.load_cpu_copy(copy, full[:5])
+    with pytest.raises(ValueError, match="DSV4CpuCopy"):
+        pool.load_cpu_copy({"swa": 1}, full)
+    with pytest.raises(ValueError, match=r"indices\[0\]"):
+        pool.get_cpu_copy(torch.tensor([10**6]))
+    other = I.DSV4TorchPool(jaxkv.tiny(7), 4, full_size=4 * PAGE)
+    with pytest.raises(ValueError, match="geometry|pool is"):
+        other.load_cpu_copy(copy, full)
+    empty = pool.get_cpu_copy(torch.zeros(0, dtype=torch.int32))
+    assert empty.num_tokens == 0
+    pool.load_cpu_copy(empty, torch.zeros(0, dtype=torch.int32))
+    small = I.DSV4TorchPool(GEO, 2)  # state pools too small for SWA page 3
+    t2 = table.clone()
+    t2[full.long()] = 3 * PAGE + torch.arange(8, dtype=torch.int32)
+    small.full_to_swa_index_mapping = t2
+    with pytest.raises(ValueError, match="too small"):
+        small.get_cpu_copy(full)
+    for got, exp in zip(pool.buffers, host):
+        assert np.array_equal(got.numpy(), exp)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run on the device machine: pytest -m gpu tests/test_interop.py)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("jdt,tdt", _DTYPES)
+def test_gpu_zero_copy(jdt, tdt):
+    x = jax.device_put(_random_jax((256, 64), jdt), jax.devices("gpu")[0])
+    t = I.to_torch(x)
+    assert t.is_cuda and t.data_ptr() == x.unsafe_buffer_pointer()
+    y = I.from_torch(t.clone())
+    assert y.unsafe_buffer_pointer() != x.unsafe_buffer_pointer()
+    assert np.array_equal(_bits(y), _bits(x))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_stream_semantics():
+    # torch -> JAX: a slow torch kernel then a write on torch's current stream; JAX must see it.
+    t = torch.zeros(1 << 24, dtype=torch.int32, device="cuda")
+    torch.cuda._sleep(200_000_000)
+    t.fill_(7)
+    y = I.from_torch(t)
+    assert int(jnp.min(y)) == 7 and int(jnp.max(y)) == 7
+    # JAX -> torch: a slow JAX computation; torch reads on its current stream without a sync.
+    x = jnp.ones((4096, 4096), jnp.float32)
+    f = jax.jit(lambda a: jnp.tanh(a @ a @ a @ a) * 0 + 3)
+    z = f(x)
+    tz = I.to_torch(z)
+    assert float(tz.min()) == 3.0 and float(tz.max()) == 3.0
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_donation_error_is_ours():
+    x = jnp.ones((1 << 20,), jnp.uint8) + 1
+    t = I.to_torch(x)
+    raw = jax.jit(lambda a: a + 1, donate_argnums=0)
+    with pytest.raises(Exception, match="external reference"):  # what XLA says
+        jax.block_until_ready(raw(x))
+    step = I.jit_donating(lambda cache: cache + 1, donate_argnames="cache")
+    with pytest.raises(I.OwnershipError, match="torch tensor"):
+        step(x)
+    del t
+    gc.collect()
+    assert int(step(x)[0]) == 3
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_pool_retract_pinned_bit_exact():
+    pool = I.DSV4TorchPool(GEO, PAGES, device="cuda", full_size=4 * PAGE)
+    for b in pool.buffers:
+        b.copy_(torch.from_numpy(_random_bytes(tuple(b.shape))).cuda())
+    n, window = PAGE + 8, GEO.swa_window
+    full, swa = _request([1, 2], [2, 3], n, n - window)
+    pool.full_to_swa_index_mapping[torch.from_numpy(full).long().cuda()] = \
+        torch.from_numpy(swa).cuda()
+    at_save = [b.cpu().numpy() for b in pool.buffers]
+    copy = pool.get_cpu_copy(torch.from_numpy(full).cuda())
+    assert copy.host.is_pinned()
+    for b in pool.buffers:
+        b.zero_()
+    pool.load_cpu_copy(copy, torch.from_numpy(full).cuda())
+    for p, got, exp in zip(pool.layout.pools, pool.buffers, at_save):
+        o_loc, ok = _np_locs(p, full, pool.full_to_swa_index_mapping.cpu().numpy())
+        for local in range(p.spec.num_layers):
+            for i in np.nonzero(ok)[0]:
+                r, wins = _np_windows(p, local, int(o_loc[i]))
+                for c, w in wins:
+                    assert np.array_equal(got[r, c:c + w].cpu().numpy(), exp[r, c:c + w])
