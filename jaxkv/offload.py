@@ -72,7 +72,8 @@ from jaxkv.layout import Layout, PoolLayout
 
 __all__ = [
     "HostBudget", "HostBudgetExceeded", "HostCopy", "PoolEntry", "SaveHandle", "default_budget",
-    "host_kinds", "save_locs", "start_save_locs", "load_locs", "bucket",
+    "host_kinds", "save_locs", "start_save_locs", "load_locs", "bucket", "request_locs",
+    "start_save", "save", "finish_save", "retract", "load", "resume",
 ]
 
 HOST_KINDS = ("pinned_host", "unpinned_host", "numpy")
@@ -424,9 +425,23 @@ def _gather(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, 
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def _scatter_impl(buffers, staging, dst, src, *, layout: Layout,
-                  entries: tuple[PoolEntry, ...], impl: str):
+def _sentinel_bytes(width: int) -> np.ndarray:
+    """uint8[4 * width]: the state sentinel ``[kv = 0 | score = -inf]`` as float32 bytes."""
+    row = np.zeros(width, np.float32)
+    row[width // 2:] = -np.inf
+    return row.view(np.uint8)
+
+
+def _scatter_impl(buffers, staging, dst, src, reset, *, layout: Layout,
+                  entries: tuple[PoolEntry, ...], resets: tuple[tuple[str, tuple[int, ...]], ...],
+                  impl: str):
     buffers = list(buffers)
+    for (pool, layers), rows in zip(resets, reset):  # request-scoped state: reset first
+        b, a = token_addressing(layout, pool, layers)
+        row = jnp.asarray(_sentinel_bytes(layout.pool(pool).spec.fmt.width))
+        value = jnp.broadcast_to(row, (len(layers), rows.shape[0], row.shape[0]))
+        scale = jnp.zeros((len(layers), rows.shape[0], 0), jnp.uint8)
+        buffers[b] = dispatch.scatter_tokens(buffers[b], rows, value, scale, a, impl=impl)
     for e, d, s in zip(entries, dst, src):
         b, a = token_addressing(layout, e.pool, e.layers)
         piece = lax.slice(staging, (e.offset,), (e.offset + e.nbytes,))
@@ -439,9 +454,9 @@ def _scatter_impl(buffers, staging, dst, src, *, layout: Layout,
     return tuple(buffers)
 
 
-_scatter = jax.jit(_scatter_impl, static_argnames=("layout", "entries", "impl"))
-_scatter_donate = jax.jit(_scatter_impl, static_argnames=("layout", "entries", "impl"),
-                          donate_argnums=(0,))
+_STATIC = ("layout", "entries", "resets", "impl")
+_scatter = jax.jit(_scatter_impl, static_argnames=_STATIC)
+_scatter_donate = jax.jit(_scatter_impl, static_argnames=_STATIC, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +585,8 @@ def save_locs(cache: Cache, pool_locs: Mapping[str, Any], **kw) -> HostCopy:
 
 
 def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
-              sources: Mapping | None = None, impl: str = "auto",
-              donate: bool = False, free: bool = False) -> Cache:
+              sources: Mapping | None = None, reset: Mapping | None = None,
+              impl: str = "auto", donate: bool = False, free: bool = False) -> Cache:
     """Writes a host copy back into (new) locations: one host-to-device transfer, one scatter.
 
     Args:
@@ -584,6 +599,9 @@ def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
         ValueError.
       sources: optional ``{pool | (pool, group): int32[M]}``: saved entry ``sources[k][i]`` goes
         to ``pool_locs[k][i]`` (the request level restores deduplicated state rows this way).
+      reset: optional ``{state pool | (pool, group): int32[R]}`` rows set to the sentinel value
+        ``[kv 0 | score -inf]`` *before* the restore, in the same program (request-scoped state
+        of a resumed request).
       impl: scatter kernel implementation.
       donate: donate the cache buffers (in-place update; the ``cache`` argument is then invalid).
       free: free the host copy once the load is dispatched.
@@ -647,19 +665,324 @@ def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
             entries.append(e)
             dst.append(_pad(d, e.padded))
             src.append(None)
-    if not entries or not any((d >= 0).any() for d in dst):  # nothing to restore
+    resets, reset_rows = [], []
+    for key, rows in _resolve_keys(layout, reset or {}, "reset").items():
+        p = layout.pool(key[0])
+        arg = f"reset[{key!r}]"
+        if p.spec.kind != "state":
+            raise ValueError(f"{arg}: only state pools can be reset, {key[0]!r} is a token pool")
+        r = _concrete_locs(rows, arg)
+        _check_targets(r, p, layout, arg)
+        if r.shape[0]:
+            resets.append((key[0], tuple(p.groups[key[1]])))
+            reset_rows.append(_pad(r, bucket(r.shape[0])))
+    has_restore = any((d >= 0).any() for d in dst)
+    if not has_restore and not resets:  # nothing to write
         if free:
             host_copy.free()
         return cache
-    data = host_copy.data
     sharding = cache.buffers[0].sharding
     if getattr(sharding, "memory_kind", None) is not None:
         sharding = sharding.with_memory_kind("device")
-    staging = jax.device_put(data, sharding)
+    if has_restore:
+        staging = jax.device_put(host_copy.data, sharding)
+    else:
+        entries, dst, src = [], [], []
+        staging = jnp.zeros((0,), jnp.uint8)
     fn = _scatter_donate if donate else _scatter
     buffers = fn(cache.buffers, staging, [jnp.asarray(x) for x in dst],
                  [None if s is None else jnp.asarray(s) for s in src],
-                 layout=layout, entries=tuple(entries), impl=impl)
+                 [jnp.asarray(r) for r in reset_rows],
+                 layout=layout, entries=tuple(entries), resets=tuple(resets), impl=impl)
     if free:
         host_copy.free()
     return Cache(tuple(buffers), layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request level (jaxkv.alloc)
+
+TOKEN_POOLS = ("swa", "c4", "c128", "c4_indexer")
+STATE_POOLS = ("c4_state", "c4_indexer_state", "c128_state")
+SCOPES = ("page", "request")
+
+
+def _alloc():
+    from jaxkv import alloc  # imported lazily: the location level does not need it
+    return alloc
+
+
+def _check_slot(alloc_state, request, arg: str = "request") -> tuple[int, int]:
+    """``(slot, length)`` of a live request slot (ValueError otherwise)."""
+    A = _alloc()
+    if not isinstance(alloc_state, A.AllocState):
+        raise ValueError(f"alloc_state must be a jaxkv.alloc.AllocState, got "
+                         f"{type(alloc_state).__name__}")
+    if isinstance(request, bool) or not isinstance(request, (int, np.integer)):
+        raise ValueError(f"{arg} must be an int request slot, got {request!r}")
+    R = alloc_state.cfg.max_requests
+    if not 0 <= request < R:
+        raise ValueError(f"{arg} = {request} is outside the allocator's slots [0, {R})")
+    length = int(np.asarray(alloc_state.lengths)[request])
+    if length < 0:
+        raise ValueError(f"{arg} = {request} is not a live request (its slot is free)")
+    return int(request), length
+
+
+def _pools_of(layout: Layout, pools, scope: str) -> tuple[str, ...]:
+    geo = layout.geometry
+    if not geo.is_dsv4:
+        raise ValueError("request-level offload is defined for DSv4 geometries (V3.2: use "
+                         "save_locs / load_locs with the kv / indexer locations)")
+    if scope not in SCOPES:
+        raise ValueError(f"c128_state_scope must be one of {SCOPES}, got {scope!r}")
+    names = layout.pool_names if pools is None else tuple(pools)
+    for n in names:
+        if n not in layout.pool_names:
+            raise ValueError(f"pools names unknown pool {n!r}; the cache's pools are "
+                             f"{list(layout.pool_names)}")
+    if layout.kind == "packed":
+        bad = [n for n in names if len(layout.pool(n).groups) != 1
+               or (layout.pool(n).spec.kind == "state")]
+        if bad and pools is None:
+            raise ValueError(
+                f"in the packed layout jaxkv.alloc does not allocate pools {bad} per KV-cache "
+                "group (SWA split into groups, vLLM's compressor-state blocks), so their "
+                "locations cannot be derived from the request; pass pools= with the derivable "
+                f"ones ({[n for n in names if n not in bad]}) and move the others with "
+                "save_locs / load_locs")
+        if bad:
+            raise ValueError(f"pools {bad} cannot be derived from jaxkv.alloc in the packed "
+                             "layout (several KV-cache groups, or vLLM compressor-state blocks)")
+    return tuple(n for n in layout.pool_names if n in names)
+
+
+def request_locs(layout: Layout, alloc_state, request: int, *,
+                 c128_state_scope: str = "page",
+                 pools=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every pool's locations of a request's tokens ``0 .. T-1`` (SPEC §4, §6).
+
+    Args:
+      layout: the cache layout.
+      alloc_state: a ``jaxkv.alloc.AllocState``.
+      request: the request's slot.
+      c128_state_scope: ``"page"`` — C128 compress-state rows follow the SWA loc (SGLang) — or
+        ``"request"`` — newer SGLang's request-scoped rows ``slot * ring + position % ring``.
+      pools: restrict to these pools (default: all).
+
+    Returns:
+      ``{pool: (locs int32[T], valid bool[T])}``: SWA via ``full_to_swa`` (valid where > 0);
+      C4 / C4-indexer / C128 by ``(f + 1) % r == 0``; C4 and C4-indexer state rows from the SWA
+      loc (valid with it); C128 state rows from the SWA loc or the request slot.
+    """
+    A = _alloc()
+    slot, T = _check_slot(alloc_state, request)
+    names = _pools_of(layout, pools, c128_state_scope)
+    geo = layout.geometry
+    tr = A.translate(alloc_state, jnp.int32(slot), jnp.arange(T, dtype=jnp.int32),
+                     csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
+                     c128_ring=geo.c128_ring)
+    tr = jax.tree_util.tree_map(np.asarray, tr)
+    full_ok = tr.full >= 0
+    table = {
+        "swa": (tr.swa, tr.swa_valid),
+        "c4": (tr.c4, tr.c4_valid),
+        "c4_indexer": (tr.c4, tr.c4_valid),
+        "c128": (tr.c128, tr.c128_valid),
+        "c4_state": (tr.c4_state, tr.swa_valid & (tr.c4_state >= 0)),
+        "c4_indexer_state": (tr.c4_state, tr.swa_valid & (tr.c4_state >= 0)),
+        "c128_state": ((tr.c128_state, tr.swa_valid & (tr.c128_state >= 0))
+                       if c128_state_scope == "page" else
+                       (tr.c128_state_req, full_ok & (tr.c128_state_req >= 0))),
+    }
+    return {n: (table[n][0].astype(np.int32), table[n][1].astype(bool)) for n in names}
+
+
+def start_save(cache: Cache, alloc_state, request: int, *, c128_state_scope: str = "page",
+               pools=None, budget: HostBudget | None = None, host_kind: str | None = None,
+               impl: str = "auto") -> SaveHandle:
+    """Starts saving request ``request``'s whole cache to host memory; returns at once.
+
+    Token pools save the request's tokens valid in each pool (the masks are recorded in the
+    HostCopy); state pools save each distinct row once.  An empty request short-circuits (no
+    transfer, no host bytes).  Neither the cache nor the allocator is modified.
+
+    Args:
+      cache: the cache.
+      alloc_state: the allocator state (``jaxkv.alloc``); the request must be live.
+      request: the request's slot.
+      c128_state_scope: see ``request_locs``.
+      pools: restrict to these pools (default: every pool of the cache).
+      budget, host_kind, impl: as for ``start_save_locs``.
+
+    Returns:
+      A ``SaveHandle``.  Release the request's pages with ``finish_save`` (waits first).
+
+    Raises:
+      ValueError: bad request / arguments.  HostBudgetExceeded: does not fit (nothing changed).
+    """
+    _check_cache(cache)
+    rl = request_locs(cache.layout, alloc_state, request, c128_state_scope=c128_state_scope,
+                      pools=pools)
+    slot, T = _check_slot(alloc_state, request)
+    pool_locs, masks, index = {}, {}, {}
+    for name, (locs, valid) in rl.items():
+        masks[name] = valid
+        if cache.layout.pool(name).spec.kind == "state":
+            uniq, inv = np.unique(locs[valid], return_inverse=True)
+            idx = np.full(T, -1, np.int32)
+            idx[valid] = inv.reshape(-1)
+            index[name] = idx
+            pool_locs[name] = uniq.astype(np.int32)
+        else:
+            pool_locs[name] = locs[valid]
+    meta = {"length": T, "slot": slot, "c128_state_scope": c128_state_scope,
+            "state_index": index, "pools": tuple(rl)}
+    return start_save_locs(cache, pool_locs, budget=budget, host_kind=host_kind, impl=impl,
+                           masks=masks, meta=meta)
+
+
+def save(cache: Cache, alloc_state, request: int, **kw) -> HostCopy:
+    """Synchronous save of a request's whole cache: ``start_save(...).wait()`` (SGLang's
+    ``get_cpu_copy``).  Does not release the request's pages (see ``finish_save``)."""
+    return start_save(cache, alloc_state, request, **kw).wait()
+
+
+def finish_save(handle: SaveHandle, alloc_state, request: int):
+    """Waits for a save to land in host memory, *then* releases the request's device pages.
+
+    This order is the only one the API offers: the pages are handed back to the allocator only
+    once the bytes are safe on the host.
+
+    Args:
+      handle: from ``start_save``.
+      alloc_state: the allocator state.
+      request: the slot that was saved.
+
+    Returns:
+      ``(host_copy, alloc_state)``.
+
+    Raises:
+      ValueError: the slot is not the saved request, or the allocator refused the release (the
+        host copy is then freed and the allocator state is unchanged).
+    """
+    if not isinstance(handle, SaveHandle):
+        raise ValueError(f"handle must be a SaveHandle, got {type(handle).__name__}")
+    saved_slot = handle.copy_in_flight.meta.get("slot")
+    if saved_slot is None or saved_slot != request:
+        raise ValueError(f"request {request!r} is not the request this handle saved "
+                         f"({saved_slot!r})")
+    _check_slot(alloc_state, request)
+    copy = handle.wait()
+    A = _alloc()
+    new_state, status = A.release(alloc_state, jnp.asarray([request], jnp.int32))
+    st = int(np.asarray(status)[0])
+    if st != A.OK:
+        copy.free()
+        raise ValueError(f"the allocator refused to release request {request} (status {st}); "
+                         "its pages are untouched and the host copy was dropped")
+    return copy, new_state
+
+
+def retract(cache: Cache, alloc_state, request: int, **kw):
+    """Save + release in the safe order: ``finish_save(start_save(...))``.
+
+    Returns ``(host_copy, alloc_state)``; the cache is unchanged (its bytes stay until reused).
+    """
+    return finish_save(start_save(cache, alloc_state, request, **kw), alloc_state, request)
+
+
+def load(cache: Cache, alloc_state, host_copy: HostCopy, request: int, *, impl: str = "auto",
+         donate: bool = False, free: bool = False) -> Cache:
+    """Restores a saved request into its new pages (SGLang's ``load_cpu_copy``).
+
+    The new locations are translated from the request's new full locations exactly as on save;
+    an entry is restored only where it was valid when saved *and* is valid now
+    (``new_mask[old_mask]``): a tail-only SWA allocation restores the rows it holds and writes
+    nothing into page 0.  Request-scoped state rows of the new slot are reset to the sentinel
+    value ``[kv 0 | score -inf]`` first, then the saved rows are restored (same program).
+    An empty request short-circuits.
+
+    Args:
+      cache: the cache.
+      alloc_state: the allocator state holding the resumed request (``jaxkv.alloc.admit`` with the
+        saved length).
+      host_copy: from ``save`` / ``finish_save``.
+      request: the request's *new* slot.
+      impl, donate, free: as for ``load_locs``.
+
+    Returns:
+      The new cache.
+
+    Raises:
+      ValueError: the copy is not a request-level copy, the new length differs, bad slot, freed
+        copy, wrong layout (nothing changed).
+    """
+    _check_cache(cache)
+    if not isinstance(host_copy, HostCopy) or "length" not in host_copy.meta:
+        raise ValueError("host_copy must be a request-level HostCopy (from save / start_save)")
+    slot, T = _check_slot(alloc_state, request)
+    meta = host_copy.meta
+    if T != meta["length"]:
+        raise ValueError(f"request {request} holds {T} tokens but the host copy saved "
+                         f"{meta['length']}; resume with the saved length "
+                         "(jaxkv.alloc.admit(state, [host_copy.meta['length']]))")
+    if T == 0:
+        if free:
+            host_copy.free()
+        return cache
+    rl = request_locs(cache.layout, alloc_state, request,
+                      c128_state_scope=meta["c128_state_scope"], pools=meta["pools"])
+    if "swa" in rl:  # translation sanity: a valid SWA loc is never in the reserved page 0
+        s, v = rl["swa"]
+        tpp = cache.layout.pool("swa").tokens_per_page
+        bad = v & (s < tpp)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"the allocator maps position {i} of request {request} to SWA loc "
+                             f"{int(s[i])}, inside the reserved page 0")
+    targets, sources, reset = {}, {}, {}
+    for name, (new_locs, new_valid) in rl.items():
+        old_valid = host_copy.masks[name]
+        e = host_copy.entry(name)
+        if e is None:  # nothing was valid at save time
+            continue
+        p = cache.layout.pool(name)
+        if p.spec.kind == "state":
+            both = old_valid & new_valid
+            src = meta["state_index"][name][both]
+            dst = new_locs[both]
+            dst, first = np.unique(dst, return_index=True)
+            targets[name], sources[name] = dst.astype(np.int32), src[first].astype(np.int32)
+        else:
+            keep = new_valid[old_valid]  # new_mask[old_mask]
+            dst = new_locs[old_valid].astype(np.int32)
+            dst[~keep] = -1
+            targets[name] = dst
+    if meta["c128_state_scope"] == "request" and "c128_state" in rl:
+        ring = cache.layout.geometry.c128_ring
+        reset["c128_state"] = (slot * ring + np.arange(ring)).astype(np.int32)
+    return load_locs(cache, host_copy, targets, sources=sources, reset=reset, impl=impl,
+                     donate=donate, free=free)
+
+
+def resume(cache: Cache, alloc_state, host_copy: HostCopy, *, impl: str = "auto",
+           donate: bool = False, free: bool = True):
+    """Admits the saved request again (fresh, different pages; tail-only SWA) and loads it.
+
+    Returns:
+      ``(cache, alloc_state, slot)``; when the allocator has no room: the inputs unchanged and
+      ``slot = -1`` (the host copy is kept for a later try).
+    """
+    if not isinstance(host_copy, HostCopy) or "length" not in host_copy.meta:
+        raise ValueError("host_copy must be a request-level HostCopy (from save / start_save)")
+    if host_copy.freed:
+        raise ValueError("host_copy was freed; its bytes are gone")
+    A = _alloc()
+    new_state, slots, status = A.admit(alloc_state,
+                                       jnp.asarray([host_copy.meta["length"]], jnp.int32))
+    if int(np.asarray(status)[0]) != A.OK:
+        return cache, alloc_state, -1
+    slot = int(np.asarray(slots)[0])
+    cache = load(cache, new_state, host_copy, slot, impl=impl, donate=donate, free=free)
+    return cache, new_state, slot

@@ -1,0 +1,647 @@
+"""jaxkv.offload: retract -> resume round trips, bit-exact, checked against a numpy byte model.
+
+Every cache starts with every byte random ("poison"), so a byte the offload should not touch is
+checkable: the expected buffers are computed in numpy from SPEC §2's page layout (value part at
+``t*V``, scale part at ``tpp*V + t*S``, only the written scale bytes) and compared whole.
+"""
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import jaxkv
+from jaxkv import formats as F
+from jaxkv import offload as O
+
+GEO = jaxkv.tiny()  # 5 layers: swa x5, c4 x2, c128 x2; page 32; C4 ring 8, C128 ring 16
+
+
+def layouts():
+    return {
+        "layer_major": jaxkv.layer_major(GEO, {"swa": 6, "c4": 12, "c128": 24, "c4_indexer": 12,
+                                               "c4_state": 40, "c4_indexer_state": 40,
+                                               "c128_state": 40}),
+        "packed": jaxkv.packed(GEO, 40),
+    }
+
+
+LAYOUTS = layouts()
+
+
+def random_cache(layout, seed=0):
+    rng = np.random.default_rng(seed)
+    bufs = tuple(jnp.asarray(rng.integers(0, 256, s, dtype=np.uint8))
+                 for s in layout.buffer_shapes)
+    return jaxkv.Cache(bufs, layout)
+
+
+def keys_of(layout):
+    return [(p.name, g) for p in layout.pools for g in range(len(p.groups))]
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy model of the bytes
+
+
+def token_ranges(layout, pool, layer, loc):
+    """[(buffer, row, col_start, col_stop)] of the bytes a token owns (value + written scale)."""
+    p = layout.pool(pool)
+    fmt, tpp = p.spec.fmt, p.tokens_per_page
+    pl = p.placements[layer]
+    page, t = divmod(int(loc), tpp)
+    row = pl.row_base + page * pl.row_step
+    out = [(pl.buffer, row, pl.col + t * fmt.value_bytes, pl.col + (t + 1) * fmt.value_bytes)]
+    if fmt.scale_bytes:
+        s0 = pl.col + tpp * fmt.value_bytes + t * fmt.scale_stride
+        out.append((pl.buffer, row, s0, s0 + fmt.scale_bytes))
+    return out
+
+
+def np_token(bufs, layout, pool, layer, loc):
+    return np.concatenate([bufs[b][r, c0:c1] for b, r, c0, c1 in
+                           token_ranges(layout, pool, layer, loc)])
+
+
+def np_put(bufs, layout, pool, layer, loc, data):
+    i = 0
+    for b, r, c0, c1 in token_ranges(layout, pool, layer, loc):
+        bufs[b][r, c0:c1] = data[i:i + c1 - c0]
+        i += c1 - c0
+
+
+def np_move(src_bufs, dst_bufs, layout, key, src_locs, dst_locs):
+    """Expected effect of save(src_locs) + load(dst_locs) on numpy buffers (in place on dst)."""
+    pool, g = key
+    for layer in layout.pool(pool).groups[g]:
+        for s, d in zip(src_locs, dst_locs):
+            if d < 0:
+                continue
+            tok = (np_token(src_bufs, layout, pool, layer, s) if s >= 0 else
+                   np.zeros(sum(c1 - c0 for _, _, c0, c1 in token_ranges(layout, pool, layer, 0)),
+                            np.uint8))
+            np_put(dst_bufs, layout, pool, layer, d, tok)
+
+
+def assert_bytes_equal(cache, expected):
+    for i, (a, b) in enumerate(zip(cache.buffers, expected)):
+        a = np.asarray(a)
+        diff = np.argwhere(a != b)
+        assert diff.size == 0, f"buffer {i}: {len(diff)} bytes differ, first at {diff[:3].tolist()}"
+
+
+def np_bufs(cache):
+    return [np.array(b) for b in cache.buffers]
+
+
+class Pages:
+    """A toy page allocator for the location-level tests: in the packed layout every (pool, group)
+    takes whole blocks from one shared free list (a block belongs to one group at a time); in the
+    layer-major layout each pool has its own pages.  Page 0 and sentinel rows are never handed
+    out."""
+
+    def __init__(self, layout, rng):
+        self.layout, self.rng = layout, rng
+        if layout.kind == "packed":
+            self.free = {None: list(range(1, layout.pools[0].num_pages))}
+        else:
+            self.free = {}
+            for p in layout.pools:
+                first = 0 if p.spec.kind == "state" else 1  # layer-major state rows: sentinel last
+                last = p.num_pages - (1 if p.sentinel is not None else 0)
+                self.free[p.name] = list(range(first, last))
+
+    def _list(self, pool):
+        return self.free[None if self.layout.kind == "packed" else pool]
+
+    def take(self, key, n):
+        """n distinct random locations of (pool, group) in freshly taken pages; None if full."""
+        p = self.layout.pool(key[0])
+        need = -(-n // p.tokens_per_page)
+        free = self._list(key[0])
+        if need > len(free):
+            return None
+        pick = [free.pop(int(self.rng.integers(len(free)))) for _ in range(need)]
+        slots = np.concatenate([np.arange(pg * p.tokens_per_page, (pg + 1) * p.tokens_per_page)
+                                for pg in pick]) if pick else np.zeros(0, np.int64)
+        locs = self.rng.permutation(slots)[:n].astype(np.int32)
+        return locs, pick
+
+    def give_back(self, key, pages):
+        self._list(key[0]).extend(pages)
+
+
+# ------------------------------------------------------------------------------------------------
+# Location level
+
+
+@pytest.mark.parametrize("kind", ["layer_major", "packed"])
+@pytest.mark.parametrize("pool", [p.name for p in GEO.pools()])
+def test_round_trip_per_pool(kind, pool):
+    layout = LAYOUTS[kind]
+    cache = random_cache(layout, seed=1)
+    rng = np.random.default_rng(2)
+    pages = Pages(layout, rng)
+    before = np_bufs(cache)
+    expected = np_bufs(cache)
+    src, dst = {}, {}
+    for key in keys_of(layout):
+        if key[0] != pool:
+            continue
+        n = int(rng.integers(3, 20))
+        src[key], _ = pages.take(key, n)
+        dst[key], _ = pages.take(key, n)
+    copy = O.save_locs(cache, src, budget=O.HostBudget(1 << 30))
+    assert copy.host_kind == O.host_kinds()[0]
+    # the copy's bytes are the tokens' bytes, layer by layer
+    for key, locs in src.items():
+        e = copy.entry(*key)
+        got = copy.pool_bytes(*key)
+        for li, layer in enumerate(e.layers):
+            for j, loc in enumerate(locs):
+                np.testing.assert_array_equal(got[li, j], np_token(before, layout, pool, layer, loc))
+        np_move(before, expected, layout, key, locs, dst[key])
+    out = O.load_locs(cache, copy, dst)
+    assert_bytes_equal(out, expected)
+    assert_bytes_equal(cache, before)  # the input cache is unchanged (no donation)
+
+
+@pytest.mark.parametrize("kind", ["layer_major", "packed"])
+@pytest.mark.parametrize("host_kind", O.HOST_KINDS)
+def test_whole_cache_round_trip(kind, host_kind):
+    """Every pool group at once, padding (-1) included, into different new locations."""
+    layout = LAYOUTS[kind]
+    cache = random_cache(layout, seed=3)
+    rng = np.random.default_rng(4)
+    pages = Pages(layout, rng)
+    before, expected = np_bufs(cache), np_bufs(cache)
+    src, dst = {}, {}
+    for key in keys_of(layout):
+        n = int(rng.integers(1, 12))
+        s, _ = pages.take(key, n)
+        d, _ = pages.take(key, n)
+        s[rng.random(n) < 0.2] = -1  # saved as zeros
+        d[rng.random(n) < 0.2] = -1  # skipped on load
+        src[key], dst[key] = s, d
+        np_move(before, expected, layout, key, s, d)
+    budget = O.HostBudget(1 << 30)
+    copy = O.save_locs(cache, src, budget=budget, host_kind=host_kind)
+    assert copy.host_kind == host_kind
+    assert budget.used == copy.nbytes == sum(e.nbytes for e in copy.entries)
+    assert copy.nbytes >= sum(len(e.layers) * e.count * e.item_bytes for e in copy.entries)
+    if host_kind != "numpy":
+        assert copy.data.sharding.memory_kind == host_kind
+    else:
+        assert isinstance(copy.data, np.ndarray)
+    out = O.load_locs(cache, copy, dst, free=True)
+    assert copy.freed and budget.used == 0
+    assert_bytes_equal(out, expected)
+
+
+def test_host_copy_is_exact_tokens_and_state_rows():
+    """The saved bytes decode to the very tokens / rows written (independent of the byte model)."""
+    layout = LAYOUTS["layer_major"]
+    cache = jaxkv.init_cache(GEO, layout)
+    key = jax.random.key(5)
+    locs = jnp.asarray([33, 40, 70, 95], jnp.int32)
+    toks = F.random_tokens(GEO.mla, key, (GEO.pool("c4").num_layers, 4))
+    cache = jaxkv.set_tokens(cache, "c4", None, locs, toks)
+    rows = jax.random.normal(key, (2, 3, GEO.c128_state_width), jnp.float32)
+    rlocs = jnp.asarray([3, 17, 29], jnp.int32)
+    cache = jaxkv.set_rows(cache, "c128_state", None, rlocs, rows)
+    copy = O.save_locs(cache, {"c4": locs, "c128_state": rlocs}, budget=O.HostBudget(1 << 30))
+    new = jnp.asarray([88, 64, 72, 95], jnp.int32)
+    newr = jnp.asarray([5, 6, 7], jnp.int32)
+    out = O.load_locs(jaxkv.init_cache(GEO, layout), copy, {"c4": new, "c128_state": newr})
+    got = jaxkv.get_tokens(out, "c4", None, new)
+    for a, b in zip(got, toks):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(jaxkv.get_rows(out, "c128_state", None, newr)),
+                                  np.asarray(rows))
+
+
+def test_sources_restore_deduplicated_rows():
+    layout = LAYOUTS["layer_major"]
+    cache = random_cache(layout, seed=6)
+    before, expected = np_bufs(cache), np_bufs(cache)
+    src = np.array([3, 9, 12], np.int32)
+    copy = O.save_locs(cache, {"c4_state": src}, budget=O.HostBudget(1 << 30))
+    dst = np.array([20, 21, 22, 23, -1], np.int32)
+    pick = np.array([2, 0, 0, 1, 1], np.int32)  # duplicates of one saved row are legal
+    np_move(before, expected, layout, ("c4_state", 0), src[pick], dst)
+    out = O.load_locs(cache, copy, {"c4_state": dst}, sources={"c4_state": pick})
+    assert_bytes_equal(out, expected)
+
+
+def test_empty_save_short_circuits():
+    layout = LAYOUTS["packed"]
+    cache = random_cache(layout)
+    budget = O.HostBudget(0)
+    h = O.start_save_locs(cache, {("swa", 0): np.zeros(0, np.int32)}, budget=budget)
+    assert h.done()
+    copy = h.wait()
+    assert copy.entries == () and copy.nbytes == 0 and copy.data is None and budget.used == 0
+    assert O.load_locs(cache, copy, {}) is cache
+
+
+def test_budget_exceeded_changes_nothing():
+    layout = LAYOUTS["layer_major"]
+    cache = random_cache(layout, seed=7)
+    before = np_bufs(cache)
+    locs = {"swa": np.arange(32, 64, dtype=np.int32), "c4": np.arange(8, 16, dtype=np.int32)}
+    need = O.save_locs(cache, locs, budget=O.HostBudget(1 << 30)).nbytes
+    budget = O.HostBudget(need + 100)
+    keep = O.save_locs(cache, {"c128": np.array([2, 3], np.int32)}, budget=budget)
+    used = budget.used
+    assert used > 100
+    with pytest.raises(O.HostBudgetExceeded, match="host budget"):
+        O.start_save_locs(cache, locs, budget=budget)
+    assert budget.used == used
+    assert_bytes_equal(cache, before)
+    keep.free()
+    keep.free()  # idempotent
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="freed"):
+        _ = keep.data
+    with pytest.raises(ValueError, match="freed"):
+        O.load_locs(cache, keep, {"c128": np.array([4, 5], np.int32)})
+    ok = O.save_locs(cache, locs, budget=budget)  # fits once the other copy is freed
+    assert budget.used == ok.nbytes == need
+
+
+def test_default_budget_follows_xla_cap(monkeypatch):
+    monkeypatch.setattr(O, "_DEFAULT_BUDGET", None)
+    monkeypatch.setenv("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "0.5")
+    assert O.default_budget().limit == 1 << 29
+    monkeypatch.setattr(O, "_DEFAULT_BUDGET", None)
+    monkeypatch.delenv("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")
+    assert O.default_budget().limit == 64 << 30
+    monkeypatch.setattr(O, "_DEFAULT_BUDGET", None)
+
+
+def test_bad_arguments_raise_and_change_nothing():
+    lm, pk = LAYOUTS["layer_major"], LAYOUTS["packed"]
+    cache = random_cache(lm, seed=8)
+    b = O.HostBudget(1 << 30)
+    with pytest.raises(ValueError, match="unknown pool"):
+        O.save_locs(cache, {"kv": np.array([1])}, budget=b)
+    with pytest.raises(ValueError, match=r"outside \[0, 192\)"):
+        O.save_locs(cache, {"swa": np.array([40, 192])}, budget=b)
+    with pytest.raises(ValueError, match="1-D"):
+        O.save_locs(cache, {"swa": np.zeros((2, 2), np.int32)}, budget=b)
+    with pytest.raises(ValueError, match="integer"):
+        O.save_locs(cache, {"swa": np.array([1.0])}, budget=b)
+    assert b.used == 0
+    copy = O.save_locs(cache, {"swa": np.array([40, 41]), "c4_state": np.array([1, 2])}, budget=b)
+    with pytest.raises(ValueError, match="page 0"):
+        O.load_locs(cache, copy, {"swa": np.array([64, 5])})
+    with pytest.raises(ValueError, match="sentinel"):
+        O.load_locs(cache, copy, {"c4_state": np.array([3, 39])})
+    with pytest.raises(ValueError, match="saved 2"):
+        O.load_locs(cache, copy, {"swa": np.array([64])})
+    with pytest.raises(ValueError, match="does not hold"):
+        O.load_locs(cache, copy, {"c4": np.array([9, 10])})
+    with pytest.raises(ValueError, match="not a saved entry"):
+        O.load_locs(cache, copy, {"swa": np.array([64])}, sources={"swa": np.array([2])})
+    with pytest.raises(ValueError, match="different layout"):
+        O.load_locs(random_cache(pk), copy, {})
+    pcache = random_cache(pk)
+    with pytest.raises(ValueError, match=r"\('swa', group\)"):
+        O.save_locs(pcache, {"swa": np.array([9])}, budget=b)
+    with pytest.raises(ValueError, match="group must be in"):
+        O.save_locs(pcache, {("swa", 7): np.array([9])}, budget=b)
+    with pytest.raises(ValueError, match="host_kind"):
+        O.save_locs(cache, {"swa": np.array([40])}, budget=b, host_kind="disk")
+    assert b.used == copy.nbytes
+
+
+def test_save_is_async_and_survives_in_place_updates():
+    """Start a save, then let the 'next decode step' overwrite those pages in place (donated):
+    the host copy still holds the bytes as they were when the save started."""
+    layout = LAYOUTS["layer_major"]
+    cache = random_cache(layout, seed=9)
+    before = np_bufs(cache)
+    locs = np.arange(64, 96, dtype=np.int32)
+    h = O.start_save_locs(cache, {"swa": locs}, budget=O.HostBudget(1 << 30))
+    assert isinstance(h, O.SaveHandle)
+    write = jax.jit(jaxkv.set_tokens, static_argnames=("pool", "layer"), donate_argnames="cache")
+    toks = F.random_tokens(GEO.mla, jax.random.key(1), (GEO.num_layers, 32))
+    write(cache, "swa", None, jnp.asarray(locs), toks)  # `cache` is donated from here on
+    copy = h.wait()
+    assert h.done()
+    got = copy.pool_bytes("swa")
+    for layer in range(GEO.num_layers):
+        for j, loc in enumerate(locs):
+            np.testing.assert_array_equal(got[layer, j], np_token(before, layout, "swa", layer, loc))
+
+
+def test_bucket():
+    for n in list(range(0, 300)) + [1000, 4097, 123457]:
+        b = O.bucket(n)
+        assert n <= b <= max(n, 16) * 9 // 8 + 1
+    assert len({O.bucket(n) for n in range(1000, 2000)}) <= 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleavings at the location level: admit / retract / resume over many requests
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["layer_major", "packed"]), seed=st.integers(0, 2**31 - 1),
+       ops=st.lists(st.tuples(st.sampled_from(["admit", "admit", "retract", "resume"]),
+                              st.integers(0, 7), st.sampled_from([2, 5, 9])),
+                    min_size=4, max_size=14))
+def test_interleavings_bit_exact(kind, seed, ops):
+    layout = LAYOUTS[kind]
+    rng = np.random.default_rng(seed)
+    cache = random_cache(layout, seed=seed % 1000)
+    model = np_bufs(cache)
+    pages = Pages(layout, rng)
+    live, retracted = {}, {}  # req -> {key: (locs, pages)} / req -> (HostCopy, counts)
+    budget = O.HostBudget(1 << 30)
+    keys = keys_of(layout)
+    for op, req, n in ops:
+        if op == "admit" and req not in live and req not in retracted:
+            got = {}
+            for key in keys:
+                t = pages.take(key, n)
+                if t is None:
+                    break
+                got[key] = t
+            if len(got) < len(keys):  # out of pages: give back what was taken
+                for key, (_, pg) in got.items():
+                    pages.give_back(key, pg)
+                continue
+            for key, (locs, _) in got.items():  # the request writes its cache
+                pool, g = key
+                p = layout.pool(pool)
+                for layer in p.groups[g]:
+                    data = rng.integers(0, 256, (n, p.spec.fmt.value_bytes
+                                                 + p.spec.fmt.scale_bytes), dtype=np.uint8)
+                    for j, loc in enumerate(locs):
+                        np_put(model, layout, pool, layer, loc, data[j])
+            cache = jaxkv.Cache(tuple(jnp.asarray(b) for b in model), layout)
+            live[req] = got
+        elif op == "retract" and req in live:
+            got = live.pop(req)
+            copy = O.save_locs(cache, {k: v[0] for k, v in got.items()}, budget=budget)
+            for key, (_, pg) in got.items():
+                pages.give_back(key, pg)
+            retracted[req] = (copy, {k: len(v[0]) for k, v in got.items()}, got)
+        elif op == "resume" and req in retracted:
+            copy, counts, old = retracted[req]
+            got = {}
+            for key in keys:
+                t = pages.take(key, counts[key])
+                if t is None:
+                    break
+                got[key] = t
+            if len(got) < len(keys):
+                for key, (_, pg) in got.items():
+                    pages.give_back(key, pg)
+                continue
+            del retracted[req]
+            src_model = [b.copy() for b in model]
+            # expected: the saved bytes (as they were at retract) land in the new locations
+            saved = {k: copy.pool_bytes(*k) for k in keys}
+            for key, (locs, _) in got.items():
+                e = copy.entry(*key)
+                for li, layer in enumerate(e.layers):
+                    for j, loc in enumerate(locs):
+                        np_put(model, layout, key[0], layer, loc, saved[key][li, j])
+            cache = O.load_locs(cache, copy, {k: v[0] for k, v in got.items()}, free=True)
+            live[req] = got
+            del src_model
+        assert_bytes_equal(cache, model)
+    for copy, _, _ in retracted.values():
+        copy.free()
+    assert budget.used == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Request level (jaxkv.alloc)
+
+from jaxkv import alloc as A  # noqa: E402
+
+NSWA, NFULL, NREQ = 10, 16, 6
+LM_REQ = jaxkv.layer_major(GEO, {"swa": NSWA, "c4": NFULL, "c128": NFULL, "c4_indexer": NFULL,
+                                 "c4_state": NSWA * GEO.c4_ring + 1,
+                                 "c4_indexer_state": NSWA * GEO.c4_ring + 1,
+                                 "c128_state": max(NSWA, NREQ) * GEO.c128_ring + 1})
+
+
+def np_request_locs(state, slot, scope):
+    """Independent SPEC §4 translation of a request's positions 0..T-1 (plain numpy)."""
+    cfg = state.cfg
+    T = int(np.asarray(state.lengths)[slot])
+    pt = np.asarray(state.page_table)[slot]
+    table = np.asarray(state.full_to_swa)
+    pos = np.arange(T)
+    f = pt[pos // cfg.page_size] * cfg.page_size + pos % cfg.page_size
+    s = table[f]
+    sv = s > 0
+    out = {"swa": (s, sv)}
+    for name, r in (("c4", GEO.csa_ratio), ("c4_indexer", GEO.csa_ratio),
+                    ("c128", GEO.hca_ratio)):
+        out[name] = (f // r, (f + 1) % r == 0)
+    for name, ring in (("c4_state", GEO.c4_ring), ("c4_indexer_state", GEO.c4_ring),
+                       ("c128_state", GEO.c128_ring)):
+        out[name] = ((s // cfg.swa_page) * ring + s % ring, sv)
+    if scope == "request":
+        out["c128_state"] = (slot * GEO.c128_ring + pos % GEO.c128_ring, np.ones(T, bool))
+    return out
+
+
+def logical(bufs, layout, locs):
+    """{pool: {position: bytes of every layer}} of a request (positions valid in each pool)."""
+    out = {}
+    for pool, (l, v) in locs.items():
+        p = layout.pool(pool)
+        out[pool] = {int(t): np.concatenate([np_token(bufs, layout, pool, layer, l[t])
+                                             for layer in range(p.spec.num_layers)])
+                     for t in np.nonzero(v)[0]}
+    return out
+
+
+def admit(state, n):
+    state, slots, status = A.admit(state, jnp.asarray([n], jnp.int32))
+    assert int(status[0]) == A.OK
+    return state, int(slots[0])
+
+
+@pytest.mark.parametrize("scope", ["page", "request"])
+def test_request_retract_resume_bit_exact(scope):
+    layout = LM_REQ
+    cfg = A.config_from_layout(layout, NREQ, 120)
+    state = A.init_state(cfg)
+    state, a = admit(state, 75)
+    state, b = admit(state, 40)
+    cache = random_cache(layout, seed=11)
+    old = np_request_locs(state, a, scope)
+    snap = logical(np_bufs(cache), layout, old)
+    budget = O.HostBudget(1 << 30)
+    h = O.start_save(cache, state, a, c128_state_scope=scope, budget=budget)
+    copy, state = O.finish_save(h, state, a)
+    assert int(np.asarray(state.lengths)[a]) == -1  # released only after the copy landed
+    state, filler = admit(state, 70)  # takes the freed pages: the resume gets different ones
+    state, a2 = admit(state, 75)
+    new = np_request_locs(state, a2, scope)
+    assert not np.array_equal(new["swa"][0], old["swa"][0])
+    before = np_bufs(cache)
+    out = O.load(cache, state, copy, a2, free=True)
+    assert budget.used == 0
+    # expected: the poisoned cache with the request's entries written at their new locations
+    expected = [x.copy() for x in before]
+    if scope == "request":
+        for r in a2 * GEO.c128_ring + np.arange(GEO.c128_ring):
+            for layer in range(GEO.pool("c128_state").num_layers):
+                np_put(expected, layout, "c128_state", layer, r,
+                       O._sentinel_bytes(GEO.c128_state_width))
+    for pool, (l, v) in new.items():
+        p = layout.pool(pool)
+        for t in np.nonzero(v & old[pool][1])[0]:
+            data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
+            for layer in range(p.spec.num_layers):
+                np_put(expected, layout, pool, layer, l[t], data[layer])
+    assert_bytes_equal(out, expected)
+    assert logical(expected, layout, new)["c4"].keys() == snap["c4"].keys()
+
+
+def test_resume_tail_only_swa_writes_nothing_into_page_0():
+    """SPEC §6's hole: the new allocation has fewer SWA slots than were saved.  The seed trusts
+    the saved mask and writes into SWA loc 0; we restore only rows valid before and after."""
+    layout = LM_REQ
+    cfg = A.config_from_layout(layout, NREQ, 120)
+    state = A.init_state(cfg)
+    state, a = admit(state, 90)
+    cache = random_cache(layout, seed=12)
+    old = np_request_locs(state, a, "page")
+    snap = logical(np_bufs(cache), layout, old)
+    copy, state = O.retract(cache, state, a, budget=O.HostBudget(1 << 30))
+    state, _ = admit(state, 33)
+    state, a2 = admit(state, 90)
+    # a smaller tail-only allocation: the older half of the window lost its SWA slots
+    pt = np.asarray(state.page_table)[a2]
+    pos = np.arange(90)
+    f = pt[pos // cfg.page_size] * cfg.page_size + pos % cfg.page_size
+    table = np.asarray(state.full_to_swa).copy()
+    lost = pos[(table[f] > 0)][:GEO.swa_window // 2]
+    table[f[lost]] = 0
+    import dataclasses
+    state = dataclasses.replace(state, full_to_swa=jnp.asarray(table))
+    new = np_request_locs(state, a2, "page")
+    assert new["swa"][1].sum() < old["swa"][1].sum()
+    before = np_bufs(cache)
+    out = O.load(cache, state, copy, a2)
+    got = np_bufs(out)
+    swa = layout.pool("swa")
+    for layer in range(swa.spec.num_layers):  # page 0 of every SWA layer: untouched
+        row = swa.placements[layer].row_base
+        np.testing.assert_array_equal(got[0][row], before[0][row])
+    expected = [x.copy() for x in before]
+    for pool, (l, v) in new.items():
+        p = layout.pool(pool)
+        for t in np.nonzero(v & old[pool][1])[0]:
+            data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
+            for layer in range(p.spec.num_layers):
+                np_put(expected, layout, pool, layer, l[t], data[layer])
+    assert_bytes_equal(out, expected)
+
+
+def test_request_budget_exceeded_leaves_cache_and_allocator_untouched():
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, a = admit(state, 60)
+    cache = random_cache(layout, seed=13)
+    before = np_bufs(cache)
+    snap = jax.tree_util.tree_map(np.asarray, state)
+    budget = O.HostBudget(1000)
+    with pytest.raises(O.HostBudgetExceeded, match="needs"):
+        O.retract(cache, state, a, budget=budget)
+    assert budget.used == 0
+    assert_bytes_equal(cache, before)
+    for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(snap)):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    with pytest.raises(ValueError, match="not the request"):
+        O.finish_save(O.start_save(cache, state, a, budget=O.HostBudget(1 << 30)), state, a + 1)
+    with pytest.raises(ValueError, match="not a live request"):
+        O.save(cache, state, a + 1, budget=O.HostBudget(1 << 30))
+    copy = O.save(cache, state, a, budget=O.HostBudget(1 << 30))
+    state2, b = admit(state, 61)
+    with pytest.raises(ValueError, match="saved 60"):
+        O.load(cache, state2, copy, b)
+    with pytest.raises(ValueError, match="packed"):
+        O.save(random_cache(LAYOUTS["packed"]), state, a)
+
+
+def test_empty_request_short_circuits():
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, a = admit(state, 0)
+    cache = random_cache(layout, seed=14)
+    budget = O.HostBudget(0)
+    copy, state = O.retract(cache, state, a, budget=budget)
+    assert copy.entries == () and copy.nbytes == 0
+    out, state, slot = O.resume(cache, state, copy)
+    assert slot >= 0 and out is cache
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), scope=st.sampled_from(["page", "request"]),
+       ops=st.lists(st.tuples(st.sampled_from(["admit", "extend", "retract", "resume"]),
+                              st.integers(0, 5), st.sampled_from([1, 7, 20, 45])),
+                    min_size=4, max_size=12))
+def test_request_interleavings_bit_exact(seed, scope, ops):
+    """Random admit / extend / retract / resume over many requests: every resumed request reads
+    back bit-exact (positions valid before and after), and every load changes only the resumed
+    request's locations (plus its reset request-scoped rows)."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    cache = random_cache(layout, seed=seed % 97)
+    budget = O.HostBudget(1 << 30)
+    live, saved = {}, {}  # request id -> slot; request id -> (HostCopy, snapshot, old locs)
+    for op, rid, n in ops:
+        if op == "admit" and rid not in live and rid not in saved:
+            state2, slots, status = A.admit(state, jnp.asarray([n], jnp.int32))
+            if int(status[0]) == A.OK:
+                state, live[rid] = state2, int(slots[0])
+        elif op == "extend" and rid in live:
+            state2, status = A.extend(state, jnp.asarray([live[rid]], jnp.int32),
+                                      jnp.asarray([n], jnp.int32), max_new=45)
+            if int(status[0]) == A.OK:
+                state = state2
+        elif op == "retract" and rid in live:
+            slot = live.pop(rid)
+            old = np_request_locs(state, slot, scope)
+            snap = logical(np_bufs(cache), layout, old)
+            copy, state = O.retract(cache, state, slot, c128_state_scope=scope, budget=budget)
+            saved[rid] = (copy, snap, old)
+        elif op == "resume" and rid in saved:
+            copy, snap, old = saved[rid]
+            before = np_bufs(cache)
+            out, state2, slot = O.resume(cache, state, copy)
+            if slot < 0:
+                assert out is cache
+                continue
+            del saved[rid]
+            state, cache, live[rid] = state2, out, slot
+            new = np_request_locs(state, slot, scope)
+            got = logical(np_bufs(cache), layout, new)
+            expected = [x.copy() for x in before]
+            if scope == "request":
+                for r in slot * GEO.c128_ring + np.arange(GEO.c128_ring):
+                    for layer in range(GEO.pool("c128_state").num_layers):
+                        np_put(expected, layout, "c128_state", layer, r,
+                               O._sentinel_bytes(GEO.c128_state_width))
+            for pool, (l, v) in new.items():
+                p = layout.pool(pool)
+                for t in np.nonzero(v & old[pool][1])[0]:
+                    assert np.array_equal(got[pool][int(t)], snap[pool][int(t)]), (pool, t)
+                    data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
+                    for layer in range(p.spec.num_layers):
+                        np_put(expected, layout, pool, layer, l[t], data[layer])
+            assert_bytes_equal(cache, expected)
+    for copy, _, _ in saved.values():
+        copy.free()
+    assert budget.used == 0
+    A.check_invariants(state)
