@@ -260,6 +260,10 @@ def interpreted_kernel(name: str):
 # Launch parameters (shared with triton_jax)
 
 
+# Overrides of the launch parameters for tuning sweeps (benchmarks/kernels.py): "BT", "num_warps".
+TUNE: dict = {}
+
+
 def word_bytes(*sizes: int) -> int:
     """The widest word (8, 4, 2 or 1 bytes) dividing every size/offset in ``sizes``."""
     for w in (8, 4, 2):
@@ -286,7 +290,7 @@ def token_params(a: TokenAddressing, row_bytes: int, *, scale_width: int | None 
     vw, sw = a.value_bytes // wv, (sb // ws if sb else 1)
     vwp, swp = _pow2(vw), _pow2(max(sw, 1))
     # ~2K words per program: enough bytes in flight per CTA without spilling registers
-    bt = max(1, min(128, 2048 // vwp))
+    bt = TUNE.get("BT") or max(1, min(128, 2048 // vwp))
     return dict(TPP=a.tpp, RS=a.row_step, V=a.value_bytes, S=a.scale_stride, SB=sb, WV=wv,
                 WS=ws, BT=_pow2(bt), VWP=vwp, SWP=swp)
 
@@ -303,6 +307,8 @@ def page_params(src_a: PageAddressing, dst_a: PageAddressing, src_row_bytes: int
 
 
 def num_warps_for(words_per_program: int) -> int:
+    if TUNE.get("num_warps"):
+        return TUNE["num_warps"]
     return 4 if words_per_program >= 512 else (2 if words_per_program >= 128 else 1)
 
 
@@ -457,7 +463,7 @@ def copy_tokens_meta(src_a: TokenAddressing, dst_a: TokenAddressing, src_cols: i
     wv = word_bytes(src_cols, dst_cols, V, *cols)
     ws = word_bytes(src_cols, dst_cols, src_a.tpp * V, dst_a.tpp * V, S, *cols) if S else 1
     vwp, swp = _pow2(V // wv), _pow2(max(S // ws, 1))
-    bt = _pow2(max(1, min(128, 2048 // vwp)))
+    bt = TUNE.get("BT") or _pow2(max(1, min(128, 2048 // vwp)))
     return dict(STPP=src_a.tpp, SRS=src_a.row_step, DTPP=dst_a.tpp, DRS=dst_a.row_step, V=V, S=S,
                 WV=wv, WS=ws, BT=bt, VWP=vwp, SWP=swp)
 

@@ -425,14 +425,13 @@ def test_copy_tokens(impl, pair):
 # ---------------------------------------------------------------------------------------------
 # Properties of the reference against the model (fast; hypothesis)
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # the GPU machine has no hypothesis: the property test is CPU-only anyway
+    given = None
 
 
-@settings(max_examples=10, deadline=None)
-@given(tpp=st.sampled_from([1, 2, 4]), V=st.sampled_from([3, 8, 16]), S=st.sampled_from([0, 4]),
-       L=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_reference_matches_model(tpp, V, S, L, seed):
+def _reference_matches_model(tpp, V, S, L, seed):
     rng = np.random.default_rng(seed)
     pages = 3
     pb = tpp * (V + S) + 5
@@ -514,3 +513,9 @@ def test_public_accessors_route_through_impls():
                                           np.asarray(y).view(np.uint8))
     for x, y in zip(*outs):
         np.testing.assert_array_equal(x, y)
+
+
+if given is not None:
+    test_reference_matches_model = settings(max_examples=10, deadline=None)(given(
+        tpp=st.sampled_from([1, 2, 4]), V=st.sampled_from([3, 8, 16]), S=st.sampled_from([0, 4]),
+        L=st.integers(1, 3), seed=st.integers(0, 2**16))(_reference_matches_model))

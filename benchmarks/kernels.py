@@ -1,0 +1,264 @@
+"""Kernels suite: token gather/scatter and whole-page copies at realistic sizes.
+
+``python -m benchmarks.kernels --out DIR`` (GPU; ``--quick`` for a CPU smoke run).
+
+Sizes: DSv4-Flash, all layers of a pool in one launch, 256K random distinct tokens (pools sized to
+2x that, several GB): SWA (layer-major, 256/page, 43 layers), C4 (64/page, 21 layers), C128
+(2/page, 20 layers).  Every row counts bytes read + written (payload only: value + scale bytes of
+every token of every layer, or whole pages), is divided by the device-copy ceiling measured in the
+same run, and by the baseline a user would otherwise write on the same bytes: torch
+``index_select`` / ``index_copy_`` on 584-B rows (``[L * capacity, 584]``), ``jnp.take`` /
+donated ``.at[].set``.
+
+Implementations: ``triton_torch`` (the Triton kernels on torch CUDA tensors), ``triton_jax``
+(the same kernels through jax-triton), ``pallas`` (Pallas, Triton lowering), ``reference``
+(XLA gather/scatter).  Pallas runs last (its own section) so that a failure there cannot take the
+other numbers down; results are written after every section.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import device_copy_ceiling, parser, row, time_jax, time_jax_loop, \
+    write_results
+
+import jaxkv
+from jaxkv.kernels import dispatch
+
+TARGET_TOKENS = {"ceiling_fraction": 0.70, "baseline_ratio": 2.5}
+TARGET_PAGES = {"ceiling_fraction": 0.85}
+
+
+def _log(*a):
+    print(*a, flush=True)
+    sys.stdout.flush()
+
+
+def _torch_time(fn, iters=20, warmup=3):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(ts)
+
+
+def _pools(quick: bool):
+    geo = jaxkv.dsv4_flash()
+    n = (4096 if jax.default_backend() == "gpu" else 64) if quick else 256 * 1024
+    out = []
+    for pool in ("swa", "c4", "c128"):
+        tpp = geo.page_size // geo.pool(pool).ratio
+        pages = max(2, (2 * n) // tpp)
+        out.append((pool, pages, n))
+    return geo, out
+
+
+def _layout(geo, pool, pages):
+    lay = jaxkv.layer_major(geo, {p.name: (pages if p.name == pool else 2) for p in geo.pools()})
+    b, a = jaxkv.token_addressing(lay, pool)
+    _, pa = jaxkv.page_addressing(lay, pool)
+    return lay.buffer_shapes[b], a, pa
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _rand_jax(key, shape):
+    rows, cols = shape
+    words = jax.random.bits(key, (rows, cols // 4), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(rows, cols)
+
+
+def bench_torch(geo, pools, ceiling, rows, quick):
+    """Triton kernels on torch tensors vs torch index_select / index_copy_."""
+    import torch
+    from jaxkv.kernels import triton_kernels as T
+    dev = "cuda"
+    base = {}
+    for pool, pages, n in pools:
+        shape, a, pa = _layout(geo, pool, pages)
+        L, tok = a.num_layers, a.value_bytes + a.scale_bytes
+        moved = 2 * L * n * tok
+        _log(f"[torch] {pool}: buffer {shape} = {shape[0] * shape[1] / 1e9:.2f} GB, "
+             f"moved {moved / 1e9:.2f} GB")
+        g = torch.Generator(device=dev).manual_seed(0)
+        locs = torch.randperm(a.capacity, device=dev, generator=g)[:n].to(torch.int32)
+        # baseline: index_select / index_copy_ of 584-B rows (same bytes, contiguous tokens)
+        bmoved = 2 * L * n * (a.value_bytes + a.scale_stride)  # whole 584-B rows
+        rows584 = torch.randint(0, 256, (L * a.capacity, a.value_bytes + a.scale_stride),
+                                dtype=torch.uint8, device=dev)
+        ridx = (torch.arange(L, device=dev)[:, None] * a.capacity + locs[None].long()).reshape(-1)
+        outb = torch.empty((L * n, rows584.shape[1]), dtype=torch.uint8, device=dev)
+        t_sel = _torch_time(lambda: torch.index_select(rows584, 0, ridx, out=outb))
+        t_cpy = _torch_time(lambda: rows584.index_copy_(0, ridx, outb))
+        base[pool] = (bmoved / t_sel / 1e9, bmoved / t_cpy / 1e9)
+        rows.append(row(f"torch index_select {pool} ({L}L x {n} tok)", base[pool][0], "GB/s",
+                        ceiling=ceiling))
+        rows.append(row(f"torch index_copy_ {pool}", base[pool][1], "GB/s", ceiling=ceiling))
+        del rows584, outb
+        buf = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
+        v, s = T.gather_tokens_torch(buf, locs, a)
+        t_g = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a))
+        t_s = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a))
+        rows.append(row(f"gather {pool} triton_torch", moved / t_g / 1e9, "GB/s", ceiling=ceiling,
+                        baseline=base[pool][0], target=TARGET_TOKENS))
+        rows.append(row(f"scatter {pool} triton_torch", moved / t_s / 1e9, "GB/s",
+                        ceiling=ceiling, baseline=base[pool][1], target=TARGET_TOKENS))
+        # whole-page copy: the pages holding the first n/4 tokens -> random other pages
+        P = max(1, min(pa.num_pages // 2, (n // a.tpp) // 2 or 1))
+        perm = torch.randperm(pa.num_pages, device=dev, generator=g).to(torch.int32)
+        sp, dp = perm[:P].contiguous(), perm[P:2 * P].contiguous()
+        pmoved = 2 * L * P * pa.page_bytes
+        dst = torch.empty_like(buf)
+        t_p = _torch_time(lambda: T.copy_pages_torch(buf, dst, sp, dp, pa, pa))
+        pv = buf.view(L * pa.num_pages, pa.page_bytes) if shape[1] == pa.page_bytes else None
+        base_p = None
+        if pv is not None:
+            dv = dst.view(L * pa.num_pages, pa.page_bytes)
+            lidx = torch.arange(L, device=dev)[:, None] * pa.num_pages
+            si, di = (lidx + sp[None].long()).reshape(-1), (lidx + dp[None].long()).reshape(-1)
+            t_b = _torch_time(lambda: dv.index_copy_(0, di, pv.index_select(0, si)))
+            base_p = pmoved / t_b / 1e9
+            rows.append(row(f"torch page copy {pool} (index_select+index_copy_)", base_p, "GB/s",
+                            ceiling=ceiling))
+        rows.append(row(f"copy_pages {pool} triton_torch ({L}L x {P} pages x {pa.page_bytes} B)",
+                        pmoved / t_p / 1e9, "GB/s", ceiling=ceiling, baseline=base_p,
+                        target=TARGET_PAGES))
+        # token-granular copy (SGLang transfer_cache_dsv4_mla): value + whole scale slot
+        cmoved = 2 * L * n * (a.value_bytes + a.scale_stride)
+        dl = torch.randperm(a.capacity, device=dev, generator=g)[:n].to(torch.int32)
+        t_c = _torch_time(lambda: T.copy_tokens_torch(buf, dst, locs, dl, a, a))
+        rows.append(row(f"copy_tokens {pool} triton_torch", cmoved / t_c / 1e9, "GB/s",
+                        ceiling=ceiling, baseline=base[pool][0], target=TARGET_TOKENS))
+        _log(rows[-5:])
+        del buf, dst, v, s
+        gc.collect()
+        torch.cuda.empty_cache()
+    return base
+
+
+def bench_jax(geo, pools, ceiling, rows, base, impls, quick):
+    """JAX implementations vs jnp.take / donated .at[].set."""
+    iters = 5 if quick else 10
+    for pool, pages, n in pools:
+        shape, a, pa = _layout(geo, pool, pages)
+        L, tok = a.num_layers, a.value_bytes + a.scale_bytes
+        moved = 2 * L * n * tok
+        key = jax.random.key(1)
+        locs = jax.random.permutation(key, a.capacity)[:n].astype(jnp.int32)
+        if "baseline" in impls:
+            bmoved = 2 * L * n * (a.value_bytes + a.scale_stride)  # whole 584-B rows
+            rows584 = _rand_jax(key, (L * a.capacity, a.value_bytes + a.scale_stride))
+            ridx = (jnp.arange(L)[:, None] * a.capacity + locs[None]).reshape(-1)
+            take = jax.jit(lambda r, i: jnp.take(r, i, axis=0))
+            t = time_jax(take, rows584, ridx, iters=iters)
+            rows.append(row(f"jnp.take {pool}", bmoved / t / 1e9, "GB/s", ceiling=ceiling))
+            upd = take(rows584, ridx)
+            setf = jax.jit(lambda r, i, u: r.at[i].set(u), donate_argnums=0)
+            t, rows584 = time_jax_loop(lambda r: setf(r, ridx, upd), rows584, iters=iters)
+            rows.append(row(f"jnp .at[].set (donated) {pool}", bmoved / t / 1e9, "GB/s",
+                            ceiling=ceiling))
+            del rows584, upd
+        buf = _rand_jax(key, shape)
+        for impl in [i for i in impls if i != "baseline"]:
+            try:
+                gat = jax.jit(lambda b, l, impl=impl: dispatch.gather_tokens(b, l, a, impl=impl))
+                v, s = gat(buf, locs)
+                t = time_jax(gat, buf, locs, iters=iters)
+                rows.append(row(f"gather {pool} {impl}", moved / t / 1e9, "GB/s", ceiling=ceiling,
+                                baseline=base.get(pool, (None,))[0], target=TARGET_TOKENS))
+                sca = jax.jit(lambda b, l, v, s, impl=impl: dispatch.scatter_tokens(
+                    b, l, v, s, a, impl=impl), donate_argnums=0)
+                t, buf = time_jax_loop(lambda b: sca(b, locs, v, s), buf, iters=iters)
+                rows.append(row(f"scatter {pool} {impl}", moved / t / 1e9, "GB/s",
+                                ceiling=ceiling, baseline=base.get(pool, (None, None))[1],
+                                target=TARGET_TOKENS))
+                del v, s
+                P = max(1, min(pa.num_pages // 2, (n // a.tpp) // 2 or 1))
+                perm = jax.random.permutation(jax.random.key(2), pa.num_pages).astype(jnp.int32)
+                sp, dp = perm[:P], perm[P:2 * P]
+                cp = jax.jit(lambda d, b, x, y, impl=impl: dispatch.copy_pages(
+                    b, d, x, y, pa, pa, impl=impl), donate_argnums=0)
+                dst = jnp.zeros_like(buf)
+                t, dst = time_jax_loop(lambda d: cp(d, buf, sp, dp), dst, iters=iters)
+                rows.append(row(f"copy_pages {pool} {impl}", 2 * L * P * pa.page_bytes / t / 1e9,
+                                "GB/s", ceiling=ceiling, target=TARGET_PAGES))
+                del dst
+                _log(rows[-3:])
+            except Exception as e:  # keep the other rows
+                traceback.print_exc()
+                rows.append(row(f"{pool} {impl} FAILED: {type(e).__name__}", 0.0, "GB/s"))
+        del buf
+        gc.collect()
+
+
+def sweep_triton(geo, rows):
+    """Block-size / warp sweep of the Triton token gather+scatter on C4 (tuning record)."""
+    import torch
+    from jaxkv.kernels import triton_kernels as T
+    pool, n = "c4", 256 * 1024
+    shape, a, _ = _layout(geo, pool, (2 * n) // 64)
+    buf = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
+    locs = torch.randperm(a.capacity, device="cuda")[:n].to(torch.int32)
+    moved = 2 * a.num_layers * n * 583
+    for bt in (4, 8, 16, 32):
+        for nw in (2, 4, 8):
+            T.TUNE.clear()
+            T.TUNE.update(BT=bt, num_warps=nw)
+            v, s = T.gather_tokens_torch(buf, locs, a)
+            tg = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a), iters=10)
+            ts = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a), iters=10)
+            rows.append(row(f"sweep c4 BT={bt} warps={nw} gather", moved / tg / 1e9, "GB/s"))
+            rows.append(row(f"sweep c4 BT={bt} warps={nw} scatter", moved / ts / 1e9, "GB/s"))
+            _log(rows[-2:])
+    T.TUNE.clear()
+    del buf
+
+
+def main(argv=None):
+    p = parser("kernels")
+    p.add_argument("--sections", default="torch,jax,pallas",
+                   help="comma list of: sweep, torch, jax, pallas")
+    args = p.parse_args(argv)
+    gpu = jax.default_backend() == "gpu"
+    geo, pools = _pools(args.quick or not gpu)
+    t0 = time.time()
+    ceiling = device_copy_ceiling((1 << 30) if gpu else (1 << 24))
+    _log(f"copy ceiling {ceiling:.1f} GB/s on {jax.devices()[0].device_kind}")
+    rows = [row("device copy ceiling (jnp, read+write)", ceiling, "GB/s", ceiling=ceiling)]
+    sections = args.sections.split(",")
+    base = {}
+    if gpu and "sweep" in sections:
+        sweep_triton(geo, rows)
+        write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    if gpu and "torch" in sections:
+        base = bench_torch(geo, pools, ceiling, rows, args.quick)
+        write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    if "jax" in sections:
+        impls = ["baseline", "reference"] + (["triton"] if gpu else [])
+        bench_jax(geo, pools, ceiling, rows, base, impls, args.quick or not gpu)
+        write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    if "pallas" in sections:
+        bench_jax(geo, pools, ceiling, rows, base, ["pallas"], args.quick or not gpu)
+    stem = write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    _log(f"wrote {stem}.* in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
