@@ -128,14 +128,17 @@ def gather_tokens(buf: jax.Array, locs: jax.Array, a: TokenAddressing):
 
         def step(k, c):
             i = start + k
-            ok, row, vcol, scol = _loc_rowcol(locs_ref[i], rb, cb, a)
-            _copy_window(buf_ref, (row, vcol), val_ref, (l, i, 0), V, ok, zero_fill=True)
-            if has_scale:
-                _copy_window(buf_ref, (row, scol), maybe_scl[0], (l, i, 0), SB, ok,
-                             zero_fill=True)
+
+            @pl.when(i < N)
+            def _():
+                ok, row, vcol, scol = _loc_rowcol(locs_ref[i], rb, cb, a)
+                _copy_window(buf_ref, (row, vcol), val_ref, (l, i, 0), V, ok, zero_fill=True)
+                if has_scale:
+                    _copy_window(buf_ref, (row, scol), maybe_scl[0], (l, i, 0), SB, ok,
+                                 zero_fill=True)
             return c
 
-        lax.fori_loop(0, jnp.minimum(bt, N - start), step, 0)
+        lax.fori_loop(0, bt, step, 0)
 
     out_shape = [jax.ShapeDtypeStruct((L, N, V), jnp.uint8)]
     if has_scale:
@@ -166,14 +169,15 @@ def scatter_tokens(buf: jax.Array, locs: jax.Array, value: jax.Array, scale: jax
         start = b * bt
 
         def step(k, c):
-            i = start + k
+            i = jnp.minimum(start + k, N - 1)
             ok, row, vcol, scol = _loc_rowcol(locs_ref[i], rb, cb, a)
+            ok = ok & (start + k < N)
             _copy_window(val_ref, (l, i, 0), buf_ref, (row, vcol), V, ok)
             if has_scale:
                 _copy_window(scl_ref, (l, i, 0), buf_ref, (row, scol), SB, ok)
             return c
 
-        lax.fori_loop(0, jnp.minimum(bt, N - start), step, 0)
+        lax.fori_loop(0, bt, step, 0)
 
     return _call(kernel, jax.ShapeDtypeStruct(buf.shape, buf.dtype), (L, pl.cdiv(N, bt)),
                  aliases={5: 0})(locs, *_tables(a), value, scale, buf)
@@ -197,16 +201,16 @@ def copy_tokens(src: jax.Array, dst: jax.Array, src_locs: jax.Array, dst_locs: j
         start = b * bt
 
         def step(k, c):
-            i = start + k
+            i = jnp.minimum(start + k, N - 1)
             sok, srow, svcol, sscol = _loc_rowcol(sl_ref[i], s_rb, s_cb, src_a)
             dok, drow, dvcol, dscol = _loc_rowcol(dl_ref[i], d_rb, d_cb, dst_a)
-            ok = sok & dok
+            ok = sok & dok & (start + k < N)
             _copy_window(src_ref, (srow, svcol), dst_ref, (drow, dvcol), V, ok)
             if S:
                 _copy_window(src_ref, (srow, sscol), dst_ref, (drow, dscol), S, ok)
             return c
 
-        lax.fori_loop(0, jnp.minimum(bt, N - start), step, 0)
+        lax.fori_loop(0, bt, step, 0)
 
     return _call(kernel, jax.ShapeDtypeStruct(dst.shape, dst.dtype), (L, pl.cdiv(N, bt)),
                  aliases={7: 0})(src_locs, dst_locs, *_tables(src_a), *_tables(dst_a), src, dst)

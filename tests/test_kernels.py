@@ -519,3 +519,39 @@ if given is not None:
     test_reference_matches_model = settings(max_examples=10, deadline=None)(given(
         tpp=st.sampled_from([1, 2, 4]), V=st.sampled_from([3, 8, 16]), S=st.sampled_from([0, 4]),
         L=st.integers(1, 3), seed=st.integers(0, 2**16))(_reference_matches_model))
+
+
+# Last in the file: a failure here (a 32-bit offset overflow) may poison the CUDA context.
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton_torch_cuda", "triton_jax", "pallas"])
+def test_beyond_2gib_gpu(name):
+    """Tokens past byte 2**31 of a 3.4 GB buffer land exactly where the model says."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    rows, pb = 2_000_000, 1728  # C128 pages (2 tokens / page): 3.46 GB
+    a = TokenAddressing(row_base=(0, rows // 2), col_base=(0, 0), row_step=1, tpp=2,
+                        num_pages=rows // 2, value_bytes=576, scale_stride=8, scale_bytes=7)
+    rng = np.random.default_rng(0)
+    cap = a.capacity
+    locs = np.array([cap - 1, cap - 2, 5, cap - 4, -1, cap], np.int32)
+    v = _rand(rng, (2, len(locs), 576))
+    s = _rand(rng, (2, len(locs), 7))
+    impl = _impl(name)
+    if name == "triton_torch_cuda":
+        buf = torch.zeros((rows, pb), dtype=torch.uint8, device="cuda")
+        triton_kernels.scatter_tokens_torch(buf, torch.from_numpy(locs).cuda(),
+                                            torch.from_numpy(v).cuda(), torch.from_numpy(s).cuda(),
+                                            a)
+        gv, gs = (x.cpu().numpy() for x in triton_kernels.gather_tokens_torch(
+            buf, torch.from_numpy(locs).cuda(), a))
+        tail = buf[-1].cpu().numpy()
+    else:
+        buf = impl.mod.scatter_tokens(jnp.zeros((rows, pb), jnp.uint8), jnp.asarray(locs),
+                                      jnp.asarray(v), jnp.asarray(s), a)
+        gv, gs = (np.asarray(x) for x in impl.mod.gather_tokens(buf, jnp.asarray(locs), a))
+        tail = np.asarray(buf[-1])
+    ok = (locs >= 0) & (locs < cap)
+    np.testing.assert_array_equal(gv[:, ok], v[:, ok])
+    np.testing.assert_array_equal(gs[:, ok], s[:, ok])
+    assert not gv[:, ~ok].any() and not gs[:, ~ok].any()
+    np.testing.assert_array_equal(tail[576:1152], v[1, 0])  # loc cap-1 = page -1, token 1
