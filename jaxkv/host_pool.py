@@ -417,19 +417,31 @@ class _Plan:
                  dest: str):
         s = host.spec
         tpp = s.tokens_per_page
-        _check_range(h, s.capacity, "host_indices", f"host pool {s.pool!r}")
-        _check_range(d, p.capacity, "device_indices", f"device pool {p.name!r}")
-        _check_unique(h if dest == "host" else d,
-                      "host_indices" if dest == "host" else "device_indices")
-        hp_all = h // tpp
+        hpages, dpages = _whole_pages(h, tpp), _whole_pages(d, tpp)
+        if hpages is not None and dpages is not None:
+            # whole pages: every check on the (tpp times fewer) pages
+            _check_range(hpages * tpp, s.capacity, "host_indices", f"host pool {s.pool!r}")
+            _check_range(dpages * tpp, p.capacity, "device_indices", f"device pool {p.name!r}")
+            _check_unique(hpages * tpp if dest == "host" else dpages * tpp,
+                          "host_indices" if dest == "host" else "device_indices")
+            hp_all = hpages
+            hsl = hpages * tpp
+        else:
+            hpages = dpages = None
+            _check_range(h, s.capacity, "host_indices", f"host pool {s.pool!r}")
+            _check_range(d, p.capacity, "device_indices", f"device pool {p.name!r}")
+            _check_unique(h if dest == "host" else d,
+                          "host_indices" if dest == "host" else "device_indices")
+            hp_all = h // tpp
+            hsl = h
         unalloc = ~host.allocated[hp_all]
         if unalloc.any():
             i = int(np.argmax(unalloc))
-            raise ValueError(f"host_indices[{i}] = {int(h[i])} is in host page {int(hp_all[i])}, "
-                             "which is not allocated (alloc it first)")
+            raise ValueError(f"host_indices[{i * (tpp if hpages is not None else 1)}] = "
+                             f"{int(hsl[i])} is in host page {int(hp_all[i])}, which is not "
+                             "allocated (alloc it first)")
         self.layers = layers
         nl = len(layers)
-        hpages, dpages = _whole_pages(h, tpp), _whole_pages(d, tpp)
         self.page_aligned = hpages is not None and dpages is not None
         if self.page_aligned:
             n = _bucket(hpages.size)
@@ -798,9 +810,14 @@ def load_to_device_all_layer(host, cache, pool, host_indices, device_indices, **
 
 
 def buffer_address(host: HostPool) -> int:
-    """The host buffer's address (``unsafe_buffer_pointer``; valid until the buffer is donated)."""
+    """The host buffer's address (``unsafe_buffer_pointer``; valid until the buffer is donated).
+
+    Blocks until pending writes of the buffer are done, so that raw writes through the address
+    (a transfer engine, the ``"triton"`` method) cannot be overtaken by them."""
     if host.buffer.is_deleted():
         raise ValueError("host.buffer was donated to an earlier call: use the returned state")
+    # Pending XLA writes of the buffer must land before anyone writes it through the address.
+    host.buffer.block_until_ready()
     return int(host.buffer.unsafe_buffer_pointer())
 
 

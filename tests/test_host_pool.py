@@ -214,7 +214,7 @@ def test_load_one_layer(aligned):
     np.testing.assert_array_equal(_dev_pages(cache, "c4"), before)  # donate=False kept it
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(st.data())
 def test_round_trip_property(data):
     _, cache, h, _ = _setup("dsv4", "c4", seed=21)
