@@ -124,8 +124,22 @@ def _verify_tokens(host, cache, b, hslots, dlocs, rng, n=16):
                 raise AssertionError(f"token {j}: host slot {hslots[j]} != device loc {dlocs[j]}")
 
 
+def _write(rows, errors, out):
+    stem = common.write_results(rows, out, "host_pool",
+                                title="jaxkv.host_pool (DSv4-Flash C4, 21 layers)")
+    if errors:
+        with open(stem + "-errors.txt", "w") as f:
+            f.write("\n\n".join(errors))
+    return stem
+
+
 def main(argv=None):
-    args = common.parser("host_pool").parse_args(argv)
+    ap = common.parser("host_pool")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated host-write methods (default: xla,triton on GPU, xla on "
+                         "CPU); results are written after each method, so a method that crashes "
+                         "the process leaves the earlier rows on disk")
+    args = ap.parse_args(argv)
     quick = args.quick
     gpu = jax.default_backend() == "gpu"
     if quick:
@@ -134,7 +148,8 @@ def main(argv=None):
         # 21 layers x 5,500 pages x 37,440 B = 4.32 GB per page-aligned transfer
         dev_pages, n_pages, n_tokens, iters = 6000, 5500, 256 * 1024, 5
     host_pages = n_pages + -(-n_tokens // 64) + 8
-    methods = ["xla", "triton"] if gpu else ["xla"]
+    methods = (args.methods.split(",") if args.methods else
+               (["xla", "triton"] if gpu else ["xla"]))
     rng = np.random.default_rng(0)
     cache, host, b = build(dev_pages, host_pages)
     s = host.spec
@@ -262,12 +277,9 @@ def main(argv=None):
             h2d, None, verify_load_tokens)
         del cstate
         host = state["host"]
+        stem = _write(rows, errors, args.out)
 
-    stem = common.write_results(rows, args.out, "host_pool",
-                                title="jaxkv.host_pool (DSv4-Flash C4, 21 layers)")
-    if errors:
-        with open(stem + "-errors.txt", "w") as f:
-            f.write("\n\n".join(errors))
+    stem = _write(rows, errors, args.out)
     print(f"wrote {stem}.json/.md/.png" + (f" and {stem}-errors.txt" if errors else ""))
     return 0
 

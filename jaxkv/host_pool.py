@@ -56,7 +56,24 @@ Methods (how the host side is written)
     token is written without reading its page back; the reverse for loads.  XLA does not see these
     host writes, so the call blocks until the kernel is done before returning the new state.
   ``method="auto"`` takes the fastest one measured by ``benchmarks/host_pool.py`` for the platform
-  (``_AUTO_METHOD``).
+  (``_AUTO_METHOD``; "xla" until a GPU run of that benchmark shows "triton" correct and faster).
+
+Cost of each option (predictions written before the GPU run, against the pinned copy ceiling
+``C`` ~ 50 GB/s on an H100; ``benchmarks/results/host_pool-<gpu>.md`` has the measurements):
+  * page path, ``"xla"``: a device gather of the pages (device bandwidth, ~2 % of the time), one
+    device->host transfer of exactly the payload, and the row update of the host buffer, which
+    XLA runs as a host computation (a CPU copy of the payload) unless it turns it into a direct
+    DMA: between ~0.2 C (an extra single-threaded host copy) and ~0.95 C.
+  * page path, ``"triton"``: one pass, SM stores of whole 16-B words to the pinned pages over
+    PCIe (what SGLang's transfer kernels do): ~0.9 C for writes; loads are zero-copy PCIe reads,
+    ~0.8 C.
+  * token path, ``"xla"``: host->device of the affected pages, device merge, device->host of the
+    same pages: ``2 x page_bytes / (tpp x token_bytes)`` = 2.0x the payload for DSv4 C4, so at most
+    ~0.5 C of payload throughput (reads and writes do not overlap inside one call).
+  * token path, ``"triton"``: payload only (576-B values, 16-B aligned; 8-B scale words are
+    small PCIe writes, 1.4 % of the bytes): ~0.8 C.
+  Host-side planning (validation, index arrays) of a page-aligned call works on pages, not
+  tokens: ~0.2 ms for 5,500 pages x 21 layers.
 
 Indices must be concrete (numpy / Python / committed jax arrays): these functions plan transfers
 on the host and are not meant to be traced.  Index arrays are padded to size buckets (at most
