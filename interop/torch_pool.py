@@ -209,16 +209,23 @@ class DSV4CpuCopy:
       geometry: the pool's geometry (a copy loads only into a pool of the same geometry).
       num_tokens: N, the number of full indices saved.
       host: ``uint8[nbytes]`` host buffer (pinned when the pool is on CUDA) holding every part.
-      parts: ``{pool: (value uint8[L, N, V], scale uint8[L, N, sb])}``, views into ``host``.
-      valid: ``{pool: bool[N]}`` (CPU) locations valid when saved (SWA: ``full_to_swa[f] > 0``;
-        compressed pools: ``(f + 1) % r == 0``; state pools: the SWA mask).
+      parts: ``{pool: (value uint8[L, M, V], scale uint8[L, M, sb])}``, views into ``host``:
+        the pool's M distinct valid locations, all layers.
+      slots: ``{pool: int32[N]}`` (CPU): which saved row holds position i, -1 where the position
+        was invalid when saved (SWA: ``full_to_swa[f] == 0``; compressed pools:
+        ``(f + 1) % r != 0``; state pools: no SWA slot).
     """
 
     geometry: Geometry
     num_tokens: int
     host: torch.Tensor
     parts: dict
-    valid: dict
+    slots: dict
+
+    @property
+    def valid(self) -> dict:
+        """``{pool: bool[N]}``: positions valid when saved."""
+        return {k: v >= 0 for k, v in self.slots.items()}
 
     @property
     def nbytes(self) -> int:
@@ -483,9 +490,10 @@ class DSV4TorchPool:
         From the request's full locations ``indices`` (int[N]), derives (with ``jaxkv.locs``) the
         SWA locations (valid where ``full_to_swa[f] > 0``), the C4 / C128 / C4-indexer locations
         (``(f + 1) % r == 0``) and the page-scoped compress-state and indexer-state rows of every
-        compressed layer; gathers all layers of each pool in one kernel launch on the device; and
-        copies the result into one host buffer — pinned when the pool is on CUDA — with
-        asynchronous copies and one synchronisation at the end.
+        compressed layer.  Per pool, only the *distinct valid* locations are saved (many
+        positions share one state row; invalid positions hold nothing), gathered for all layers
+        in one kernel launch on the device, and copied into one host buffer — pinned when the
+        pool is on CUDA — with asynchronous copies and one synchronisation at the end.
 
         Returns:
           A ``DSV4CpuCopy`` (complete when this returns).  Bit-exact with the device bytes.
@@ -493,17 +501,23 @@ class DSV4TorchPool:
         full = self._full(indices)
         n = int(full.shape[0])
         locs = self._all_locs(full) if n else {}
-        gathered, sizes = {}, []
+        gathered, slots, sizes = {}, {}, []
         for p in self.layout.pools:
             b, a = self._addr[p.name]
             if n:
-                v, s = self._gather(b, locs[p.name][0], a)
+                loc, valid = locs[p.name]
+                idx = torch.nonzero(valid).squeeze(1)
+                uniq, inv = torch.unique(loc[idx], return_inverse=True)
+                slot = torch.full((n,), -1, dtype=torch.int32, device=self.device)
+                slot[idx] = inv.to(torch.int32)
+                v, s = self._gather(b, uniq.to(torch.int32), a)
             else:
+                slot = torch.zeros(0, dtype=torch.int32, device=self.device)
                 v = torch.zeros((a.num_layers, 0, a.value_bytes), dtype=torch.uint8,
                                 device=self.device)
                 s = torch.zeros((a.num_layers, 0, a.scale_bytes), dtype=torch.uint8,
                                 device=self.device)
-            gathered[p.name] = (v, s)
+            gathered[p.name], slots[p.name] = (v, s), slot
             sizes += [v.numel(), s.numel()]
         pin = self.device.type == "cuda"
         host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
@@ -516,19 +530,19 @@ class DSV4TorchPool:
                 views.append(h)
                 off += x.numel()
             parts[p.name] = tuple(views)
-        valid = {k: v.to("cpu", non_blocking=False) for k, (_, v) in locs.items()} if n else {
-            p.name: torch.zeros(0, dtype=torch.bool) for p in self.layout.pools}
+        slots = {k: v.cpu() for k, v in slots.items()}
         if pin:
             torch.cuda.current_stream(self.device).synchronize()
-        return DSV4CpuCopy(self.geometry, n, host, parts, valid)
+        return DSV4CpuCopy(self.geometry, n, host, parts, slots)
 
     def load_cpu_copy(self, copy: DSV4CpuCopy, indices: torch.Tensor) -> None:
         """Resume: writes a ``get_cpu_copy`` result back at new full locations ``indices``.
 
-        Translates ``indices`` like ``get_cpu_copy`` and restores only entries valid both when
+        Translates ``indices`` like ``get_cpu_copy`` and restores only positions valid both when
         saved and now (``new_mask & old_mask``): a tail-only SWA allocation restores the rows it
-        has and writes nothing into SWA page 0 or another request's rows.  Host-to-device copies
-        are asynchronous on the current stream (ordered before the scatters).
+        has and writes nothing into SWA page 0 or another request's rows.  Each saved row is
+        written to every new location of the positions that shared it.  Host-to-device copies are
+        asynchronous on the current stream (ordered before the scatters).
 
         Raises:
           ValueError: ``copy`` is not a ``DSV4CpuCopy`` of this geometry, or ``len(indices)``
@@ -548,12 +562,22 @@ class DSV4TorchPool:
         locs = self._all_locs(full)
         pin = self.device.type == "cuda"
         for p in self.layout.pools:
-            loc, new_valid = locs[p.name]
-            keep = new_valid & copy.valid[p.name].to(self.device)
-            loc = torch.where(keep, loc, torch.full_like(loc, -1))
-            if p.sentinel is not None:
-                loc = torch.where(loc == p.sentinel, torch.full_like(loc, -1), loc)
             v, s = copy.parts[p.name]
+            if v.shape[1] == 0:
+                continue
+            loc, new_valid = locs[p.name]
+            slot = copy.slots[p.name].to(self.device, non_blocking=pin).to(torch.int64)
+            idx = torch.nonzero(new_valid & (slot >= 0)).squeeze(1)
+            if p.sentinel is not None:  # never write the stored sentinel row
+                idx = idx[loc[idx] != p.sentinel]
+            # distinct (saved row, new location) pairs: duplicates carry the same bytes
+            cap = p.capacity
+            pair = torch.unique(slot[idx] * cap + loc[idx].to(torch.int64))
+            rows, new = pair // cap, (pair % cap).to(torch.int32)
+            v_dev = v.to(self.device, non_blocking=pin)
+            s_dev = s.to(self.device, non_blocking=pin)
             b, a = self._addr[p.name]
-            self._scatter(b, loc, v.to(self.device, non_blocking=pin),
-                          s.to(self.device, non_blocking=pin), a)
+            if not (rows.numel() == v.shape[1]
+                    and torch.equal(rows, torch.arange(v.shape[1], device=self.device))):
+                v_dev, s_dev = v_dev.index_select(1, rows), s_dev.index_select(1, rows)
+            self._scatter(b, new, v_dev, s_dev, a)

@@ -1,0 +1,236 @@
+"""Benchmarks of jaxkv.interop (``python -m benchmarks.interop --out DIR [--quick]``).
+
+Rows (BENCH.md format, ``DIR/interop-<gpu>.json/.md/.png``):
+
+* ``to_torch <size>`` / ``from_torch <size>``: microseconds per DLPack exchange (median), for
+  arrays from 4 KiB to 1 GiB; target <= 20 us and size-independent.  Baseline: the raw
+  ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack`` call (``baseline_ratio`` = raw / ours).
+* ``exchange size dependence``: the largest over the smallest median, across sizes (target <= 2).
+* ``get_cpu_copy`` / ``load_cpu_copy``: GB/s of the torch pool's retract / resume of a batch of
+  DSv4-Flash requests, against a pinned host copy of the same bytes measured in the same run (the
+  ceiling; target >= 0.90) and against the seed's path (per pool and layer: gather, then a
+  pageable ``.cpu()``; resume: pageable ``.to(device)`` then scatter; target >= 4x).
+
+On the GPU machine::
+
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false TRITON_CACHE_DIR=/tmp/triton-cache
+    python -m benchmarks.interop --out benchmarks/results
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import jaxkv  # noqa: E402
+from benchmarks import common  # noqa: E402
+from jaxkv import interop as I  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _median_us(fn, iters: int) -> float:
+    for _ in range(10):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def _wall(fn, iters: int, warmup: int = 1) -> float:
+    """Median seconds of fn() with device syncs around it."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    ts = []
+    for _ in range(iters):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _size_name(n: int) -> str:
+    for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= s:
+            return f"{n // s} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# DLPack exchange
+
+
+def bench_exchange(quick: bool) -> list[dict]:
+    sizes = [1 << 12, 1 << 20, 1 << 24] if quick else [1 << 12, 1 << 20, 1 << 26, 1 << 30]
+    iters = 200 if quick else 1000
+    dev = jax.devices()[0]
+    rows, medians = [], []
+    for n in sizes:
+        x = jax.device_put(jnp.zeros((n // 2,), jnp.bfloat16), dev)
+        x.block_until_ready()
+        t = torch.zeros(n // 2, dtype=torch.bfloat16, device=DEV)
+        ours_to = _median_us(lambda: I.to_torch(x), iters)
+        raw_to = _median_us(lambda: torch.from_dlpack(x), iters)
+        ours_from = _median_us(lambda: I.from_torch(t), iters)
+        raw_from = _median_us(lambda: jax.dlpack.from_dlpack(t), iters)
+        medians += [ours_to, ours_from]
+        rows.append(common.row(f"to_torch {_size_name(n)}", ours_to, "us", baseline=raw_to,
+                               target={"value": 20.0}, higher_is_better=False))
+        rows.append(common.row(f"from_torch {_size_name(n)}", ours_from, "us",
+                               baseline=raw_from, target={"value": 20.0},
+                               higher_is_better=False))
+        del x, t
+        gc.collect()
+    for name, ms in (("to_torch", medians[0::2]), ("from_torch", medians[1::2])):
+        rows.append(common.row(f"{name} size dependence (max/min over sizes)", max(ms) / min(ms),
+                               "x", target={"value": 2.0}, higher_is_better=False))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Retract / resume
+
+
+def _setup_pool(quick: bool):
+    geo = jaxkv.dsv4_flash()
+    P = geo.page_size
+    reqs, tokens = (2, 512) if quick else (128, 4096)
+    full_pages = reqs * tokens // P + 1
+    swa_pages = reqs * -(-geo.swa_window // P) + 2
+    pages = {"swa": swa_pages, "c4": full_pages, "c128": full_pages, "c4_indexer": full_pages,
+             "c4_state": swa_pages * geo.c4_ring + 1,
+             "c4_indexer_state": swa_pages * geo.c4_ring + 1,
+             "c128_state": swa_pages * geo.c128_ring + 1}
+    pool = I.DSV4TorchPool(geo, pages, device=DEV, full_size=full_pages * P)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for b in pool.buffers:  # random bytes, never zeros
+        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, device=DEV, generator=g))
+    full, swa = [], []
+    for r in range(reqs):
+        pos = np.arange(tokens)
+        f = (1 + r * (tokens // P)) * P + pos
+        s = np.where(pos >= tokens - geo.swa_window, (1 + r) * P + pos % P, 0)
+        full.append(f)
+        swa.append(s)
+    full = np.concatenate(full).astype(np.int32)
+    swa = np.concatenate(swa).astype(np.int32)
+    table = pool.full_to_swa_index_mapping
+    table[torch.from_numpy(full).long().to(DEV)] = torch.from_numpy(swa).to(DEV)
+    return pool, torch.from_numpy(full).to(DEV), reqs, tokens
+
+
+def _seed_save(pool):
+    """The seed's path: per pool and layer, a gather then a pageable .cpu()."""
+    def run(full):
+        locs = pool._all_locs(full)
+        out = []
+        for p in pool.layout.pools:
+            b, a = pool._addr[p.name]
+            for layer in range(a.num_layers):
+                v, s = pool._gather(b, locs[p.name][0], a.select((layer,)))
+                out.append((v.cpu(), s.cpu()))
+        return out, locs
+    return run
+
+
+def _seed_load(pool, saved, locs):
+    for p in pool.layout.pools:
+        b, a = pool._addr[p.name]
+        for layer in range(a.num_layers):
+            v, s = saved.pop(0)
+            pool._scatter(b, locs[p.name][0], v.to(DEV), s.to(DEV), a.select((layer,)))
+
+
+def bench_retract(quick: bool) -> list[dict]:
+    pool, full, reqs, tokens = _setup_pool(quick)
+    iters = 2 if quick else 5
+    copy = pool.get_cpu_copy(full)
+    nbytes = copy.nbytes
+    # the ceiling: a pinned copy of the same bytes (D2H and H2D), same run
+    dev_buf = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=CUDA)
+    d2h = _wall(lambda: host.copy_(dev_buf, non_blocking=CUDA), iters)
+    h2d = _wall(lambda: dev_buf.copy_(host, non_blocking=CUDA), iters)
+    del dev_buf, host
+    gc.collect()
+    keep = []
+
+    def save():
+        keep.append(pool.get_cpu_copy(full))
+        if len(keep) > 1:
+            keep.pop(0)
+
+    t_save = _wall(save, iters)
+    t_load = _wall(lambda: pool.load_cpu_copy(copy, full), iters)
+    seed = _seed_save(pool)
+    saved_holder = {}
+
+    def seed_save():
+        saved_holder["x"] = seed(full)
+
+    t_seed_save = _wall(seed_save, iters)
+    saved, locs = saved_holder["x"]
+
+    def seed_load():
+        _seed_load(pool, list(saved), locs)
+
+    t_seed_load = _wall(seed_load, iters)
+    # bit-exactness of what was timed: a reload of the copy changes nothing
+    before = [b.clone() for b in pool.buffers]
+    pool.load_cpu_copy(pool.get_cpu_copy(full), full)
+    exact = all(torch.equal(a, b) for a, b in zip(before, pool.buffers))
+    del before
+    gb = nbytes / 1e9
+    tag = f"{reqs} x {tokens} tokens, {gb:.2f} GB"
+    rows = [
+        common.row(f"get_cpu_copy ({tag})", gb / t_save, "GB/s", ceiling=gb / d2h,
+                   baseline=gb / t_seed_save,
+                   target={"ceiling_fraction": 0.90, "baseline_ratio": 4.0}),
+        common.row(f"load_cpu_copy ({tag})", gb / t_load, "GB/s", ceiling=gb / h2d,
+                   baseline=gb / t_seed_load,
+                   target={"ceiling_fraction": 0.90, "baseline_ratio": 4.0}),
+        common.row("pinned D2H copy (ceiling)", gb / d2h, "GB/s"),
+        common.row("pinned H2D copy (ceiling)", gb / h2d, "GB/s"),
+        common.row("seed save: per-layer gather + pageable .cpu()", gb / t_seed_save, "GB/s"),
+        common.row("seed load: pageable .to(device) + per-layer scatter", gb / t_seed_load,
+                   "GB/s"),
+        common.row("retract round trip bit-exact", float(exact), "bool", target={"value": 1.0}),
+    ]
+    return rows
+
+
+def main(argv=None):
+    args = common.parser("interop").parse_args(argv)
+    rows = bench_exchange(args.quick) + bench_retract(args.quick)
+    stem = common.write_results(rows, args.out, "interop",
+                                title="jaxkv.interop: DLPack exchange and torch-pool retract")
+    for r in rows:
+        print(f"{r['name']:<60} {r['value']:>12.3f} {r['unit']:<5} "
+              f"frac={r['ceiling_fraction']} ratio={r['baseline_ratio']} "
+              f"meets={r['meets_target']}")
+    print("wrote", stem + ".json")
+
+
+if __name__ == "__main__":
+    main()
