@@ -257,16 +257,19 @@ def init_state(cfg: AllocConfig) -> AllocState:
     """Empty allocator: every slot free, every page but page 0 free, ``full_to_swa`` = 0 / -1."""
     owners, stacks = [], []
     for P in cfg.space_sizes:
-        owners.append(jnp.full((P,), -1, jnp.int32).at[0].set(-2))
+        o = np.full((P,), -1, np.int32)
+        o[0] = -2
+        owners.append(jnp.asarray(o))
         # Pop from the top (index nfree-1): lowest page ids are handed out first.
-        stacks.append(jnp.concatenate([jnp.arange(P - 1, 0, -1, dtype=jnp.int32),
-                                       jnp.zeros((1,), jnp.int32)]))
-    table = jnp.zeros((cfg.table_size,), jnp.int32).at[-1].set(-1)
+        stacks.append(jnp.asarray(np.concatenate([np.arange(P - 1, 0, -1, dtype=np.int32),
+                                                  np.zeros((1,), np.int32)])))
+    table = np.zeros((cfg.table_size,), np.int32)
+    table[-1] = -1
     return AllocState(
         page_table=jnp.zeros((cfg.max_requests, cfg.max_pages), jnp.int32),
         swa_ring=jnp.zeros((cfg.max_requests, cfg.ring), jnp.int32),
         lengths=jnp.full((cfg.max_requests,), -1, jnp.int32),
-        full_to_swa=table, owners=tuple(owners), stacks=tuple(stacks),
+        full_to_swa=jnp.asarray(table), owners=tuple(owners), stacks=tuple(stacks),
         nfree=jnp.asarray([P - 1 for P in cfg.space_sizes], jnp.int32), cfg=cfg)
 
 
@@ -376,12 +379,10 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
         fit = jnp.cumsum(nf) <= state.nfree[0]
     fit = fit & use
     status = jnp.where(pad, PAD, jnp.where(~valid, BAD, jnp.where(fit, OK, NO_SPACE)))
-    if atomic:
-        all_ok = jnp.all(pad | fit)
-        apply = fit & all_ok
-        status = jnp.where(fit & ~all_ok, SKIPPED, status)
-    else:
-        apply = fit
+    # atomic may be traced: a failed row blocks the batch only when atomic.
+    all_ok = jnp.all(pad | fit) | ~jnp.asarray(atomic, bool)
+    apply = fit & all_ok
+    status = jnp.where(fit & ~all_ok, SKIPPED, status)
     nf = jnp.where(apply, nf, 0)
     ns = jnp.where(apply, ns, 0)
     s = jnp.where(apply, slots, 0)
@@ -450,9 +451,9 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
 # Transitions
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "atomic"))
+@functools.partial(jax.jit, static_argnames=("max_len",))
 def admit(state: AllocState, lengths: jax.Array, *, max_len: int | None = None,
-          atomic: bool = True) -> tuple[AllocState, jax.Array, jax.Array]:
+          atomic: bool | jax.Array = True) -> tuple[AllocState, jax.Array, jax.Array]:
     """Admits new (or resumed) requests holding ``lengths`` tokens each.
 
     Each admitted row gets the first free request slot (in row order), ``ceil(len / page_size)``
@@ -464,7 +465,8 @@ def admit(state: AllocState, lengths: jax.Array, *, max_len: int | None = None,
       lengths: int32[B] tokens per new request (0 allowed); negative = padding row.
       max_len: static bound on ``lengths`` (default ``cfg.max_len``); rows above it are ``BAD``.
         Smaller bounds compile smaller scatters.
-      atomic: on any failure leave the state unchanged (else apply the fitting rows).
+      atomic: on any failure leave the state unchanged (else apply the fitting rows); a bool or
+        a traced bool scalar.
 
     Returns:
       ``(state, slots int32[B], status int32[B])``; ``slots`` is -1 where not applied.
@@ -486,9 +488,9 @@ def admit(state: AllocState, lengths: jax.Array, *, max_len: int | None = None,
     return new, jnp.where(applied, slots, -1), status
 
 
-@functools.partial(jax.jit, static_argnames=("max_new", "atomic"))
+@functools.partial(jax.jit, static_argnames=("max_new",))
 def extend(state: AllocState, slots: jax.Array, num_new: jax.Array, *, max_new: int = 1,
-           atomic: bool = True) -> tuple[AllocState, jax.Array]:
+           atomic: bool | jax.Array = True) -> tuple[AllocState, jax.Array]:
     """Appends ``num_new[i]`` tokens to request ``slots[i]`` for every row at once.
 
     Allocates full pages as the sequence crosses page boundaries, SWA pages for the new window,
@@ -499,7 +501,8 @@ def extend(state: AllocState, slots: jax.Array, num_new: jax.Array, *, max_new: 
       slots: int32[B] request slots (live, distinct); negative = padding row.
       num_new: int32[B] tokens to append (``0 <= num_new <= max_new``).
       max_new: static bound on ``num_new`` (1 for a decode step; the scatters are sized by it).
-      atomic: on any failure leave the state unchanged (else apply the fitting rows).
+      atomic: on any failure leave the state unchanged (else apply the fitting rows); a bool or
+        a traced bool scalar.
 
     Returns:
       ``(state, status int32[B])``.
@@ -524,9 +527,9 @@ def extend(state: AllocState, slots: jax.Array, num_new: jax.Array, *, max_new: 
     return new, status
 
 
-@functools.partial(jax.jit, static_argnames=("check", "atomic"))
+@functools.partial(jax.jit, static_argnames=("check",))
 def release(state: AllocState, slots: jax.Array, *, check: bool = True,
-            atomic: bool = True) -> tuple[AllocState, jax.Array]:
+            atomic: bool | jax.Array = True) -> tuple[AllocState, jax.Array]:
     """Releases requests: frees their full and SWA pages, clears their ``full_to_swa`` entries.
 
     Double release (slot already free), an out-of-range slot or a slot twice in the batch is
@@ -567,12 +570,9 @@ def release(state: AllocState, slots: jax.Array, *, check: bool = True,
                                      == sc[:, None], True), 1)
         valid &= own
     status = jnp.where(pad, PAD, jnp.where(valid, OK, BAD))
-    if atomic:
-        all_ok = jnp.all(pad | valid)
-        apply = valid & all_ok
-        status = jnp.where(valid & ~all_ok, SKIPPED, status)
-    else:
-        apply = valid
+    all_ok = jnp.all(pad | valid) | ~jnp.asarray(atomic, bool)
+    apply = valid & all_ok
+    status = jnp.where(valid & ~all_ok, SKIPPED, status)
     owners, stacks = list(state.owners), list(state.stacks)
     tops = [state.nfree[i] for i in range(len(owners))]
     take_f = take_f & apply[:, None]
