@@ -19,7 +19,9 @@ State
   afterwards when the operation donates the buffer (``backup_from_device`` always donates the host
   buffer, ``load_to_device`` donates the device cache buffer by default), exactly like
   ``jax.jit(..., donate_argnames=...)`` at a call site.  Validation happens before anything is
-  donated, so a failed call (``ValueError``) leaves both states intact and usable.
+  donated, so a failed call (``ValueError``) leaves both states intact and usable.  With
+  ``method="triton"`` the host buffer is written in place through its address (not donated): the
+  returned state shares it with the old one, which must not be used any more either.
 
 Index spaces
   Host indices are host *slots*: ``page * tokens_per_page + t`` (for C4 a slot is a C4-token
