@@ -512,3 +512,26 @@ def test_gpu_methods_round_trip(method, geo_name, pool):
         if n % tpp == 0:
             wd[:, dst[::tpp] // tpp] = want[:, slots[::tpp][:3] // tpp]
         np.testing.assert_array_equal(_dev_pages(new, pool), wd)
+
+
+def test_real_dsv4_flash_c4_pages():
+    """The real C4 pool: 21 layers, 64 slots, 37,440-B pages (value/scale split, 64-B padding)."""
+    geo = jaxkv.dsv4_flash()
+    pages = {p.name: 2 for p in geo.pools()}
+    pages["c4"] = 5
+    cache = _random_cache(geo, jaxkv.layer_major(geo, pages), 41)
+    h = hp.init_host_pool(cache, "c4", 4)
+    h, poison = _poison_host(h, 43)
+    s = h.spec
+    assert (s.num_layers, s.tokens_per_page, s.page_bytes) == (21, 64, 37440)
+    h, slots = hp.alloc(h, 64 + 10)
+    d = _dev_pages(cache, "c4")
+    h = hp.backup_from_device(h, cache, "c4", slots[:64], np.arange(3 * 64, 4 * 64))
+    rng = np.random.default_rng(47)
+    src = rng.choice(5 * 64, 10, replace=False)
+    h = hp.backup_from_device(h, cache, "c4", slots[64:74], src)
+    want = poison.reshape(21, 4, 37440).copy()
+    want[:, 0] = d[:, 3]
+    _ref_copy(want, d, slots[64:74], src, s, range(21))
+    np.testing.assert_array_equal(_host_pages(h), want)
+    assert np.array_equal(want[:, 1, 64 * 584:], poison.reshape(21, 4, 37440)[:, 1, 64 * 584:])
