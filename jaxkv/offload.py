@@ -73,7 +73,8 @@ from jaxkv.layout import Layout, PoolLayout
 __all__ = [
     "HostBudget", "HostBudgetExceeded", "HostCopy", "PoolEntry", "SaveHandle", "default_budget",
     "host_kinds", "save_locs", "start_save_locs", "load_locs", "bucket", "request_locs",
-    "start_save", "save", "finish_save", "retract", "load", "resume",
+    "start_save", "start_save_batch", "save", "finish_save", "finish_save_batch", "retract",
+    "retract_batch", "load", "load_batch", "resume", "resume_batch",
 ]
 
 HOST_KINDS = ("pinned_host", "unpinned_host", "numpy")
@@ -526,6 +527,62 @@ def _prepare(cache: Cache, pool_locs: Mapping):
     return tuple(keys), locs, tuple(entries), offset
 
 
+class _SavePlan(NamedTuple):
+    keys: tuple
+    locs: list
+    entries: tuple
+    total: int
+    masks: dict
+    meta: dict
+
+
+def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str, impl: str,
+                   reserved: bool) -> SaveHandle:
+    """Queues the gather and the device-to-host copy of a validated plan (budget charged)."""
+    if not plan.entries:  # empty: short-circuit, no device work, no host bytes
+        copy = HostCopy(cache.layout, (), kind, 0, _Lease(None, budget, 0), plan.masks,
+                        plan.meta)
+        return SaveHandle(copy, None)
+    if not reserved:
+        budget.reserve(plan.total, f"saving {sum(e.count for e in plan.entries):,} locations of "
+                                   f"{sorted({e.pool for e in plan.entries})}")
+    try:
+        staging = _gather(cache.buffers, [jnp.asarray(x) for x in plan.locs],
+                          layout=cache.layout, keys=plan.keys, impl=impl)
+        pending = None
+        if kind == "numpy":
+            staging.copy_to_host_async()
+            pending, data = staging, None
+        else:
+            data = jax.device_put(staging, staging.sharding.with_memory_kind(kind))
+    except BaseException:
+        budget.release(plan.total)
+        raise
+    copy = HostCopy(cache.layout, plan.entries, kind, plan.total,
+                    _Lease(data, budget, plan.total), plan.masks, plan.meta)
+    return SaveHandle(copy, pending)
+
+
+def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, what: str):
+    """Charges the budget for every plan at once (all or nothing), then dispatches them all."""
+    budget = default_budget() if budget is None else budget
+    device = next(iter(cache.buffers[0].devices()))
+    kind = _host_kind(device, host_kind)
+    total = sum(pl.total for pl in plans)
+    if total:
+        budget.reserve(total, what)
+    handles = []
+    try:
+        for pl in plans:
+            handles.append(_dispatch_save(cache, pl, budget, kind, impl, reserved=True))
+    except BaseException:
+        budget.release(sum(pl.total for pl in plans[len(handles):]))
+        for h in handles:
+            h.copy_in_flight.free()
+        raise
+    return handles
+
+
 def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
                     budget: HostBudget | None = None, host_kind: str | None = None,
                     impl: str = "auto", masks: Mapping[str, np.ndarray] | None = None,
@@ -534,8 +591,8 @@ def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
 
     Args:
       cache: the cache (not modified).
-      pool_locs: ``{pool: int32[N_pool]}`` locations to save (every layer of the pool); ``-1``
-        entries are saved as zeros (they are placeholders that keep positions aligned).
+      pool_locs: ``{pool | (pool, group): int32[N]}`` locations to save (every layer of the
+        pool's KV-cache group); ``-1`` entries are saved as zeros (placeholders).
       budget: host budget to charge (default: ``default_budget()``).
       host_kind: ``"pinned_host"`` | ``"unpinned_host"`` | ``"numpy"``; None = the best available.
       impl: gather kernel implementation (``jaxkv.kernels.dispatch``).
@@ -549,30 +606,10 @@ def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
       HostBudgetExceeded: the copy does not fit the budget (nothing dispatched).
     """
     keys, locs, entries, total = _prepare(cache, pool_locs)
-    budget = default_budget() if budget is None else budget
-    device = next(iter(cache.buffers[0].devices()))
-    kind = _host_kind(device, host_kind)
-    if not entries:  # empty: short-circuit, no device work, no host bytes
-        copy = HostCopy(cache.layout, (), kind, 0, _Lease(None, budget, 0), dict(masks or {}),
-                        dict(meta or {}))
-        return SaveHandle(copy, None)
-    budget.reserve(total, f"saving {sum(e.count for e in entries):,} locations of "
-                          f"{sorted({e.pool for e in entries})}")
-    try:
-        staging = _gather(cache.buffers, [jnp.asarray(x) for x in locs], layout=cache.layout,
-                          keys=keys, impl=impl)
-        pending = None
-        if kind == "numpy":
-            staging.copy_to_host_async()
-            pending, data = staging, None
-        else:
-            data = jax.device_put(staging, staging.sharding.with_memory_kind(kind))
-    except BaseException:
-        budget.release(total)
-        raise
-    copy = HostCopy(cache.layout, entries, kind, total, _Lease(data, budget, total),
-                    dict(masks or {}), dict(meta or {}))
-    return SaveHandle(copy, pending)
+    plan = _SavePlan(keys, locs, entries, total, dict(masks or {}), dict(meta or {}))
+    what = (f"saving {sum(e.count for e in entries):,} locations of "
+            f"{sorted({e.pool for e in entries})}")
+    return _start_plans(cache, [plan], budget, host_kind, impl, what)[0]
 
 
 def save_locs(cache: Cache, pool_locs: Mapping[str, Any], **kw) -> HostCopy:
@@ -613,6 +650,20 @@ def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
     Raises:
       ValueError: wrong layout, freed copy, bad targets or sources (nothing changed).
     """
+    plan = _load_plan(cache, host_copy, pool_locs, sources, reset)
+    return _dispatch_load(cache, host_copy, plan, impl=impl, donate=donate, free=free)
+
+
+class _LoadPlan(NamedTuple):
+    entries: list
+    dst: list
+    src: list
+    resets: list
+    reset_rows: list
+
+
+def _load_plan(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, sources, reset) -> _LoadPlan:
+    """Validates a load (raises ValueError, changing nothing) and returns what to dispatch."""
     _check_cache(cache)
     if not isinstance(host_copy, HostCopy):
         raise ValueError(f"host_copy must be a HostCopy, got {type(host_copy).__name__}")
@@ -676,6 +727,14 @@ def load_locs(cache: Cache, host_copy: HostCopy, pool_locs: Mapping, *,
         if r.shape[0]:
             resets.append((key[0], tuple(p.groups[key[1]])))
             reset_rows.append(_pad(r, bucket(r.shape[0])))
+    return _LoadPlan(entries, dst, src, resets, reset_rows)
+
+
+def _dispatch_load(cache: Cache, host_copy: HostCopy, plan: _LoadPlan, *, impl: str,
+                   donate: bool, free: bool) -> Cache:
+    """Queues the host-to-device copy and the scatter of a validated load."""
+    entries, dst, src, resets, reset_rows = plan
+    layout = cache.layout
     has_restore = any((d >= 0).any() for d in dst)
     if not has_restore and not resets:  # nothing to write
         if free:
@@ -712,21 +771,34 @@ def _alloc():
     return alloc
 
 
-def _check_slot(alloc_state, request, arg: str = "request") -> tuple[int, int]:
-    """``(slot, length)`` of a live request slot (ValueError otherwise)."""
+def _check_slots(alloc_state, requests, arg: str = "requests") -> tuple[list[int], list[int]]:
+    """``(slots, lengths)`` of distinct live request slots (ValueError otherwise)."""
     A = _alloc()
     if not isinstance(alloc_state, A.AllocState):
         raise ValueError(f"alloc_state must be a jaxkv.alloc.AllocState, got "
                          f"{type(alloc_state).__name__}")
+    R = alloc_state.cfg.max_requests
+    lengths = np.asarray(alloc_state.lengths)
+    slots, lens = [], []
+    for r in requests:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+            raise ValueError(f"{arg} must hold int request slots, got {r!r}")
+        if not 0 <= r < R:
+            raise ValueError(f"{arg}: slot {r} is outside the allocator's slots [0, {R})")
+        if lengths[r] < 0:
+            raise ValueError(f"{arg}: slot {r} is not a live request (its slot is free)")
+        slots.append(int(r))
+        lens.append(int(lengths[r]))
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"{arg} names a slot twice: {slots}")
+    return slots, lens
+
+
+def _check_slot(alloc_state, request, arg: str = "request") -> tuple[int, int]:
     if isinstance(request, bool) or not isinstance(request, (int, np.integer)):
         raise ValueError(f"{arg} must be an int request slot, got {request!r}")
-    R = alloc_state.cfg.max_requests
-    if not 0 <= request < R:
-        raise ValueError(f"{arg} = {request} is outside the allocator's slots [0, {R})")
-    length = int(np.asarray(alloc_state.lengths)[request])
-    if length < 0:
-        raise ValueError(f"{arg} = {request} is not a live request (its slot is free)")
-    return int(request), length
+    slots, lens = _check_slots(alloc_state, [request], arg)
+    return slots[0], lens[0]
 
 
 def _pools_of(layout: Layout, pools, scope: str) -> tuple[str, ...]:
@@ -757,6 +829,42 @@ def _pools_of(layout: Layout, pools, scope: str) -> tuple[str, ...]:
     return tuple(n for n in layout.pool_names if n in names)
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_translate():
+    return jax.jit(_alloc().translate,
+                   static_argnames=("csa_ratio", "hca_ratio", "c4_ring", "c128_ring"))
+
+
+def _request_locs_batch(layout: Layout, alloc_state, slots: list[int], lengths: list[int],
+                        scope: str, names: tuple[str, ...]) -> list[dict]:
+    """One device translation for a batch of requests (one host sync), then numpy per request."""
+    if not slots:
+        return []
+    geo = layout.geometry
+    width = bucket(max(max(lengths), 1))
+    tr = _jit_translate()(alloc_state, jnp.asarray(slots, jnp.int32)[:, None],
+                          jnp.arange(width, dtype=jnp.int32)[None, :],
+                          csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
+                          c128_ring=geo.c128_ring)
+    tr = jax.device_get(tr)
+    out = []
+    for i, T in enumerate(lengths):
+        t = type(tr)(*(np.asarray(x)[i, :T] for x in tr))
+        swa_state = lambda rows: (rows, t.swa_valid & (rows >= 0))  # noqa: E731
+        table = {
+            "swa": (t.swa, t.swa_valid),
+            "c4": (t.c4, t.c4_valid),
+            "c4_indexer": (t.c4, t.c4_valid),
+            "c128": (t.c128, t.c128_valid),
+            "c4_state": swa_state(t.c4_state),
+            "c4_indexer_state": swa_state(t.c4_state),
+            "c128_state": (swa_state(t.c128_state) if scope == "page" else
+                           (t.c128_state_req, (t.full >= 0) & (t.c128_state_req >= 0))),
+        }
+        out.append({n: (table[n][0].astype(np.int32), table[n][1].astype(bool)) for n in names})
+    return out
+
+
 def request_locs(layout: Layout, alloc_state, request: int, *,
                  c128_state_scope: str = "page",
                  pools=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -773,58 +881,15 @@ def request_locs(layout: Layout, alloc_state, request: int, *,
     Returns:
       ``{pool: (locs int32[T], valid bool[T])}``: SWA via ``full_to_swa`` (valid where > 0);
       C4 / C4-indexer / C128 by ``(f + 1) % r == 0``; C4 and C4-indexer state rows from the SWA
-      loc (valid with it); C128 state rows from the SWA loc or the request slot.
+      loc (valid with it); C128 state rows from the SWA loc or the request slot.  (Computed by
+      ``jaxkv.alloc.translate``.)
     """
-    A = _alloc()
     slot, T = _check_slot(alloc_state, request)
     names = _pools_of(layout, pools, c128_state_scope)
-    geo = layout.geometry
-    tr = A.translate(alloc_state, jnp.int32(slot), jnp.arange(T, dtype=jnp.int32),
-                     csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
-                     c128_ring=geo.c128_ring)
-    tr = jax.tree_util.tree_map(np.asarray, tr)
-    full_ok = tr.full >= 0
-    table = {
-        "swa": (tr.swa, tr.swa_valid),
-        "c4": (tr.c4, tr.c4_valid),
-        "c4_indexer": (tr.c4, tr.c4_valid),
-        "c128": (tr.c128, tr.c128_valid),
-        "c4_state": (tr.c4_state, tr.swa_valid & (tr.c4_state >= 0)),
-        "c4_indexer_state": (tr.c4_state, tr.swa_valid & (tr.c4_state >= 0)),
-        "c128_state": ((tr.c128_state, tr.swa_valid & (tr.c128_state >= 0))
-                       if c128_state_scope == "page" else
-                       (tr.c128_state_req, full_ok & (tr.c128_state_req >= 0))),
-    }
-    return {n: (table[n][0].astype(np.int32), table[n][1].astype(bool)) for n in names}
+    return _request_locs_batch(layout, alloc_state, [slot], [T], c128_state_scope, names)[0]
 
 
-def start_save(cache: Cache, alloc_state, request: int, *, c128_state_scope: str = "page",
-               pools=None, budget: HostBudget | None = None, host_kind: str | None = None,
-               impl: str = "auto") -> SaveHandle:
-    """Starts saving request ``request``'s whole cache to host memory; returns at once.
-
-    Token pools save the request's tokens valid in each pool (the masks are recorded in the
-    HostCopy); state pools save each distinct row once.  An empty request short-circuits (no
-    transfer, no host bytes).  Neither the cache nor the allocator is modified.
-
-    Args:
-      cache: the cache.
-      alloc_state: the allocator state (``jaxkv.alloc``); the request must be live.
-      request: the request's slot.
-      c128_state_scope: see ``request_locs``.
-      pools: restrict to these pools (default: every pool of the cache).
-      budget, host_kind, impl: as for ``start_save_locs``.
-
-    Returns:
-      A ``SaveHandle``.  Release the request's pages with ``finish_save`` (waits first).
-
-    Raises:
-      ValueError: bad request / arguments.  HostBudgetExceeded: does not fit (nothing changed).
-    """
-    _check_cache(cache)
-    rl = request_locs(cache.layout, alloc_state, request, c128_state_scope=c128_state_scope,
-                      pools=pools)
-    slot, T = _check_slot(alloc_state, request)
+def _request_save_plan(cache: Cache, rl: dict, slot: int, T: int, scope: str) -> _SavePlan:
     pool_locs, masks, index = {}, {}, {}
     for name, (locs, valid) in rl.items():
         masks[name] = valid
@@ -836,10 +901,55 @@ def start_save(cache: Cache, alloc_state, request: int, *, c128_state_scope: str
             pool_locs[name] = uniq.astype(np.int32)
         else:
             pool_locs[name] = locs[valid]
-    meta = {"length": T, "slot": slot, "c128_state_scope": c128_state_scope,
-            "state_index": index, "pools": tuple(rl)}
-    return start_save_locs(cache, pool_locs, budget=budget, host_kind=host_kind, impl=impl,
-                           masks=masks, meta=meta)
+    keys, locs, entries, total = _prepare(cache, pool_locs)
+    meta = {"length": T, "slot": slot, "c128_state_scope": scope, "state_index": index,
+            "pools": tuple(rl)}
+    return _SavePlan(keys, locs, entries, total, masks, meta)
+
+
+def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: str = "page",
+                     pools=None, budget: HostBudget | None = None,
+                     host_kind: str | None = None, impl: str = "auto") -> list[SaveHandle]:
+    """Starts saving several requests' whole caches to host memory; returns at once.
+
+    All translations are done first (one device round trip for the batch), the budget is charged
+    for the whole batch (all or nothing), then every request's gather and device-to-host copy is
+    queued back to back, so the copy of one request overlaps the gather of the next.
+
+    Token pools save the request's tokens valid in each pool (the masks are recorded in the
+    HostCopy); state pools save each distinct row once.  An empty request short-circuits (no
+    transfer, no host bytes).  Neither the cache nor the allocator is modified.
+
+    Args:
+      cache: the cache.
+      alloc_state: the allocator state (``jaxkv.alloc``); the requests must be live.
+      requests: request slots (distinct ints).
+      c128_state_scope: see ``request_locs``.
+      pools: restrict to these pools (default: every pool of the cache).
+      budget, host_kind, impl: as for ``start_save_locs``.
+
+    Returns:
+      One ``SaveHandle`` per request.  Release the requests' pages with ``finish_save_batch``
+      (which waits first).
+
+    Raises:
+      ValueError: bad requests / arguments.  HostBudgetExceeded: the batch does not fit (nothing
+      changed, nothing dispatched).
+    """
+    _check_cache(cache)
+    names = _pools_of(cache.layout, pools, c128_state_scope)
+    slots, lens = _check_slots(alloc_state, list(requests))
+    rls = _request_locs_batch(cache.layout, alloc_state, slots, lens, c128_state_scope, names)
+    plans = [_request_save_plan(cache, rl, s, T, c128_state_scope)
+             for rl, s, T in zip(rls, slots, lens)]
+    what = f"saving requests {slots} ({sum(lens):,} tokens)"
+    return _start_plans(cache, plans, budget, host_kind, impl, what)
+
+
+def start_save(cache: Cache, alloc_state, request: int, **kw) -> SaveHandle:
+    """Starts saving one request's whole cache; returns at once (see ``start_save_batch``)."""
+    _check_slot(alloc_state, request)
+    return start_save_batch(cache, alloc_state, [request], **kw)[0]
 
 
 def save(cache: Cache, alloc_state, request: int, **kw) -> HostCopy:
@@ -848,40 +958,54 @@ def save(cache: Cache, alloc_state, request: int, **kw) -> HostCopy:
     return start_save(cache, alloc_state, request, **kw).wait()
 
 
-def finish_save(handle: SaveHandle, alloc_state, request: int):
-    """Waits for a save to land in host memory, *then* releases the request's device pages.
+def finish_save_batch(handles, alloc_state, requests):
+    """Waits for saves to land in host memory, *then* releases the requests' device pages.
 
     This order is the only one the API offers: the pages are handed back to the allocator only
     once the bytes are safe on the host.
 
     Args:
-      handle: from ``start_save``.
+      handles: from ``start_save_batch`` (or ``start_save``), one per request.
       alloc_state: the allocator state.
-      request: the slot that was saved.
+      requests: the slots that were saved, in the handles' order.
 
     Returns:
-      ``(host_copy, alloc_state)``.
+      ``(host_copies, alloc_state)``.
 
     Raises:
-      ValueError: the slot is not the saved request, or the allocator refused the release (the
-        host copy is then freed and the allocator state is unchanged).
+      ValueError: a slot is not the request its handle saved, or the allocator refused the
+        release (the host copies are then freed and the allocator state is unchanged).
     """
-    if not isinstance(handle, SaveHandle):
-        raise ValueError(f"handle must be a SaveHandle, got {type(handle).__name__}")
-    saved_slot = handle.copy_in_flight.meta.get("slot")
-    if saved_slot is None or saved_slot != request:
-        raise ValueError(f"request {request!r} is not the request this handle saved "
-                         f"({saved_slot!r})")
-    _check_slot(alloc_state, request)
-    copy = handle.wait()
+    handles, requests = list(handles), list(requests)
+    if len(handles) != len(requests):
+        raise ValueError(f"{len(handles)} handles but {len(requests)} requests")
+    for h, r in zip(handles, requests):
+        if not isinstance(h, SaveHandle):
+            raise ValueError(f"handles must be SaveHandles, got {type(h).__name__}")
+        saved_slot = h.copy_in_flight.meta.get("slot")
+        if saved_slot is None or saved_slot != r:
+            raise ValueError(f"request {r!r} is not the request its handle saved "
+                             f"({saved_slot!r})")
+    _check_slots(alloc_state, requests)
+    copies = [h.wait() for h in handles]
     A = _alloc()
-    new_state, status = A.release(alloc_state, jnp.asarray([request], jnp.int32))
-    st = int(np.asarray(status)[0])
-    if st != A.OK:
-        copy.free()
-        raise ValueError(f"the allocator refused to release request {request} (status {st}); "
-                         "its pages are untouched and the host copy was dropped")
-    return copy, new_state
+    if not requests:
+        return copies, alloc_state
+    new_state, status = A.release(alloc_state, jnp.asarray(requests, jnp.int32))
+    st = np.asarray(status)
+    if (st != A.OK).any():
+        for c in copies:
+            c.free()
+        raise ValueError(f"the allocator refused to release requests {requests} (status "
+                         f"{st.tolist()}); their pages are untouched and the host copies were "
+                         "dropped")
+    return copies, new_state
+
+
+def finish_save(handle: SaveHandle, alloc_state, request: int):
+    """``finish_save_batch`` for one request: returns ``(host_copy, alloc_state)``."""
+    copies, state = finish_save_batch([handle], alloc_state, [request])
+    return copies[0], state
 
 
 def retract(cache: Cache, alloc_state, request: int, **kw):
@@ -892,67 +1016,33 @@ def retract(cache: Cache, alloc_state, request: int, **kw):
     return finish_save(start_save(cache, alloc_state, request, **kw), alloc_state, request)
 
 
-def load(cache: Cache, alloc_state, host_copy: HostCopy, request: int, *, impl: str = "auto",
-         donate: bool = False, free: bool = False) -> Cache:
-    """Restores a saved request into its new pages (SGLang's ``load_cpu_copy``).
+def retract_batch(cache: Cache, alloc_state, requests, **kw):
+    """``finish_save_batch(start_save_batch(...))``: returns ``(host_copies, alloc_state)``."""
+    requests = list(requests)
+    return finish_save_batch(start_save_batch(cache, alloc_state, requests, **kw), alloc_state,
+                             requests)
 
-    The new locations are translated from the request's new full locations exactly as on save;
-    an entry is restored only where it was valid when saved *and* is valid now
-    (``new_mask[old_mask]``): a tail-only SWA allocation restores the rows it holds and writes
-    nothing into page 0.  Request-scoped state rows of the new slot are reset to the sentinel
-    value ``[kv 0 | score -inf]`` first, then the saved rows are restored (same program).
-    An empty request short-circuits.
 
-    Args:
-      cache: the cache.
-      alloc_state: the allocator state holding the resumed request (``jaxkv.alloc.admit`` with the
-        saved length).
-      host_copy: from ``save`` / ``finish_save``.
-      request: the request's *new* slot.
-      impl, donate, free: as for ``load_locs``.
-
-    Returns:
-      The new cache.
-
-    Raises:
-      ValueError: the copy is not a request-level copy, the new length differs, bad slot, freed
-        copy, wrong layout (nothing changed).
-    """
-    _check_cache(cache)
-    if not isinstance(host_copy, HostCopy) or "length" not in host_copy.meta:
-        raise ValueError("host_copy must be a request-level HostCopy (from save / start_save)")
-    slot, T = _check_slot(alloc_state, request)
+def _request_load_targets(layout: Layout, host_copy: HostCopy, rl: dict, slot: int):
+    """``(targets, sources, reset)`` of a request-level load (``new_mask[old_mask]``)."""
     meta = host_copy.meta
-    if T != meta["length"]:
-        raise ValueError(f"request {request} holds {T} tokens but the host copy saved "
-                         f"{meta['length']}; resume with the saved length "
-                         "(jaxkv.alloc.admit(state, [host_copy.meta['length']]))")
-    if T == 0:
-        if free:
-            host_copy.free()
-        return cache
-    rl = request_locs(cache.layout, alloc_state, request,
-                      c128_state_scope=meta["c128_state_scope"], pools=meta["pools"])
     if "swa" in rl:  # translation sanity: a valid SWA loc is never in the reserved page 0
         s, v = rl["swa"]
-        tpp = cache.layout.pool("swa").tokens_per_page
+        tpp = layout.pool("swa").tokens_per_page
         bad = v & (s < tpp)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"the allocator maps position {i} of request {request} to SWA loc "
+            raise ValueError(f"the allocator maps position {i} of request {slot} to SWA loc "
                              f"{int(s[i])}, inside the reserved page 0")
     targets, sources, reset = {}, {}, {}
     for name, (new_locs, new_valid) in rl.items():
         old_valid = host_copy.masks[name]
-        e = host_copy.entry(name)
-        if e is None:  # nothing was valid at save time
+        if host_copy.entry(name) is None:  # nothing was valid at save time
             continue
-        p = cache.layout.pool(name)
-        if p.spec.kind == "state":
+        if layout.pool(name).spec.kind == "state":
             both = old_valid & new_valid
             src = meta["state_index"][name][both]
-            dst = new_locs[both]
-            dst, first = np.unique(dst, return_index=True)
+            dst, first = np.unique(new_locs[both], return_index=True)
             targets[name], sources[name] = dst.astype(np.int32), src[first].astype(np.int32)
         else:
             keep = new_valid[old_valid]  # new_mask[old_mask]
@@ -960,29 +1050,118 @@ def load(cache: Cache, alloc_state, host_copy: HostCopy, request: int, *, impl: 
             dst[~keep] = -1
             targets[name] = dst
     if meta["c128_state_scope"] == "request" and "c128_state" in rl:
-        ring = cache.layout.geometry.c128_ring
+        ring = layout.geometry.c128_ring
         reset["c128_state"] = (slot * ring + np.arange(ring)).astype(np.int32)
-    return load_locs(cache, host_copy, targets, sources=sources, reset=reset, impl=impl,
-                     donate=donate, free=free)
+    return targets, sources, reset
 
 
-def resume(cache: Cache, alloc_state, host_copy: HostCopy, *, impl: str = "auto",
-           donate: bool = False, free: bool = True):
-    """Admits the saved request again (fresh, different pages; tail-only SWA) and loads it.
+def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = "auto",
+               donate: bool = False, free: bool = False) -> Cache:
+    """Restores saved requests into their new pages (SGLang's ``load_cpu_copy``, batched).
+
+    The new locations are translated from each request's new full locations exactly as on save
+    (one device round trip for the batch); an entry is restored only where it was valid when
+    saved *and* is valid now (``new_mask[old_mask]``): a tail-only SWA allocation restores the
+    rows it holds and writes nothing into page 0.  Request-scoped state rows of the new slot are
+    reset to the sentinel value ``[kv 0 | score -inf]`` first, then the saved rows are restored
+    (same program).  Empty requests short-circuit.  Everything is validated before anything is
+    dispatched; then each request's host-to-device copy and scatter are queued back to back.
+
+    Args:
+      cache: the cache.
+      alloc_state: the allocator state holding the resumed requests (``jaxkv.alloc.admit`` with
+        the saved lengths: ``host_copy.meta["length"]``).
+      host_copies: from ``save`` / ``finish_save_batch``, one per request.
+      requests: the requests' *new* slots.
+      impl, donate, free: as for ``load_locs``.
 
     Returns:
-      ``(cache, alloc_state, slot)``; when the allocator has no room: the inputs unchanged and
-      ``slot = -1`` (the host copy is kept for a later try).
+      The new cache.
+
+    Raises:
+      ValueError: a copy is not a request-level copy, a length differs, bad slots, freed copy,
+        wrong layout (nothing changed).
     """
+    _check_cache(cache)
+    host_copies, requests = list(host_copies), list(requests)
+    if len(host_copies) != len(requests):
+        raise ValueError(f"{len(host_copies)} host copies but {len(requests)} requests")
+    slots, lens = _check_slots(alloc_state, requests)
+    for c, s, T in zip(host_copies, slots, lens):
+        if not isinstance(c, HostCopy) or "length" not in c.meta:
+            raise ValueError("host_copies must be request-level HostCopies (from save / "
+                             "start_save)")
+        if c.freed:
+            raise ValueError("a host copy was freed; its bytes are gone")
+        if T != c.meta["length"]:
+            raise ValueError(f"request {s} holds {T} tokens but its host copy saved "
+                             f"{c.meta['length']}; resume with the saved length "
+                             "(jaxkv.alloc.admit(state, [host_copy.meta['length']]))")
+    groups = {}  # translations grouped by (scope, pools)
+    for i, c in enumerate(host_copies):
+        if lens[i]:
+            groups.setdefault((c.meta["c128_state_scope"], c.meta["pools"]), []).append(i)
+    rls = [None] * len(slots)
+    for (scope, names), idx in groups.items():
+        _pools_of(cache.layout, names, scope)
+        got = _request_locs_batch(cache.layout, alloc_state, [slots[i] for i in idx],
+                                  [lens[i] for i in idx], scope, names)
+        for i, rl in zip(idx, got):
+            rls[i] = rl
+    plans = []
+    for c, s, rl in zip(host_copies, slots, rls):
+        if rl is None:  # empty request
+            plans.append(None)
+            continue
+        targets, sources, reset = _request_load_targets(cache.layout, c, rl, s)
+        plans.append(_load_plan(cache, c, targets, sources, reset))
+    for c, plan in zip(host_copies, plans):
+        if plan is None:
+            if free:
+                c.free()
+            continue
+        cache = _dispatch_load(cache, c, plan, impl=impl, donate=donate, free=free)
+    return cache
+
+
+def load(cache: Cache, alloc_state, host_copy: HostCopy, request: int, **kw) -> Cache:
+    """Restores one saved request into its new pages (see ``load_batch``)."""
     if not isinstance(host_copy, HostCopy) or "length" not in host_copy.meta:
         raise ValueError("host_copy must be a request-level HostCopy (from save / start_save)")
-    if host_copy.freed:
-        raise ValueError("host_copy was freed; its bytes are gone")
+    _check_slot(alloc_state, request)
+    return load_batch(cache, alloc_state, [host_copy], [request], **kw)
+
+
+def resume_batch(cache: Cache, alloc_state, host_copies, *, impl: str = "auto",
+                 donate: bool = False, free: bool = True):
+    """Admits saved requests again (fresh, different pages; tail-only SWA) and loads them.
+
+    Returns:
+      ``(cache, alloc_state, slots)``; when the allocator has no room for the whole batch: the
+      inputs unchanged and every slot -1 (the host copies are kept for a later try).
+    """
+    host_copies = list(host_copies)
+    for c in host_copies:
+        if not isinstance(c, HostCopy) or "length" not in c.meta:
+            raise ValueError("host_copies must be request-level HostCopies (from save / "
+                             "start_save)")
+        if c.freed:
+            raise ValueError("a host copy was freed; its bytes are gone")
+    if not host_copies:
+        return cache, alloc_state, []
     A = _alloc()
-    new_state, slots, status = A.admit(alloc_state,
-                                       jnp.asarray([host_copy.meta["length"]], jnp.int32))
-    if int(np.asarray(status)[0]) != A.OK:
-        return cache, alloc_state, -1
-    slot = int(np.asarray(slots)[0])
-    cache = load(cache, new_state, host_copy, slot, impl=impl, donate=donate, free=free)
-    return cache, new_state, slot
+    new_state, slots, status = A.admit(
+        alloc_state, jnp.asarray([c.meta["length"] for c in host_copies], jnp.int32))
+    if (np.asarray(status) != A.OK).any():
+        return cache, alloc_state, [-1] * len(host_copies)
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = load_batch(cache, new_state, host_copies, slots, impl=impl, donate=donate,
+                       free=free)
+    return cache, new_state, slots
+
+
+def resume(cache: Cache, alloc_state, host_copy: HostCopy, **kw):
+    """``resume_batch`` for one request: returns ``(cache, alloc_state, slot)`` (slot -1: no
+    room; nothing changed)."""
+    cache, state, slots = resume_batch(cache, alloc_state, [host_copy], **kw)
+    return cache, state, slots[0]
