@@ -418,3 +418,44 @@ def test_step_count_reported():
     """Runs last in this file: reports how many state-machine steps ran (>= 10,000 wanted)."""
     if STEPS["n"]:
         print(f"state machine steps: {STEPS['n']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizing
+
+
+@pytest.mark.parametrize("name,r,m,scope", [("dsv4_flash", 0.1, 1024, "request"),
+                                             ("dsv4_flash", 0.2, 256, "page"),
+                                             ("dsv4_pro", 0.1, 256, "request")])
+def test_capacity_fits_budget_exactly(name, r, m, scope):
+    from jaxkv import sizing
+    geo = jaxkv.geometry.PRESETS[name]()
+    budget = 60 * 10**9
+    c = sizing.capacity(geo, budget, r, m, scope)
+    lay = jaxkv.layer_major(geo, c.pages)
+    swa_pb = lay.pool("swa").page_bytes
+    used = lay.nbytes + geo.mtp_layers * c.pages["swa"] * swa_pb
+    assert used == c.ours_bytes <= budget
+    more = sizing.pool_pages(geo, c.pages["c4"] + 1, r, m, scope)
+    assert sizing.pool_bytes(geo, more) > budget  # the largest that fits
+    assert c.sglang_tokens == int(budget // jaxkv.geometry.sglang_bytes_per_full_token(geo, r))
+    assert c.ours_tokens == (c.pages["c4"] - 1) * geo.page_size
+    # SWA tokens per full token is r (same model behaviour), up to one page of rounding.
+    assert abs((c.pages["swa"] - 1) - r * (c.pages["c4"] - 1)) < 1
+    # Every state row our addressing can produce lies below the sentinel row.
+    cfg = A.config_from_layout(lay, max_requests=m, max_len=4096)
+    top_swa = jnp.asarray([cfg.num_swa_pages * cfg.swa_page - 1], jnp.int32)
+    assert int(jaxkv.locs.state_rows(top_swa, geo.c4_ring, cfg.swa_page)[0]) \
+        < lay.pool("c4_state").sentinel
+    if scope == "request":
+        row = jaxkv.locs.request_state_rows(jnp.asarray([m - 1]), jnp.asarray([127]), 128)
+        assert int(row[0]) < lay.pool("c128_state").sentinel
+
+
+def test_flash_capacity_target():
+    from jaxkv import sizing
+    c = sizing.capacity(jaxkv.dsv4_flash(), 60 * 10**9, 0.1, 1024)
+    assert c.ratio >= 1.5, c
+    assert c.swa_requests >= 1024  # the SWA pool can run all the requests the state is sized for
+    with pytest.raises(ValueError, match="budget"):
+        sizing.capacity(jaxkv.dsv4_flash(), 10**6, 0.1, 4)
