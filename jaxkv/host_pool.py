@@ -686,6 +686,10 @@ def _windows(host: HostPool, cache: Cache, pool: str, plan: _Plan):
 
 def _triton_run(host: HostPool, cache: Cache, pool: str, plan: _Plan, to_host: bool,
                 donate: bool):
+    if host.spec.memory_kind != "pinned_host":
+        raise ValueError(f"method='triton' needs a pinned_host pool (device-visible address); this "
+                         f"pool lives in {host.spec.memory_kind!r}: use method='xla'")
+    _jax_triton()
     b, _ = page_addressing(cache.layout, pool)
     host.buffer.block_until_ready()        # earlier XLA writes of the host buffer are done
     addr = buffer_address(host)

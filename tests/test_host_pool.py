@@ -535,3 +535,18 @@ def test_real_dsv4_flash_c4_pages():
     _ref_copy(want, d, slots[64:74], src, s, range(21))
     np.testing.assert_array_equal(_host_pages(h), want)
     assert np.array_equal(want[:, 1, 64 * 584:], poison.reshape(21, 4, 37440)[:, 1, 64 * 584:])
+
+
+def test_triton_method_refuses_without_gpu_or_pinned_memory():
+    _, cache, h, poison = _setup("dsv4", "c4")
+    h, slots = hp.alloc(h, 4)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="GPU"):
+            hp.backup_from_device(h, cache, "c4", slots[:4], np.arange(4), method="triton")
+    geo = jaxkv.tiny(5)
+    dev_kind = jax.devices()[0].default_memory().kind
+    h2 = hp.init_host_pool(cache, "c4", 4, memory_kind=dev_kind)
+    h2, s2 = hp.alloc(h2, 4)
+    with pytest.raises(ValueError, match="pinned_host"):
+        hp.backup_from_device(h2, cache, "c4", s2[:4], np.arange(4), method="triton")
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)
