@@ -80,20 +80,28 @@ class OwnershipError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Registries: JAX buffers viewed by torch, and JAX arrays that alias torch memory.
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: weakref callbacks may fire during GC under the lock
 _exported: dict[int, list[weakref.ref]] = {}   # JAX buffer pointer -> weakrefs to torch tensors
 _imported: dict[int, list[weakref.ref]] = {}   # torch pointer -> weakrefs to the JAX arrays
 
 
 def _live(refs: list[weakref.ref]) -> list:
-    return [o for o in (r() for r in refs) if o is not None]
+    return [o for o in (r() for r in list(refs)) if o is not None]
 
 
 def _record(table: dict, ptr: int, obj) -> None:
+    """Records a weak reference; the entry disappears when ``obj`` dies (no unbounded growth)."""
+    def forget(ref, table=table, ptr=ptr):
+        with _lock:
+            refs = table.get(ptr)
+            if refs is not None:
+                refs[:] = [r for r in refs if r is not ref and r() is not None]
+                if not refs:
+                    del table[ptr]
+
+    ref = weakref.ref(obj, forget)
     with _lock:
-        refs = [r for r in table.get(ptr, []) if r() is not None]
-        refs.append(weakref.ref(obj))
-        table[ptr] = refs
+        table.setdefault(ptr, []).append(ref)
 
 
 def buffer_pointer(array: jax.Array) -> int:

@@ -214,6 +214,23 @@ def test_donate_safe_jax_owned_with_torch_views():
     I.donate_safe({"a": x})
 
 
+def test_registry_forgets_dead_views():
+    from jaxkv.interop import dlpack
+    x = jnp.asarray(_random_bytes((64,)))
+    ptr = x.unsafe_buffer_pointer()
+    ts = [I.to_torch(x) for _ in range(3)]
+    assert len(dlpack._exported[ptr]) == 3
+    del ts
+    gc.collect()
+    assert ptr not in dlpack._exported
+    t = torch.from_numpy(_random_bytes((64,))).clone()
+    y = I.from_torch(t)
+    assert t.data_ptr() in dlpack._imported
+    del y
+    gc.collect()
+    assert t.data_ptr() not in dlpack._imported
+
+
 def test_donate_safe_torch_owned():
     t = torch.from_numpy(_random_bytes((64,))).clone()
     y = I.from_torch(t)
