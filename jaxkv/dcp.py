@@ -1,0 +1,620 @@
+"""Decode context parallelism (DCP) over a JAX mesh axis (SPEC §9).
+
+MLA / DSA have one latent KV head, so tensor parallelism replicates the cache on every rank.  DCP
+splits the **token** dimension of the cache over the ``N`` devices of a mesh axis (``"dcp"``):
+
+Placement
+  Each sharded pool (DSv4: ``swa``, ``c4``, ``c128``; V3.2: ``kv``) is addressed with *global*
+  locations in a space ``N`` times wider than one device's pool: a request's virtual block ``vb``
+  covers ``B * N`` consecutive positions (``B`` = the pool's tokens per page), global loc
+  ``g = vb * B * N + p mod (B * N)``.  The owner of ``g`` is ``(g // I) mod N`` and its slot on the
+  owner is ``(g // (B*N)) * B + (o // (I*N)) * I + o mod I`` with ``o = g mod (B*N)``
+  (``owner`` / ``local_index``, i.e. ``jaxkv.locs.dcp_owner`` / ``dcp_local_index``).  So every rank
+  uses the same block table (the virtual block ids are its local page ids) and holds the positions
+  ``p`` with ``owner(p) == rank`` as its local sequence ``j = (p // (I*N)) * I + p mod I``, of length
+  ``local_len(L, N, I, rank)``.  ``I = 1`` is token round-robin (SGLang's widened loc space:
+  owner ``g % N``, slot ``g // N``); ``interleave="page"`` uses ``I = B`` per pool (whole pages).
+
+Replicated state
+  The indexer pool (``c4_indexer`` / ``indexer``) stays replicated (every rank computes the same
+  global top-k, SPEC §9); it is addressed with the same global locs, so each device holds ``N``
+  times the indexer pages of its paired pool.  Compress-state pools are replicated too (per
+  request rings, small).  ``capacity`` reports what this costs.
+
+Memory
+  ``DCPCache.buffers[i]`` is a global array: sharded pools ``uint8[N * rows, row_bytes]`` with
+  ``PartitionSpec(axis)`` (device ``r`` holds rows ``[r * rows, (r+1) * rows)``: exactly its local
+  layer-major buffer), replicated pools ``uint8[rows, row_bytes]`` with ``PartitionSpec()``.
+  Inside ``shard_map`` a rank sees a plain ``jaxkv.Cache`` of the per-device ``layout``.
+  Only the layer-major layout can be sharded this way (the packed layout puts the indexer inside
+  every block).
+
+Decode (``decode``): one ``shard_map``: ``all_gather`` of q over heads (tiled), local partial
+attention over the rank's own tokens (``jaxkv.attention.attend``), then ``merge``: all-gather of the
+LSEs, ``M = max``, ``LSE = M + log sum exp(lse_r - M)``, ``õ_r = exp(lse_r - LSE) * o_r`` (exactly 0
+where ``lse_r = -inf``), ``psum_scatter`` over heads.  ``base="2"`` uses exp2/log2 throughout.
+
+Meshes: build them with ``make_mesh`` (axis type ``Auto``) so that ``shard_map`` may reshard
+inputs; every public function here also ``device_put``s concrete inputs to the shardings it wants.
+Works with ``jax.shard_map`` (jax >= 0.7) and falls back to ``jax.experimental.shard_map``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxkv import attention as A
+from jaxkv import formats as F
+from jaxkv import locs as L
+from jaxkv.cache import Cache, get_tokens, init_cache, set_tokens
+from jaxkv.geometry import Geometry
+from jaxkv.layout import Layout, layer_major
+
+__all__ = [
+    "DCPCache", "make_mesh", "init_dcp_cache", "owner", "local_index", "local_len",
+    "owner_widened", "physical_widened", "global_locs", "to_local", "local_cache", "set_tokens_dcp",
+    "get_tokens_dcp", "merge", "merge_partials", "decode", "localize_topk", "reshard",
+    "reshard_request", "capacity", "kv_capacity", "shard_map",
+]
+
+# Placement (SPEC §9): the formulas live in jaxkv.locs; these are the DCP-facing names.
+owner = L.dcp_owner
+local_index = L.dcp_local_index
+local_len = L.dcp_local_len
+owner_widened = L.dcp_owner_widened
+physical_widened = L.dcp_physical_widened
+localize_topk = A.localize_topk
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """``jax.shard_map`` (jax >= 0.7, ``check_vma=False``) or the older experimental one."""
+    sm = getattr(jax, "shard_map", None)
+    if sm is not None:
+        return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as esm  # pragma: no cover (old jax)
+    return esm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def make_mesh(n: int | None = None, devices=None, axis_name: str = "dcp") -> Mesh:
+    """A 1-D mesh of ``n`` devices (default: all) over axis ``axis_name``, axis type Auto."""
+    devs = list(jax.devices() if devices is None else devices)
+    n = len(devs) if n is None else int(n)
+    if not 1 <= n <= len(devs):
+        raise ValueError(f"n must be in [1, {len(devs)}] (available devices), got {n}")
+    arr = np.array(devs[:n])
+    at = getattr(jax.sharding, "AxisType", None)
+    if at is not None:
+        try:
+            return Mesh(arr, (axis_name,), axis_types=(at.Auto,))
+        except TypeError:  # pragma: no cover (older Mesh signature)
+            pass
+    return Mesh(arr, (axis_name,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharded cache
+
+
+def _sharded_pools(geo: Geometry) -> tuple[str, ...]:
+    return ("swa", "c4", "c128") if geo.is_dsv4 else ("kv",)
+
+
+def _index_pair(geo: Geometry) -> dict[str, str]:
+    """Replicated indexer pool -> the sharded pool whose global locs it shares."""
+    return {"c4_indexer": "c4"} if geo.is_dsv4 else {"indexer": "kv"}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["buffers"],
+                   meta_fields=["layout", "mesh", "axis_name", "interleave"])
+@dataclasses.dataclass(frozen=True)
+class DCPCache:
+    """A cache sharded over mesh axis ``axis_name`` (see the module docstring).
+
+    Attributes:
+      buffers: global uint8 arrays, one per pool (layer-major); sharded pools
+        ``[N * rows, row_bytes]`` over ``axis_name``, replicated pools ``[rows, row_bytes]``.
+      layout: the per-device layer-major layout (what a rank sees inside ``shard_map``).
+      mesh: the device mesh.
+      axis_name: the DCP axis.
+      interleave: ``((pool, I), ...)`` for every sharded pool.
+    """
+
+    buffers: tuple[jax.Array, ...]
+    layout: Layout
+    mesh: Mesh
+    axis_name: str
+    interleave: tuple[tuple[str, int], ...]
+
+    @property
+    def n(self) -> int:
+        return int(self.mesh.shape[self.axis_name])
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.layout.geometry
+
+    @property
+    def sharded(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.interleave)
+
+    def is_sharded(self, pool: str) -> bool:
+        return pool in self.sharded
+
+    def inter(self, pool: str) -> int:
+        return dict(self.interleave)[pool]
+
+    def specs(self) -> tuple[P, ...]:
+        """PartitionSpec of every buffer."""
+        return tuple(P(self.axis_name) if p.name in self.sharded else P()
+                     for p in self.layout.pools)
+
+    def shardings(self) -> tuple[NamedSharding, ...]:
+        return tuple(NamedSharding(self.mesh, s) for s in self.specs())
+
+    def placement(self, rank) -> A.Placement:
+        return A.Placement(self.n, rank, self.interleave)
+
+    def global_capacity(self, pool: str) -> int:
+        """Global locations of ``pool`` (``N *`` the per-device capacity for sharded pools)."""
+        c = self.layout.pool(pool).capacity
+        return c * self.n if pool in self.sharded else c
+
+
+def init_dcp_cache(geo: Geometry, pages: Mapping[str, int] | int, mesh: Mesh, *,
+                   interleave: int | str = 1, axis_name: str = "dcp") -> DCPCache:
+    """A zero DCP cache (state pools' sentinel rows set).
+
+    Args:
+      geo: the geometry.
+      pages: per pool, pages per layer *on each device* (as ``layer_major``).  The replicated
+        indexer pool is sized ``N *`` its paired pool's pages (it holds every global loc); its own
+        entry, if given, is ignored.
+      mesh: a mesh with axis ``axis_name`` (``make_mesh``).
+      interleave: ``I`` in tokens of each sharded pool (must divide every sharded pool's tokens
+        per page), or ``"page"`` for ``I`` = each pool's tokens per page.
+      axis_name: the DCP mesh axis.
+    """
+    if axis_name not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis_name!r} (axes {tuple(mesh.shape)})")
+    n = int(mesh.shape[axis_name])
+    names = [p.name for p in geo.pools()]
+    pages = {k: int(pages) for k in names} if isinstance(pages, (int, np.integer)) else dict(pages)
+    for idx, paired in _index_pair(geo).items():
+        if paired not in pages:
+            raise ValueError(f"pages must give a page count for pool {paired!r}")
+        pages[idx] = pages[paired] * n
+    layout = layer_major(geo, pages)
+    inter = []
+    for pool in _sharded_pools(geo):
+        tpp = layout.pool(pool).tokens_per_page
+        if interleave == "page":
+            I = tpp
+        elif isinstance(interleave, (int, np.integer)) and not isinstance(interleave, bool):
+            I = int(interleave)
+        else:
+            raise ValueError(f"interleave must be a positive int or 'page', got {interleave!r}")
+        if I < 1 or tpp % I:
+            raise ValueError(f"interleave {I} must divide pool {pool!r}'s tokens per page ({tpp})")
+        inter.append((pool, I))
+    dc = DCPCache((), layout, mesh, axis_name, tuple(inter))
+
+    def make():
+        local = init_cache(geo, layout).buffers
+        return tuple(jnp.zeros((n * b.shape[0], b.shape[1]), b.dtype) if p.name in dc.sharded
+                     else b for p, b in zip(layout.pools, local))
+
+    bufs = jax.jit(make, out_shardings=dc.shardings())()
+    return dataclasses.replace(dc, buffers=tuple(bufs))
+
+
+def local_cache(dc: DCPCache, buffers) -> Cache:
+    """Inside ``shard_map``: the rank's local buffers as a plain ``Cache`` of ``dc.layout``."""
+    return Cache(tuple(buffers), dc.layout)
+
+
+def global_locs(dc: DCPCache, pool: str, positions: jax.Array, block_table: jax.Array) -> jax.Array:
+    """Global locations of per-request positions: int32[B, T] (-1 where invalid).
+
+    ``block_table`` int32[B, P] holds virtual block ids; each covers ``B * N`` positions of a
+    sharded pool or of the replicated indexer (``B`` = the pool's tokens per page).  State pools
+    have no block table.
+    """
+    p = dc.layout.pool(pool)
+    if p.spec.kind != "token":
+        raise ValueError(f"pool {pool!r} is a state pool: pass row locations directly")
+    return A.paged_locs(positions, block_table, p.tokens_per_page * dc.n)
+
+
+def to_local(dc: DCPCache, pool: str, locs: jax.Array, rank) -> jax.Array:
+    """Global locs -> this rank's local locs (-1 where another rank owns the token).
+
+    Replicated pools keep their (global) locs.
+    """
+    locs = jnp.asarray(locs, jnp.int32)
+    if pool not in dc.sharded:
+        return locs
+    I, tpp = dc.inter(pool), dc.layout.pool(pool).tokens_per_page
+    mine = L.dcp_owner(locs, dc.n, I) == rank
+    return jnp.where(mine, L.dcp_local_index(locs, dc.n, I, tpp), -1)
+
+
+def _check_global_locs(dc: DCPCache, pool: str, locs, arg: str = "locs") -> jax.Array:
+    shape = jnp.shape(locs)
+    if len(shape) != 1:
+        raise ValueError(f"{arg} must be 1-D int32[N], got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(locs), jnp.integer):
+        raise ValueError(f"{arg} must be an integer array, got {jnp.result_type(locs)}")
+    cap = dc.global_capacity(pool)
+    if not isinstance(locs, jax.core.Tracer):
+        host = np.asarray(locs)
+        bad = (host < -1) | (host >= cap)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{arg}[{i}] = {int(host[i])} is outside [0, {cap}) (the global "
+                             f"locations of pool {pool!r}; -1 is padding)")
+        return jnp.asarray(host.astype(np.int32))
+    return jnp.asarray(locs, jnp.int32)
+
+
+def _put(x, mesh, spec):
+    """device_put a concrete array to ``NamedSharding(mesh, spec)`` (traced values pass through)."""
+    if isinstance(x, jax.core.Tracer) or x is None:
+        return x
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _put_tree(tree, mesh, spec=P()):
+    return jax.tree_util.tree_map(lambda x: _put(x, mesh, spec), tree)
+
+
+def set_tokens_dcp(dc: DCPCache, pool: str, layer: int | None, locs: jax.Array, tokens, *,
+                   impl: str = "auto") -> DCPCache:
+    """Writes tokens at global locations: each rank keeps only the tokens it owns, at its slot.
+
+    Args:
+      dc: the DCP cache.
+      pool: any pool (sharded pools are localized; replicated ones are written on every rank).
+      layer: pool-local layer index, or None for all layers (tokens with a leading ``[L]`` axis).
+      locs: int32[N] global locations (``global_locs``); -1 is skipped.
+      tokens: the pool format's NamedTuple (replicated).
+
+    Returns:
+      The new DCP cache (only owned slots of sharded pools change; nothing else).
+    """
+    locs = _check_global_locs(dc, pool, locs)
+    F.check_tokens(dc.layout.pool(pool).spec.fmt, tokens)
+    return _set_tokens_jit(dc, pool, layer, _put(locs, dc.mesh, P()), _put_tree(tokens, dc.mesh),
+                           impl)
+
+
+@functools.partial(jax.jit, static_argnames=("pool", "layer", "impl"))
+def _set_tokens_jit(dc, pool, layer, locs, tokens, impl):
+    specs = dc.specs()
+    bi = dc.layout.pool(pool).placements[0].buffer
+
+    def body(bufs, locs, tokens):
+        rank = lax.axis_index(dc.axis_name)
+        c = set_tokens(local_cache(dc, bufs), pool, layer, to_local(dc, pool, locs, rank),
+                       tokens, impl=impl)
+        return c.buffers[bi]
+
+    new = shard_map(body, mesh=dc.mesh, in_specs=(specs, P(), P()), out_specs=specs[bi])(
+        dc.buffers, locs, tokens)
+    bufs = list(dc.buffers)
+    bufs[bi] = new
+    return dataclasses.replace(dc, buffers=tuple(bufs))
+
+
+def get_tokens_dcp(dc: DCPCache, pool: str, layer: int | None, locs: jax.Array, *,
+                   impl: str = "auto"):
+    """Reads tokens at global locations, from whichever rank owns each (replicated result).
+
+    Each rank reads its own tokens (others read as zeros), and a ``psum`` of the raw bytes over the
+    DCP axis assembles them: exact, since exactly one rank contributes non-zero bytes per token.
+    -1 reads zeros (token pools) or the sentinel row (state pools), as ``jaxkv.get_tokens``.
+    """
+    locs = _check_global_locs(dc, pool, locs)
+    return _get_tokens_jit(dc, pool, layer, _put(locs, dc.mesh, P()), impl)
+
+
+@functools.partial(jax.jit, static_argnames=("pool", "layer", "impl"))
+def _get_tokens_jit(dc, pool, layer, locs, impl):
+    fmt = dc.layout.pool(pool).spec.fmt
+    sharded = pool in dc.sharded
+
+    def body(bufs, locs):
+        rank = lax.axis_index(dc.axis_name)
+        toks = get_tokens(local_cache(dc, bufs), pool, layer, to_local(dc, pool, locs, rank),
+                          impl=impl)
+        value, scale = F.to_parts(fmt, toks)
+        if sharded:
+            value, scale = lax.psum(value, dc.axis_name), lax.psum(scale, dc.axis_name)
+        return value, scale
+
+    value, scale = shard_map(body, mesh=dc.mesh, in_specs=(dc.specs(), P()),
+                             out_specs=(P(), P()))(dc.buffers, locs)
+    return F.from_parts(fmt, value, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+
+def _axis_size(axis_name: str) -> int:
+    size = getattr(lax, "axis_size", None)
+    return int(size(axis_name)) if size is not None else int(lax.psum(1, axis_name))
+
+
+def _exp_log(base: str):
+    A._check_base(base)
+    return (jnp.exp, jnp.log) if base == "e" else (jnp.exp2, jnp.log2)
+
+
+def _combine(lses: jax.Array, base: str):
+    """lses f32[N, ...] -> (LSE f32[...], weights f32[N, ...]) with weight 0 where lse = -inf."""
+    exp, log = _exp_log(base)
+    m = jnp.max(lses, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    has = lses > -jnp.inf
+    e = jnp.where(has, exp(jnp.where(has, lses, 0.0) - m_safe), 0.0)
+    s = jnp.sum(e, axis=0)
+    lse = jnp.where(s > 0, m_safe + log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+    w = jnp.where(has, exp(jnp.where(has, lses, 0.0) - jnp.where(s > 0, lse, 0.0)), 0.0)
+    return lse, w
+
+
+def merge_partials(outs: jax.Array, lses: jax.Array, base: str = "e"):
+    """Merges N partial attentions held in one place (no collectives).
+
+    Args:
+      outs: f32[N, B, h, Dv] normalized partial outputs.
+      lses: f32[N, B, h] their log-sum-exps (``-inf`` = no keys).
+      base: ``"e"`` or ``"2"``.
+
+    Returns:
+      ``(out f32[B, h, Dv], lse f32[B, h])``; parts with ``lse = -inf`` contribute exactly 0.
+    """
+    lse, w = _combine(jnp.asarray(lses, jnp.float32), base)
+    o = jnp.where((w > 0)[..., None], jnp.asarray(outs, jnp.float32) * w[..., None], 0.0)
+    return jnp.sum(o, axis=0), lse
+
+
+def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
+          method: str = "reduce_scatter"):
+    """Merges partial attention across the DCP axis; call inside ``shard_map``.
+
+    Args:
+      out: f32[B, H, Dv] this rank's partial output for all ``H = N * h`` gathered heads.
+      lse: f32[B, H] its log-sum-exp (``-inf`` where the rank holds no keys).
+      axis_name: the DCP mesh axis.
+      base: ``"e"`` or ``"2"`` (must match how ``lse`` was computed).
+      method: ``"reduce_scatter"`` (SPEC §9: all-gather LSEs, scale, ``psum_scatter`` over heads)
+        or ``"all_to_all"`` (one ``all_to_all`` of ``[out | lse]`` head chunks, merged locally;
+        same result, one collective instead of two).
+
+    Returns:
+      ``(out f32[B, h, Dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
+    """
+    out = jnp.asarray(out, jnp.float32)
+    lse = jnp.asarray(lse, jnp.float32)
+    n = _axis_size(axis_name)
+    B, H, Dv = out.shape
+    if H % n:
+        raise ValueError(f"heads ({H}) must be a multiple of the DCP size ({n})")
+    h = H // n
+    if method == "reduce_scatter":
+        lses = lax.all_gather(lse, axis_name)  # [N, B, H]
+        total, w = _combine(lses, base)
+        rank = lax.axis_index(axis_name)
+        mine = lax.dynamic_index_in_dim(w, rank, 0, keepdims=False)
+        scaled = jnp.where((mine > 0)[..., None], out * mine[..., None], 0.0)
+        res = lax.psum_scatter(scaled, axis_name, scatter_dimension=1, tiled=True)
+        return res, lax.dynamic_slice_in_dim(total, rank * h, h, axis=1)
+    if method == "all_to_all":
+        packed = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(B, n, h, Dv + 1)
+        got = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
+        got = jnp.moveaxis(got, 1, 0)  # [N (source rank), B, h, Dv + 1]
+        return merge_partials(got[..., :Dv], got[..., Dv], base)
+    raise ValueError(f"method must be 'reduce_scatter' or 'all_to_all', got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+
+
+def decode(dc: DCPCache, q: jax.Array, layer: int, *, seq_lens: jax.Array,
+           block_table: jax.Array, swa_block_table: jax.Array | None = None,
+           index_q: jax.Array | None = None, index_w: jax.Array | None = None,
+           topk: int | None = None, scale: float | None = None, base: str = "e",
+           compact: bool = False, method: str = "reduce_scatter", impl: str = "auto"):
+    """DCP sparse MLA decode of one layer: one ``shard_map`` over the DCP axis.
+
+    Each rank all-gathers q over heads, attends over its own tokens (dense segments by local
+    lengths, top-k segments localized), and ``merge`` returns its heads.
+
+    Args:
+      dc: the DCP cache.
+      q: f32[B, H, W] queries, H a multiple of N; sharded (or to be sharded) over heads.
+      layer: model layer id.
+      seq_lens, block_table, swa_block_table, index_q, index_w, topk: as
+        ``jaxkv.attention.sparse_decode`` (block tables hold virtual block ids of ``B * N``
+        positions); replicated.
+      scale, base: softmax scale and LSE base.
+      compact: compact localized top-k lists valid-first.
+      method: merge method (see ``merge``).
+
+    Returns:
+      ``(out f32[B, H, 512], lse f32[B, H])`` sharded over heads; equal (to float32 rounding) to
+      ``sparse_decode`` on an unsharded cache holding the same tokens.
+    """
+    A._check_base(base)
+    W = dc.geometry.mla.width
+    if jnp.ndim(q) != 3 or jnp.shape(q)[2] != W or jnp.shape(q)[1] % dc.n:
+        raise ValueError(f"q must be float[B, H, {W}] with H a multiple of N = {dc.n}, got "
+                         f"{jnp.shape(q)}")
+    rep = {"seq_lens": seq_lens, "block_table": block_table, "swa_block_table": swa_block_table,
+           "index_q": index_q, "index_w": index_w}
+    rep = {k: v for k, v in rep.items() if v is not None}
+    qspec = P(None, dc.axis_name, None)
+    return _decode_jit(dc, _put(jnp.asarray(q, jnp.float32), dc.mesh, qspec),
+                       _put_tree(rep, dc.mesh), layer=layer, topk=topk, scale=scale, base=base,
+                       compact=compact, method=method, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "topk", "scale", "base", "compact",
+                                             "method", "impl"))
+def _decode_jit(dc, q, rep, *, layer, topk, scale, base, compact, method, impl):
+    axis = dc.axis_name
+
+    def body(bufs, q, rep):
+        rank = lax.axis_index(axis)
+        q_all = lax.all_gather(q, axis, axis=1, tiled=True)
+        kv, valid, _ = A.gather_kv(local_cache(dc, bufs), layer, topk=topk,
+                                   placement=dc.placement(rank), compact=compact, impl=impl, **rep)
+        o, lse = A.attend(q_all, kv, valid, scale=scale, base=base)
+        return merge(o, lse, axis, base, method=method)
+
+    qspec = P(None, axis, None)
+    return shard_map(body, mesh=dc.mesh, in_specs=(dc.specs(), qspec, P()),
+                     out_specs=(qspec, P(None, axis)))(dc.buffers, q, rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# N -> M re-sharding
+
+
+def reshard(src: DCPCache, dst: DCPCache, pool: str, src_locs: jax.Array, dst_locs: jax.Array,
+            *, impl: str = "auto") -> DCPCache:
+    """Copies tokens (all layers of ``pool``) between DCP caches of any widths N -> M, bit-exact.
+
+    Works for N = M, 1 -> N, N -> 1 and N -> M, on the same or different meshes (one process):
+    the tokens are assembled from their owners on ``src`` (raw bytes, ``get_tokens_dcp``), moved to
+    ``dst``'s mesh and written to their new owners (``set_tokens_dcp``).
+
+    Args:
+      src, dst: DCP caches of the same geometry.
+      pool: pool name (token or state pool).
+      src_locs, dst_locs: int32[T] global locations (``global_locs``) in ``src`` / ``dst``; -1
+        entries are skipped (and must be -1 in both).
+
+    Returns:
+      The new ``dst``.
+    """
+    if src.geometry != dst.geometry:
+        raise ValueError("src and dst must have the same geometry")
+    sl = _check_global_locs(src, pool, src_locs, "src_locs")
+    dl = _check_global_locs(dst, pool, dst_locs, "dst_locs")
+    if sl.shape != dl.shape:
+        raise ValueError(f"src_locs and dst_locs must have the same shape, got {sl.shape} and "
+                         f"{dl.shape}")
+    if not isinstance(sl, jax.core.Tracer) and not isinstance(dl, jax.core.Tracer):
+        if not np.array_equal(np.asarray(sl) < 0, np.asarray(dl) < 0):
+            raise ValueError("src_locs and dst_locs must have -1 at the same entries")
+    toks = get_tokens_dcp(src, pool, None, sl, impl=impl)
+    fmt = src.layout.pool(pool).spec.fmt
+    value, scale = F.to_parts(fmt, toks)  # raw bytes cross meshes, never converted values
+    value, scale = _put(value, dst.mesh, P()), _put(scale, dst.mesh, P())
+    return set_tokens_dcp(dst, pool, None, dl, F.from_parts(fmt, value, scale), impl=impl)
+
+
+def reshard_request(src: DCPCache, dst: DCPCache, *, seq_lens, src_block_table, dst_block_table,
+                    src_swa_block_table=None, dst_swa_block_table=None,
+                    impl: str = "auto") -> DCPCache:
+    """Moves requests' token KV (every token pool, all layers) from a DCP-N to a DCP-M cache.
+
+    Positions ``[0, L)`` of ``kv``/``indexer`` (V3.2), ``[0, L//4)`` of ``c4``/``c4_indexer``,
+    ``[0, L//128)`` of ``c128`` and the window ``[L - W, L)`` of ``swa`` (DSv4).  Compress-state
+    rows are not token-addressed: copy them with ``reshard`` and explicit row locations.
+
+    Args:
+      src, dst: DCP caches (widths N and M).
+      seq_lens: int32[B] (concrete) full-position lengths.
+      src_block_table, dst_block_table: int32[B, P] virtual block ids in each cache.
+      src_swa_block_table, dst_swa_block_table: DSv4 SWA block tables.
+    """
+    geo = src.geometry
+    lens = np.asarray(seq_lens, np.int64)
+    plan = []
+    if geo.is_dsv4:
+        W = geo.swa_window
+        plan.append(("swa", np.maximum(lens - W, 0), lens, src_swa_block_table,
+                     dst_swa_block_table))
+        for pool in ("c4", "c4_indexer"):
+            plan.append((pool, 0 * lens, lens // geo.csa_ratio, src_block_table, dst_block_table))
+        plan.append(("c128", 0 * lens, lens // geo.hca_ratio, src_block_table, dst_block_table))
+    else:
+        for pool in ("kv", "indexer"):
+            plan.append((pool, 0 * lens, lens, src_block_table, dst_block_table))
+    for pool, lo, hi, sbt, dbt in plan:
+        if sbt is None or dbt is None:
+            raise ValueError(f"block tables for pool {pool!r} are required")
+        T = max(int((hi - lo).max(initial=0)), 1)
+        pos = lo[:, None] + np.arange(T)[None, :]
+        pos = np.where(pos < hi[:, None], pos, -1).astype(np.int32)
+        sl = np.asarray(global_locs(src, pool, pos, sbt)).reshape(-1)
+        dl = np.asarray(global_locs(dst, pool, pos, dbt)).reshape(-1)
+        if (sl[pos.reshape(-1) >= 0] < 0).any() or (dl[pos.reshape(-1) >= 0] < 0).any():
+            raise ValueError(f"a block table does not cover every position of pool {pool!r}")
+        dst = reshard(src, dst, pool, sl, dl, impl=impl)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity
+
+
+def capacity(dc: DCPCache) -> dict:
+    """Per-device memory of a DCP cache and the token capacity it buys.
+
+    Returns:
+      dict with ``n``, ``device_bytes`` (total per device), ``sharded_bytes`` (token pools split
+      over the axis), ``indexer_bytes`` (replicated indexer, ``N *`` its paired pool's pages),
+      ``state_bytes`` (replicated compress states), ``pools`` (per pool: ``local_tokens`` per
+      layer on a device, ``global_tokens`` per layer, ``sharded``).
+    """
+    pools, out = {}, {"n": dc.n, "sharded_bytes": 0, "indexer_bytes": 0, "state_bytes": 0}
+    idx = set(_index_pair(dc.geometry))
+    for p in dc.layout.pools:
+        b = p.spec.num_layers * p.num_pages * p.page_bytes
+        key = ("sharded_bytes" if p.name in dc.sharded else
+               "indexer_bytes" if p.name in idx else "state_bytes")
+        out[key] += b
+        pools[p.name] = {"local_tokens": p.capacity, "global_tokens": dc.global_capacity(p.name),
+                         "sharded": p.name in dc.sharded, "bytes_per_device": b}
+    out["device_bytes"] = out["sharded_bytes"] + out["indexer_bytes"] + out["state_bytes"]
+    out["pools"] = pools
+    return out
+
+
+def kv_capacity(geo: Geometry, device_bytes: float, n: int) -> dict:
+    """Context tokens a device budget holds under DCP N (token-proportional pools only).
+
+    Per full token a device stores ``sharded / N + replicated`` bytes: DSv4 ``c4`` + ``c128``
+    sharded (``584 * L4 / 4 + 584 * L128 / 128``) and the ``c4_indexer`` replicated
+    (``132 * L4 / 4``); V3.2 ``kv`` sharded (``656 * L``), ``indexer`` replicated (``132 * L``).
+    SWA and compress states are bounded per request (window), not per token, and are left out.
+
+    Returns:
+      dict: ``bytes_per_token_sharded``, ``bytes_per_token_replicated``,
+      ``bytes_per_token_device`` (under DCP N), ``tokens`` (fit in ``device_bytes``), ``gain``
+      (over N = 1) and ``ideal_gain`` (= N).
+    """
+    if geo.is_dsv4:
+        L4, L128 = len(geo.c4_layers), len(geo.c128_layers)
+        sh = geo.mla.token_bytes * (L4 / geo.csa_ratio + L128 / geo.hca_ratio)
+        rep = geo.indexer.token_bytes * L4 / geo.csa_ratio
+    else:
+        sh = geo.mla.token_bytes * geo.num_layers
+        rep = geo.indexer.token_bytes * geo.num_layers
+    per = sh / n + rep
+    return {"n": n, "bytes_per_token_sharded": sh, "bytes_per_token_replicated": rep,
+            "bytes_per_token_device": per, "tokens": int(device_bytes // per),
+            "gain": (sh + rep) / per, "ideal_gain": float(n)}

@@ -1,0 +1,492 @@
+"""DCP: placement, localization, sharded writes, decode + merge vs the single-device oracle, reshard.
+
+Runs on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxkv
+from jaxkv import attention as A
+from jaxkv import dcp
+from jaxkv import formats as F
+
+NDEV = len(jax.devices())
+_set = jax.jit(jaxkv.set_tokens, static_argnames=("pool", "layer", "impl", "check"))
+_ref_decode = jax.jit(A.sparse_decode, static_argnames=("layer", "topk", "scale", "base", "impl"))
+needs8 = pytest.mark.skipif(NDEV < 8, reason="needs 8 (simulated) devices: XLA_FLAGS "
+                            "--xla_force_host_platform_device_count=8 before jax is imported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-Python SPEC §9 (the independent reference)
+
+
+def py_owner(p, n, I, B):
+    o = p % (B * n)
+    return (o // I) % n
+
+
+def py_local(p, n, I, B):
+    o = p % (B * n)
+    return (p // (B * n)) * B + (o // (I * n)) * I + o % I
+
+
+def py_local_len(L, n, I, r):
+    base = (L // I // n) * I
+    return base + min(max(L - base * n - r * I, 0), I)
+
+
+def py_local_pos(p, n, I):
+    """Index of position p in its owner's local sequence (the owned positions in order)."""
+    owner = (p // I) % n
+    return sum(1 for x in range(p) if (x // I) % n == owner)
+
+
+def np_locs(pos, bt, blk):
+    """numpy paged locations: bt[p // blk] * blk + p % blk (-1 for -1)."""
+    pos = np.asarray(pos)
+    out = np.full(pos.shape, -1, np.int64)
+    for idx in np.ndindex(pos.shape):
+        p = pos[idx]
+        if p >= 0:
+            out[idx] = bt[idx[0], p // blk] * blk + p % blk
+    return out.astype(np.int32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([1, 2, 3, 4, 8]), I=st.sampled_from([1, 2, 4]),
+       m=st.integers(1, 4), data=st.data())
+def test_placement_matches_spec(n, I, m, data):
+    B = I * m
+    pos = data.draw(st.lists(st.integers(0, 4 * B * n), min_size=16, max_size=16))
+    got_o = np.asarray(dcp.owner(jnp.asarray(pos), n, I))
+    got_l = np.asarray(dcp.local_index(jnp.asarray(pos), n, I, B))
+    for p, o, l in zip(pos, got_o, got_l):
+        assert o == py_owner(p, n, I, B)
+        assert l == py_local(p, n, I, B)
+    L = data.draw(st.integers(0, 5 * B * n))
+    lens = np.asarray(dcp.local_len(jnp.full((n,), L), n, I, jnp.arange(n))).tolist()
+    assert lens == [py_local_len(L, n, I, r) for r in range(n)]
+    assert sum(lens) == L
+    # local_len counts the owned positions below L
+    assert lens == [sum(1 for p in range(L) if py_owner(p, n, I, B) == r) for r in range(n)]
+
+
+def test_widened_equals_interleave_one():
+    """SGLang's widened loc space (owner loc % N, slot loc // N) is the I = 1 placement."""
+    g = jnp.arange(0, 640)
+    for n in (1, 2, 4, 8):
+        for B in (1, 8, 16):
+            np.testing.assert_array_equal(dcp.owner_widened(g, n), dcp.owner(g, n, 1))
+            np.testing.assert_array_equal(dcp.physical_widened(g, n), dcp.local_index(g, n, 1, B))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.sampled_from([1, 2, 4, 8]), I=st.sampled_from([1, 2, 8]), data=st.data())
+def test_localize_topk_vs_python(n, I, data):
+    Bq, K = 3, 12
+    rows = [data.draw(st.lists(st.integers(-1, 200), min_size=K, max_size=K)) for _ in range(Bq)]
+    idx = jnp.asarray(rows, jnp.int32)
+    for r in range(n):
+        got = np.asarray(dcp.localize_topk(idx, n, I, r))
+        comp, cnt = dcp.localize_topk(idx, n, I, r, compact=True)
+        comp, cnt = np.asarray(comp), np.asarray(cnt)
+        for b, row in enumerate(rows):
+            want = [py_local_pos(p, n, I) if p >= 0 and (p // I) % n == r else -1 for p in row]
+            assert got[b].tolist() == want
+            kept = [x for x in want if x >= 0]
+            assert cnt[b] == len(kept)
+            assert comp[b].tolist() == kept + [-1] * (K - len(kept))
+
+
+def test_localize_topk_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        dcp.localize_topk(jnp.zeros((1, 2), jnp.int32), 2, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario: the same tokens in a single-device cache and in a DCP cache
+
+
+_init = jax.jit(jaxkv.init_cache, static_argnums=(0, 1))
+_rand = jax.jit(F.random_tokens, static_argnums=(0, 2))
+
+
+class Scenario:
+    """Random requests written into an unsharded reference cache and a DCP-N cache.
+
+    The tokens depend only on (geometry, lens, seed), so scenarios of different N share them.
+    """
+
+    def __init__(self, geo, n, interleave, lens, seed=0, ref=True):
+        rng = np.random.default_rng(seed)
+        self.geo, self.n, self.lens = geo, n, np.asarray(lens, np.int32)
+        Bq = len(lens)
+        ps = geo.page_size
+        maxlen = max(int(self.lens.max()), 1)
+        # reference: full pages of page_size positions, distinct ids >= 1
+        Pr = math.ceil(maxlen / ps)
+        self.ref_bt = rng.permutation(np.arange(1, Bq * Pr + 1)).reshape(Bq, Pr).astype(np.int32)
+        self.ref_sbt = rng.permutation(np.arange(1, Bq * Pr + 1)).reshape(Bq, Pr).astype(np.int32)
+        ref_pages = {p.name: (Bq * Pr + 1 if p.kind == "token" else 4) for p in geo.pools()}
+        # DCP: virtual blocks of page_size * n positions (their own random ids)
+        drng = np.random.default_rng(seed * 1000 + n)
+        Pd = math.ceil(maxlen / (ps * n))
+        nd = Bq * Pd + 2
+        self.dcp_bt = drng.permutation(np.arange(1, nd))[:Bq * Pd].reshape(Bq, Pd).astype(np.int32)
+        self.dcp_sbt = drng.permutation(np.arange(1, nd))[:Bq * Pd].reshape(Bq, Pd).astype(
+            np.int32)
+        self.mesh = dcp.make_mesh(n)
+        self.ref = _init(geo, jaxkv.layer_major(geo, ref_pages)) if ref else None
+        dpages = {p.name: (nd if p.kind == "token" else 4) for p in geo.pools()}
+        self.dc = dcp.init_dcp_cache(geo, dpages, self.mesh, interleave=interleave)
+        key = jax.random.key(seed)
+        self.written = {}
+        for pool, count, table in self.pool_plan():
+            spec = geo.pool(pool)
+            tpp = geo.pool_tokens_per_page(pool)
+            T = max(int(count.max()), 1)
+            pos = np.arange(T)[None, :].repeat(Bq, 0)
+            pos = np.where(pos < count[:, None], pos, -1)
+            rl = np_locs(pos, self.ref_sbt if table == "swa" else self.ref_bt, tpp).reshape(-1)
+            dl = np_locs(pos, self.dcp_sbt if table == "swa" else self.dcp_bt,
+                         tpp * n).reshape(-1)
+            key, k = jax.random.split(key)
+            toks = _rand(spec.fmt, k, (spec.num_layers, rl.shape[0]))
+            if ref:
+                self.ref = _set(self.ref, pool, None, jnp.asarray(rl), toks)
+            self.dc = dcp.set_tokens_dcp(self.dc, pool, None, jnp.asarray(dl), toks)
+            self.written[pool] = (pos, dl, toks)
+
+    def pool_plan(self):
+        g = self.geo
+        if g.is_dsv4:
+            return [("swa", self.lens, "swa"), ("c4", self.lens // g.csa_ratio, "full"),
+                    ("c4_indexer", self.lens // g.csa_ratio, "full"),
+                    ("c128", self.lens // g.hca_ratio, "full")]
+        return [("kv", self.lens, "full"), ("indexer", self.lens, "full")]
+
+    def kwargs(self, which):
+        kw = {"seq_lens": jnp.asarray(self.lens)}
+        if which == "ref":
+            kw["block_table"] = jnp.asarray(self.ref_bt)
+            if self.geo.is_dsv4:
+                kw["swa_block_table"] = jnp.asarray(self.ref_sbt)
+        else:
+            kw["block_table"] = jnp.asarray(self.dcp_bt)
+            if self.geo.is_dsv4:
+                kw["swa_block_table"] = jnp.asarray(self.dcp_sbt)
+        return kw
+
+
+def _queries(geo, Bq, H, seed):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed + 100), 3)
+    q = jax.random.normal(k1, (Bq, H, geo.mla.width), jnp.float32)
+    iq = jax.random.normal(k2, (Bq, 4, geo.indexer_dim), jnp.float32)
+    iw = jax.random.normal(k3, (Bq, 4), jnp.float32)
+    return q, iq, iw
+
+
+def _rel(a, b):
+    """Relative error: per output row (request, head) max |a - b| / max |b| (LSE: per element,
+    relative to max(|b|, 1)); -inf patterns must agree exactly."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    fin = np.isfinite(b)
+    assert np.array_equal(np.isfinite(a), fin), "finite patterns differ"
+    if b.ndim == 3:
+        den = np.maximum(np.max(np.abs(b), axis=-1, keepdims=True), 1e-30)
+        return float(np.max(np.abs(a - b) / den, initial=0.0))
+    return float(np.max(np.abs(a[fin] - b[fin]) / np.maximum(np.abs(b[fin]), 1.0), initial=0.0))
+
+
+GEOS = {"dsv4": lambda: jaxkv.tiny(3, page_size=16, swa_window=8, hca_ratio=8),
+        "v32": lambda: jaxkv.tiny(2, page_size=8, v32=True)}
+
+
+def _lens(geo):
+    # 1 and 5 are shorter than the DCP width (N = 2 / 8), the others span several virtual blocks
+    return [1, 5, 2 * geo.page_size * 8 - 3, 3 * geo.page_size + 2]
+
+
+_REF = {}
+
+
+def _reference(model):
+    """Reference outputs of every tested (layer, base), computed once per model."""
+    if model not in _REF:
+        geo = GEOS[model]()
+        sc = Scenario(geo, 1, 1, _lens(geo), seed=7)
+        q, iq, iw = _queries(geo, len(sc.lens), 16, 7)
+        layers = range(geo.num_layers) if geo.is_dsv4 else [1]
+        res = {(layer, base): _ref_decode(q, sc.ref, layer, index_q=iq, index_w=iw, base=base,
+                                          **sc.kwargs("ref"))
+               for layer in layers for base in ("e", "2")}
+        _REF[model] = (q, iq, iw, res)
+    return _REF[model]
+
+
+@needs8
+@pytest.mark.parametrize("model", ["dsv4", "v32"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("interleave", [1, "page"])
+def test_decode_matches_reference(model, n, interleave):
+    """DCP decode (all-gather q, local attention, LSE merge + reduce-scatter) == the oracle."""
+    geo = GEOS[model]()
+    q, iq, iw, res = _reference(model)
+    sc = Scenario(geo, n, interleave, _lens(geo), seed=7, ref=False)
+    for i, (layer, base) in enumerate(sorted(res)):
+        if geo.is_dsv4 and layer > 0 and base != ("e", "2")[(layer + n) % 2]:
+            continue  # every layer kind with one base, layer 0 with both: fewer compilations
+        ro, rl = res[(layer, base)]
+        do, dl = dcp.decode(sc.dc, q, layer, index_q=iq, index_w=iw, base=base,
+                            **sc.kwargs("dcp"))
+        assert do.shape == ro.shape and dl.shape == rl.shape
+        assert np.all(np.isfinite(np.asarray(do)))
+        assert _rel(do, ro) <= 1e-5, (layer, base)
+        assert _rel(dl, rl) <= 1e-5, (layer, base)
+    # request 0 (L = 1) lives on rank 0 only: every other rank had no keys for it
+    assert np.isfinite(np.asarray(res[sorted(res)[0]][1])[0]).all()
+
+
+@needs8
+def test_decode_compact_and_all_to_all_merge():
+    geo = GEOS["v32"]()
+    sc = Scenario(geo, 4, 1, [3, 37, 20], seed=11)
+    q, iq, iw = _queries(geo, 3, 8, 11)
+    ro, rl = _ref_decode(q, sc.ref, 1, index_q=iq, index_w=iw, **sc.kwargs("ref"))
+    for compact, method in ((True, "reduce_scatter"), (False, "all_to_all"),
+                            (True, "all_to_all")):
+        do, dl = dcp.decode(sc.dc, q, 1, index_q=iq, index_w=iw, compact=compact,
+                            method=method, **sc.kwargs("dcp"))
+        assert _rel(do, ro) <= 1e-5 and _rel(dl, rl) <= 1e-5
+
+
+@needs8
+def test_sharded_writes_land_at_spec_slots():
+    """Each device's shard holds exactly the tokens it owns, at SPEC §9's local slot."""
+    geo = GEOS["v32"]()
+    n, I = 4, 2
+    sc = Scenario(geo, n, I, [13, 40], seed=3)
+    pos, dl, toks = sc.written["kv"]
+    tpp = geo.pool_tokens_per_page("kv")
+    value, _ = F.to_parts(geo.mla, jax.tree_util.tree_map(lambda x: x[0], toks))
+    value = np.asarray(value)
+    buf = sc.dc.buffers[sc.dc.layout.pool("kv").placements[0].buffer]
+    shards = {s.device.id: np.asarray(s.data) for s in buf.addressable_shards}
+    devs = [d.id for d in sc.mesh.devices.reshape(-1)]
+    rows = sc.dc.layout.pool("kv").num_pages * geo.num_layers
+    expected = [np.zeros((rows, buf.shape[1]), np.uint8) for _ in range(n)]
+    pb = sc.dc.layout.pool("kv").page_bytes
+    for i, g in enumerate(dl):
+        if g < 0:
+            continue
+        r, l = py_owner(int(g), n, I, tpp), py_local(int(g), n, I, tpp)
+        page, t = divmod(l, tpp)  # layer 0: rows [0, num_pages)
+        expected[r][page, t * 656:(t + 1) * 656] = value[i]
+    for r in range(n):
+        got = shards[devs[r]]
+        assert got.shape == (rows, pb)
+        # layer 0 rows only (other layers hold other random tokens)
+        np.testing.assert_array_equal(got[:sc.dc.layout.pool("kv").num_pages],
+                                      expected[r][:sc.dc.layout.pool("kv").num_pages])
+    # replicated indexer: every device holds the same bytes
+    ib = sc.dc.buffers[sc.dc.layout.pool("indexer").placements[0].buffer]
+    ish = [np.asarray(s.data) for s in ib.addressable_shards]
+    for s in ish[1:]:
+        np.testing.assert_array_equal(s, ish[0])
+    assert ish[0].shape == ib.shape
+
+
+@needs8
+def test_read_back_and_bad_locs():
+    geo = GEOS["dsv4"]()
+    sc = Scenario(geo, 8, 1, [50, 7], seed=5)
+    for pool in ("swa", "c4", "c4_indexer", "c128"):
+        pos, dl, toks = sc.written[pool]
+        got = dcp.get_tokens_dcp(sc.dc, pool, None, jnp.asarray(dl))
+        for a, b in zip(F.to_parts(geo.pool(pool).fmt, got),
+                        F.to_parts(geo.pool(pool).fmt, toks)):
+            a, b = np.asarray(a), np.asarray(b)
+            ok = dl >= 0
+            np.testing.assert_array_equal(a[:, ok], b[:, ok])
+            assert not a[:, ~ok].any()  # padding reads zeros
+    cap = sc.dc.global_capacity("c4")
+    with pytest.raises(ValueError, match="outside"):
+        dcp.set_tokens_dcp(sc.dc, "c4", 0, jnp.asarray([cap]),
+                           F.random_tokens(geo.mla, jax.random.key(0), 1))
+    with pytest.raises(ValueError, match="interleave"):
+        dcp.init_dcp_cache(geo, 4, sc.mesh, interleave=3)
+    with pytest.raises(ValueError, match="axis"):
+        dcp.init_dcp_cache(geo, 4, sc.mesh, axis_name="tp")
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+
+def _run_merge(n, outs, lses, base, method="reduce_scatter"):
+    mesh = dcp.make_mesh(n)
+    f = dcp.shard_map(lambda o, l: dcp.merge(o[0], l[0], "dcp", base, method=method),
+                      mesh=mesh, in_specs=(jax.sharding.PartitionSpec("dcp"),) * 2,
+                      out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2)
+    return f(jnp.asarray(outs), jnp.asarray(lses))
+
+
+def _np_merge(outs, lses, base):
+    outs, lses = np.asarray(outs, np.float64), np.asarray(lses, np.float64)
+    b = math.e if base == "e" else 2.0
+    w = np.where(np.isfinite(lses), b ** np.where(np.isfinite(lses), lses, 0), 0.0)
+    tot = w.sum(0)
+    lse = np.where(tot > 0, np.log(np.where(tot > 0, tot, 1)) / math.log(b), -np.inf)
+    o = (outs * w[..., None]).sum(0) / np.where(tot > 0, tot, 1)[..., None]
+    return o, lse
+
+
+@needs8
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("base", ["e", "2"])
+@pytest.mark.parametrize("method", ["reduce_scatter", "all_to_all"])
+def test_merge_vs_numpy_with_empty_ranks(n, base, method):
+    rng = np.random.default_rng(n)
+    Bq, h, Dv = 3, 2, 16
+    H = n * h
+    outs = rng.normal(size=(n, Bq, H, Dv)).astype(np.float32)
+    lses = (rng.normal(size=(n, Bq, H)) * 30).astype(np.float32)  # large spreads: needs the max
+    lses[0, 0, :] = -np.inf  # rank 0 has no keys for request 0
+    outs[0, 0, :] = np.nan  # ... and garbage output: must contribute exactly zero
+    lses[:, 1, 0] = -np.inf  # nobody has keys for (request 1, head 0)
+    outs[:, 1, 0] = np.inf
+    o, l = _run_merge(n, outs, lses, base, method)
+    o, l = np.asarray(o), np.asarray(l)
+    assert not np.isnan(o).any() and not np.isnan(l).any()
+    outs_clean = np.where(np.isfinite(lses)[..., None], outs, 0.0)
+    wo, wl = _np_merge(outs_clean, lses, base)
+    np.testing.assert_allclose(o, wo, rtol=2e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.isfinite(l), np.isfinite(wl))
+    np.testing.assert_allclose(l[np.isfinite(l)], wl[np.isfinite(wl)], rtol=1e-6)
+    assert (o[1, 0] == 0).all() and l[1, 0] == -np.inf
+
+
+@needs8
+def test_empty_rank_contributes_exactly_zero():
+    """A rank with lse = -inf changes nothing, bit for bit: merging [a, empty] == merging [a]."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(1, 2, 4, 8)).astype(np.float32)
+    la = rng.normal(size=(1, 2, 4)).astype(np.float32)
+    o1, l1 = _run_merge(1, a, la, "e")
+    outs = np.concatenate([a, np.full_like(a, np.nan)])
+    lses = np.concatenate([la, np.full_like(la, -np.inf)])
+    o2, l2 = _run_merge(2, outs, lses, "e")
+    # rank 0's heads of the 2-rank merge are heads [0, 2): compare with the same heads
+    np.testing.assert_array_equal(np.asarray(o2), np.asarray(o1))
+    np.testing.assert_array_equal(np.asarray(l2), np.asarray(l1))
+
+
+def test_merge_partials_bases_agree():
+    rng = np.random.default_rng(2)
+    outs = rng.normal(size=(3, 2, 4, 8)).astype(np.float32)
+    lse_e = rng.normal(size=(3, 2, 4)).astype(np.float32) * 5
+    oe, le = dcp.merge_partials(outs, lse_e, "e")
+    o2, l2 = dcp.merge_partials(outs, lse_e * np.float32(A.LOG2E), "2")
+    np.testing.assert_allclose(np.asarray(o2), np.asarray(oe), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(le) * A.LOG2E, rtol=1e-5)
+    with pytest.raises(ValueError, match="base"):
+        dcp.merge_partials(outs, lse_e, "10")
+
+
+# ---------------------------------------------------------------------------------------------
+# N -> M re-sharding
+
+
+@needs8
+@pytest.mark.parametrize("model", ["dsv4", "v32"])
+@pytest.mark.parametrize("n,m", [(1, 4), (4, 1), (2, 8), (8, 2), (4, 4), (2, 4)])
+def test_reshard_bit_exact(model, n, m):
+    geo = GEOS[model]()
+    lens = [5, 2 * geo.page_size * max(n, m) - 3, 1]
+    src = Scenario(geo, n, 1 if n != 4 else "page", lens, seed=n * 10 + m)
+    rng = np.random.default_rng(n * 100 + m)
+    ps = geo.page_size
+    Pd = math.ceil(max(lens) / (ps * m))
+    nd = len(lens) * Pd + 3
+    dmesh = dcp.make_mesh(m, devices=jax.devices()[::-1])  # other devices, other order
+    dst = dcp.init_dcp_cache(geo, {p.name: (nd if p.kind == "token" else 4)
+                                   for p in geo.pools()}, dmesh,
+                             interleave="page" if m == 2 else 1)
+    # poison: fill every dst buffer with random bytes; untouched bytes must survive
+    poison = tuple(jax.device_put(
+        jnp.asarray(rng.integers(0, 256, b.shape, np.uint8)), b.sharding) for b in dst.buffers)
+    dst = dst.__class__(poison, dst.layout, dst.mesh, dst.axis_name, dst.interleave)
+    dbt = rng.permutation(np.arange(1, nd))[:len(lens) * Pd].reshape(len(lens), Pd)
+    dsbt = rng.permutation(np.arange(1, nd))[:len(lens) * Pd].reshape(len(lens), Pd)
+    kw = dict(seq_lens=np.asarray(lens), src_block_table=src.dcp_bt, dst_block_table=dbt)
+    if geo.is_dsv4:
+        kw.update(src_swa_block_table=src.dcp_sbt, dst_swa_block_table=dsbt)
+    out = dcp.reshard_request(src.dc, dst, **kw)
+    before = {p.name: np.asarray(b) for p, b in zip(dst.layout.pools, dst.buffers)}
+    for pool, count, table in src.pool_plan():
+        tpp = geo.pool_tokens_per_page(pool)
+        lo = np.maximum(src.lens - geo.swa_window, 0) if pool == "swa" else 0 * src.lens
+        T = max(int(count.max()), 1)
+        pos = np.arange(T)[None, :].repeat(len(lens), 0)
+        pos = np.where((pos < count[:, None]) & (pos >= lo[:, None]), pos, -1)
+        s_l = np_locs(pos, src.dcp_sbt if table == "swa" else src.dcp_bt, tpp * n).reshape(-1)
+        d_l = np_locs(pos, dsbt if table == "swa" else dbt, tpp * m).reshape(-1)
+        a = dcp.get_tokens_dcp(src.dc, pool, None, jnp.asarray(s_l))
+        b = dcp.get_tokens_dcp(out, pool, None, jnp.asarray(d_l))
+        for x, y in zip(F.to_parts(geo.pool(pool).fmt, a), F.to_parts(geo.pool(pool).fmt, b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        # the copied tokens are the ones originally written (bit-exact end to end)
+        _, wl, wt = src.written[pool]
+        keep = pos.reshape(-1) >= 0
+        want = F.to_parts(geo.pool(pool).fmt, wt)
+        got = F.to_parts(geo.pool(pool).fmt, b)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(x)[:, keep], np.asarray(y)[:, keep])
+    # untouched bytes: a decode-free check that only written slots changed, per shard
+    after = {p.name: np.asarray(b) for p, b in zip(out.layout.pools, out.buffers)}
+    for p in out.layout.pools:
+        if p.spec.kind == "state":
+            np.testing.assert_array_equal(after[p.name], before[p.name])
+        else:
+            changed = (after[p.name] != before[p.name]).any(axis=1).sum()
+            assert changed <= after[p.name].shape[0]
+
+
+def test_capacity_numbers():
+    v32 = jaxkv.dsv32()
+    c = dcp.kv_capacity(v32, 80e9, 8)
+    assert c["bytes_per_token_sharded"] == 656 * 61
+    assert c["bytes_per_token_replicated"] == 132 * 61
+    assert c["gain"] == pytest.approx((656 + 132) / (656 / 8 + 132))
+    assert dcp.kv_capacity(v32, 80e9, 1)["gain"] == pytest.approx(1.0)
+    pro = jaxkv.dsv4_pro()
+    c = dcp.kv_capacity(pro, 80e9, 2)
+    sh = 584 * (30 / 4 + 31 / 128)
+    rep = 132 * 30 / 4
+    assert c["gain"] == pytest.approx((sh + rep) / (sh / 2 + rep))
+    assert 1 < c["gain"] < 2
+
+
+@needs8
+def test_capacity_report_of_a_cache():
+    geo = GEOS["dsv4"]()
+    mesh = dcp.make_mesh(4)
+    dc = dcp.init_dcp_cache(geo, {p.name: (6 if p.kind == "token" else 4) for p in geo.pools()},
+                            mesh)
+    rep = dcp.capacity(dc)
+    lay = dc.layout
+    assert rep["pools"]["c4"]["global_tokens"] == 4 * rep["pools"]["c4"]["local_tokens"]
+    assert lay.pool("c4_indexer").num_pages == 4 * lay.pool("c4").num_pages
+    assert rep["pools"]["c4_indexer"]["local_tokens"] == rep["pools"]["c4"]["global_tokens"]
+    assert rep["device_bytes"] == lay.nbytes
+    # per-device bytes of each buffer = what a shard holds
+    for p, b in zip(lay.pools, dc.buffers):
+        shard = b.addressable_shards[0].data
+        assert shard.size == lay.pool(p.name).num_pages * p.spec.num_layers * p.page_bytes
