@@ -1,0 +1,854 @@
+"""Prefill -> decode KV transfer of jaxkv caches through NIXL (SPEC §8).
+
+A cache's memory is registered with a NIXL agent as its layout's regions (``Layout.regions()``):
+exactly **one** region for the packed layout, one per pool buffer for the layer-major layout.  A
+request's blocks become descriptors ``(address, nbytes, device)``:
+
+* packed: one descriptor per block = row ``b`` of ``uint8[num_blocks, block_stride]``
+  (DSv4-Flash: 1,039,680 B; every layer's page of the block);
+* layer-major: one descriptor per ``(pool, layer, page)`` (``page_bytes`` each, ~2-150 KB).
+
+Usage (two processes; metadata and ``RemoteCache`` travel over any local channel)::
+
+    # decode                                       # prefill
+    agent = Agent("decode")                        agent = Agent("prefill")
+    reg = agent.register(cache)                    reg = agent.register(cache)
+    send(agent.metadata(), reg.remote())           peer = agent.add_peer(md)
+    pending = reg.expect(b"req-7", dst_blocks,     xfer = reg.write(remote, src_blocks,
+                         peer="prefill")                            dst_blocks, b"req-7")
+    cache = pending.wait(timeout=10)               xfer.wait(timeout=10)
+    jaxkv.get_tokens(cache, ...)                   # or the decode side ``reg.read(...)``
+
+Ownership protocol (a transfer engine writes JAX buffers behind XLA's back)
+  * ``Agent.register(cache)`` takes the cache's buffers: it hands them to a donating identity
+    ``jit`` (zero-copy: same device memory, new ``jax.Array`` objects) and registers those.  The
+    arrays of the ``cache`` you passed are *deleted*: using them afterwards is a JAX "Array has
+    been deleted" error.  From then on the cache lives in the ``Registration``.
+  * ``reg.cache`` is the current cache (the registered memory).  While an *inbound* transfer
+    (``expect`` / ``read``) is in flight it raises ``TransferInFlightError``, and the arrays you
+    obtained before the transfer started are deleted (taken again by a donating identity jit), so
+    the destination cannot be read, donated or freed while the engine writes it.
+    ``PendingTransfer.wait()`` returns the cache (fresh array objects over the same memory, so no
+    host copy cached by JAX can be stale) once the engine has reported completion.
+  * Never donate ``reg.cache`` buffers while a transfer is in flight.  To update the cache between
+    transfers, compute the new cache (donated, in place, is best) and hand it back with
+    ``reg.update(new_cache)``: buffers at the registered addresses are adopted as they are, other
+    buffers are copied into the registered memory (a donating ``.at[:].set``).  A registered buffer
+    found deleted (donated behind the registration's back) is an error at the next operation.
+  * ``reg.release()`` deregisters and returns the cache (then it is an ordinary cache again).
+
+Failures
+  A transfer whose engine reports an error, or that is not complete within ``timeout`` seconds
+  (e.g. the peer process died), raises ``TransferError``; the initiator releases (cancels) the
+  request.  The source cache is never written.  On the destination, the blocks of a failed
+  inbound transfer are not marked valid: they are listed in ``reg.invalid_blocks`` (their bytes are
+  undefined) until a later transfer into them succeeds or ``reg.clear_invalid`` is called.
+  Bad block ids, mismatched layouts, unknown peers and descriptors outside the peer's registered
+  memory raise ``ValueError`` / ``TransferError`` naming the rule.
+
+NIXL is optional: this module imports without it; creating an ``Agent`` needs ``pip install
+jaxkv[nixl]`` (``nixl==1.5.1``).  On CPU the buffers are host memory ("DRAM"), on GPU "VRAM".
+Run UCX on loopback with ``UCX_NET_DEVICES=lo UCX_MODULES=^ib`` for single-host tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxkv.cache import Cache
+from jaxkv.layout import Layout
+
+__all__ = [
+    "Agent", "MemRegion", "PendingTransfer", "Registration", "RemoteCache", "Transfer",
+    "TransferError", "TransferInFlightError", "block_descriptors", "descriptor_count",
+    "memory_regions", "nixl_available",
+]
+
+_NOTIF_PREFIX = b"jaxkv:"
+
+
+class TransferError(RuntimeError):
+    """A transfer failed, timed out, or could not be set up by the engine."""
+
+
+class TransferInFlightError(RuntimeError):
+    """The cache is the destination (or source) of a transfer that is still in flight."""
+
+
+def _import_nixl():
+    """``(nixl_agent, nixl_agent_config)`` from the ``nixl`` meta package or a backend wheel.
+
+    The meta package picks ``nixl_cu12`` / ``nixl_cu13`` from the CUDA version it detects (e.g.
+    ``cuda-bindings`` 13 imported by another library) and refuses when that wheel is missing; host
+    memory ("DRAM") works with either wheel, so fall back to whichever backend is installed.
+    """
+    import importlib
+    errors = []
+    for mod in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            api = importlib.import_module(mod)
+            return api.nixl_agent, api.nixl_agent_config
+        except Exception as e:  # ImportError, or a backend wheel that fails to load
+            errors.append(f"{mod}: {e}")
+    raise ImportError("jaxkv.interop.transfer needs NIXL: pip install 'jaxkv[nixl]' "
+                      f"(nixl==1.5.1); import failed: {'; '.join(errors)}")
+
+
+def nixl_available() -> bool:
+    """True when ``nixl`` imports (an ``Agent`` can be created)."""
+    try:
+        _import_nixl()
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions and descriptors (pure functions of the layout and the buffer addresses)
+
+
+class MemRegion(NamedTuple):
+    """A registered memory region: ``nbytes`` bytes at ``addr`` on ``device`` (``mem_type``)."""
+
+    addr: int
+    nbytes: int
+    device: int
+    mem_type: str
+
+
+def _mem_type_of(x: jax.Array) -> tuple[str, int]:
+    dev = next(iter(x.devices()))
+    if dev.platform == "cpu":
+        return "DRAM", 0
+    kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+    if kind in ("pinned_host", "unpinned_host"):
+        return "DRAM", 0
+    return "VRAM", int(getattr(dev, "local_hardware_id", None) or dev.id)
+
+
+def memory_regions(cache: Cache) -> tuple[MemRegion, ...]:
+    """The memory regions of ``cache``: ``layout.regions()`` at the buffers' real addresses.
+
+    Packed: exactly one region (``num_blocks * block_stride`` bytes); layer-major: one per buffer.
+    The buffers must be single-device arrays (``unsafe_buffer_pointer`` is their address).
+    """
+    if not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+    out = []
+    for r in cache.layout.regions():
+        buf = cache.buffers[r.buffer]
+        if len(buf.devices()) != 1:
+            raise ValueError("cache buffers must live on one device to be registered "
+                             f"(buffer {r.buffer} is on {len(buf.devices())})")
+        if buf.nbytes != r.nbytes:
+            raise ValueError(f"buffer {r.buffer} has {buf.nbytes} bytes, layout says {r.nbytes}")
+        mem, dev = _mem_type_of(buf)
+        out.append(MemRegion(int(buf.unsafe_buffer_pointer()), r.nbytes, dev, mem))
+    return tuple(out)
+
+
+def _check_ids(ids, n: int, arg: str, reserved: Mapping[int, str]) -> list[int]:
+    out = []
+    for i, b in enumerate(ids):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+            raise ValueError(f"{arg}[{i}] must be an int block/page id, got {b!r}")
+        b = int(b)
+        if not 0 <= b < n:
+            raise ValueError(f"{arg}[{i}] = {b} is outside [0, {n})")
+        if b in reserved:
+            raise ValueError(f"{arg}[{i}] = {b} is reserved ({reserved[b]})")
+        out.append(b)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{arg} must not repeat a block/page id, got {out}")
+    return out
+
+
+def _reserved_pages(layout: Layout, pool) -> dict[int, str]:
+    """Pages a transfer must never touch: page 0, and a state pool's sentinel page."""
+    res = {0: "page/block 0 is reserved"}
+    if pool.spec.kind == "state" and pool.sentinel is not None:  # a stored sentinel row
+        res[pool.sentinel // pool.tokens_per_page] = (
+            f"it holds the sentinel row of state pool {pool.name!r}")
+    return res
+
+
+def _normalize_blocks(layout: Layout, blocks, pools, arg: str) -> dict[str, list[int]] | list[int]:
+    """Packed: a checked list of block ids.  Layer-major: {pool: checked page ids}."""
+    if layout.kind == "packed":
+        if pools is not None:
+            raise ValueError("pools must be None for the packed layout: a block moves whole "
+                             "(one descriptor per block)")
+        if isinstance(blocks, Mapping):
+            raise ValueError(f"{arg} must be a sequence of block ids for the packed layout")
+        reserved = {}
+        for p in layout.pools:
+            reserved.update(_reserved_pages(layout, p))
+        return _check_ids(list(blocks), layout.buffer_shapes[0][0], arg, reserved)
+    names = layout.pool_names
+    if isinstance(blocks, Mapping):
+        if pools is not None:
+            raise ValueError("give pools either as the keys of the blocks mapping or as pools=")
+        unknown = [k for k in blocks if k not in names]
+        if unknown:
+            raise ValueError(f"{arg} names unknown pools {unknown}; pools are {list(names)}")
+        sel = {k: list(v) for k, v in blocks.items()}
+    else:
+        chosen = names if pools is None else tuple(pools)
+        unknown = [k for k in chosen if k not in names]
+        if unknown:
+            raise ValueError(f"pools names unknown pools {unknown}; pools are {list(names)}")
+        ids = list(blocks)
+        sel = {k: ids for k in chosen}
+    out = {}
+    for name in names:  # layout order
+        if name in sel:
+            p = layout.pool(name)
+            out[name] = _check_ids(sel[name], p.num_pages, f"{arg}[{name!r}]",
+                                   _reserved_pages(layout, p))
+    return out
+
+
+def _pool_desc_base(layout: Layout):
+    """Layer-major: index of the first prepped descriptor of each (pool, layer)."""
+    base, k = {}, 0
+    for p in layout.pools:
+        for layer in range(p.spec.num_layers):
+            base[(p.name, layer)] = k
+            k += p.num_pages
+    return base, k
+
+
+def _all_descriptors(layout: Layout, regions: Sequence[MemRegion]) -> np.ndarray:
+    """Every transferable unit of the cache, uint64[N, 3] ``(addr, nbytes, device)``.
+
+    Packed: row ``b`` for ``b in [0, num_blocks)``.  Layer-major: ``(pool, layer, page)`` in
+    layout order (index = ``_pool_desc_base[(pool, layer)] + page``).
+    """
+    if layout.kind == "packed":
+        n, stride = layout.buffer_shapes[0]
+        r = regions[0]
+        addr = r.addr + np.arange(n, dtype=np.uint64) * np.uint64(stride)
+        return np.stack([addr, np.full(n, stride, np.uint64), np.full(n, r.device, np.uint64)], 1)
+    rows = []
+    for p in layout.pools:
+        for pl in p.placements:
+            r = regions[pl.buffer]
+            row_bytes = layout.buffer_shapes[pl.buffer][1]
+            pages = np.arange(p.num_pages, dtype=np.uint64)
+            addr = (np.uint64(r.addr) + (np.uint64(pl.row_base) + pages * np.uint64(pl.row_step))
+                    * np.uint64(row_bytes) + np.uint64(pl.col))
+            rows.append(np.stack([addr, np.full(p.num_pages, p.page_bytes, np.uint64),
+                                  np.full(p.num_pages, r.device, np.uint64)], 1))
+    return np.concatenate(rows, 0)
+
+
+def _desc_indices(layout: Layout, norm) -> np.ndarray:
+    if layout.kind == "packed":
+        return np.asarray(norm, np.int32)
+    base, _ = _pool_desc_base(layout)
+    idx = []
+    for name, pages in norm.items():
+        p = layout.pool(name)
+        for layer in range(p.spec.num_layers):
+            b = base[(name, layer)]
+            idx.extend(b + pg for pg in pages)
+    return np.asarray(idx, np.int32)
+
+
+def block_descriptors(cache_or_layout, blocks, pools=None, *,
+                      regions: Sequence[MemRegion] | None = None) -> np.ndarray:
+    """Descriptors of a request's blocks: uint64[N, 3] rows ``(address, nbytes, device)``.
+
+    Args:
+      cache_or_layout: a ``Cache`` (its buffers' addresses are used) or a ``Layout`` with
+        ``regions`` (e.g. a peer's, from ``RemoteCache``).
+      blocks: packed: block ids (one descriptor per block, ``block_stride`` bytes = row ``b``).
+        Layer-major: page ids used in every selected pool, or ``{pool: page ids}``; one descriptor
+        per ``(pool, layer, page)`` in layout order (pools, then layers, then the given pages).
+      pools: layer-major only: the pools to move (default: all).
+      regions: the buffers' regions when a ``Layout`` is given.
+
+    Raises:
+      ValueError: a block id outside ``[0, num_blocks)``, block/page 0, a page holding a state
+        pool's sentinel row, a repeated id, an unknown pool.
+    """
+    if isinstance(cache_or_layout, Cache):
+        layout, regions = cache_or_layout.layout, memory_regions(cache_or_layout)
+    else:
+        layout = cache_or_layout
+        if regions is None:
+            raise ValueError("regions must be given with a Layout")
+    norm = _normalize_blocks(layout, blocks, pools, "blocks")
+    return _all_descriptors(layout, regions)[_desc_indices(layout, norm)]
+
+
+def descriptor_count(layout: Layout, blocks, pools=None) -> int:
+    """Number of descriptors ``block_descriptors`` gives for ``blocks`` (no memory needed)."""
+    return int(_desc_indices(layout, _normalize_blocks(layout, blocks, pools, "blocks")).size)
+
+
+def _check_compatible(src: Layout, dst: Layout):
+    if src.kind != dst.kind:
+        raise ValueError(f"source layout is {src.kind} but destination is {dst.kind}: a "
+                         "transfer copies blocks byte for byte, re-layout is not supported")
+    if src.geometry != dst.geometry:
+        raise ValueError(f"geometries differ: {src.geometry.name} vs {dst.geometry.name}")
+    if src.kind == "packed":
+        if src.block_stride != dst.block_stride or src.slots != dst.slots:
+            raise ValueError(f"packed layouts differ: block_stride {src.block_stride} vs "
+                             f"{dst.block_stride} (slots must match)")
+    else:
+        for a, b in zip(src.pools, dst.pools):
+            if (a.page_bytes, a.tokens_per_page) != (b.page_bytes, b.tokens_per_page):
+                raise ValueError(f"pool {a.name!r} pages differ: {a.page_bytes} B vs "
+                                 f"{b.page_bytes} B")
+
+
+def _pair(src_layout, src_blocks, dst_layout, dst_blocks, pools):
+    """Checked, equal-length descriptor index lists of a src -> dst block mapping."""
+    _check_compatible(src_layout, dst_layout)
+    s = _normalize_blocks(src_layout, src_blocks, pools, "src_blocks")
+    d = _normalize_blocks(dst_layout, dst_blocks, pools, "dst_blocks")
+    if src_layout.kind == "packed":
+        if len(s) != len(d):
+            raise ValueError(f"src_blocks and dst_blocks must have the same length, got "
+                             f"{len(s)} and {len(d)}")
+    else:
+        if list(s) != list(d):
+            raise ValueError(f"src_blocks and dst_blocks must name the same pools, got "
+                             f"{list(s)} and {list(d)}")
+        for k in s:
+            if len(s[k]) != len(d[k]):
+                raise ValueError(f"src_blocks[{k!r}] and dst_blocks[{k!r}] must have the same "
+                                 f"length, got {len(s[k])} and {len(d[k])}")
+    return (_desc_indices(src_layout, s), _desc_indices(dst_layout, d), d)
+
+
+def _touched_blocks(layout: Layout, norm) -> frozenset:
+    """Hashable ids of the destination units: packed block ids, layer-major (pool, page)."""
+    if layout.kind == "packed":
+        return frozenset(norm)
+    return frozenset((k, p) for k, v in norm.items() for p in v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership helpers
+
+
+_take = jax.jit(lambda bufs: bufs, donate_argnums=0)
+_copy_into = jax.jit(lambda old, new: old.at[...].set(new), donate_argnums=0)
+
+
+def _ptrs(bufs) -> tuple[int, ...]:
+    return tuple(int(b.unsafe_buffer_pointer()) for b in bufs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent, registration, transfers
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteCache:
+    """What a peer needs to address a registered cache (picklable; send it with the metadata).
+
+    Attributes:
+      agent: the owning agent's name.
+      layout: the cache's layout.
+      regions: its registered memory regions.
+    """
+
+    agent: str
+    layout: Layout
+    regions: tuple[MemRegion, ...]
+
+    @property
+    def mem_type(self) -> str:
+        return self.regions[0].mem_type
+
+
+class Agent:
+    """A NIXL agent (UCX backend by default) that registers jaxkv caches.
+
+    Args:
+      name: unique agent name (peers address it by this name).
+      backends: NIXL backends to create.
+    """
+
+    def __init__(self, name: str, *, backends: Sequence[str] = ("UCX",)):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        nixl_agent, nixl_agent_config = _import_nixl()
+        self.name = name
+        self._nixl = nixl_agent(name, nixl_agent_config(backends=list(backends)))
+        missing = [b for b in backends if b not in self._nixl.backends]
+        if missing:
+            raise TransferError(f"NIXL backends {missing} could not be created "
+                                f"(available plugins: {self._nixl.plugin_list})")
+        self._peers: set[str] = set()
+        self._notifs: dict[str, list[bytes]] = {}
+        self._regs: list[Registration] = []
+
+    # -- peers -----------------------------------------------------------------------------------
+    def metadata(self) -> bytes:
+        """This agent's metadata (send it to peers; call after ``register``)."""
+        return self._nixl.get_agent_metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Loads a peer's metadata (from its ``metadata()``); returns the peer's name."""
+        if not isinstance(metadata, (bytes, bytearray)):
+            raise ValueError(f"metadata must be bytes from Agent.metadata(), got "
+                             f"{type(metadata).__name__}")
+        try:
+            name = self._nixl.add_remote_agent(bytes(metadata))
+        except Exception as e:
+            raise ValueError(f"metadata is not a valid NIXL agent metadata blob: {e}") from e
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        self._peers.add(name)
+        return name
+
+    def remove_peer(self, name: str):
+        """Forgets a peer (disconnects)."""
+        self._check_peer(name)
+        self._nixl.remove_remote_agent(name)
+        self._peers.discard(name)
+        for r in self._regs:
+            r._prepped.pop(name, None)
+
+    @property
+    def peers(self) -> frozenset:
+        return frozenset(self._peers)
+
+    def _check_peer(self, name: str):
+        if name not in self._peers:
+            raise ValueError(f"unknown peer {name!r}: call add_peer(metadata) first "
+                             f"(known peers: {sorted(self._peers)})")
+
+    def _poll_notifs(self):
+        for peer, msgs in self._nixl.get_new_notifs().items():
+            peer = peer.decode() if isinstance(peer, bytes) else str(peer)
+            self._notifs.setdefault(peer, []).extend(msgs)
+
+    def _pop_notif(self, peer: str, msg: bytes) -> bool:
+        self._poll_notifs()
+        lst = self._notifs.get(peer, [])
+        if msg in lst:
+            lst.remove(msg)
+            return True
+        return False
+
+    # -- memory ------------------------------------------------------------------------------------
+    def register(self, cache: Cache) -> "Registration":
+        """Takes ownership of ``cache`` and registers its regions (see the module docstring).
+
+        The arrays of ``cache`` are deleted (moved, zero-copy, into the registration); use
+        ``Registration.cache`` from now on.
+        """
+        if not isinstance(cache, Cache):
+            raise ValueError(f"cache must be a jaxkv Cache, got {type(cache).__name__}")
+        if any(b.is_deleted() for b in cache.buffers):
+            raise ValueError("cache has deleted (donated) buffers; register the live cache")
+        jax.block_until_ready(cache.buffers)
+        bufs = tuple(_take(tuple(cache.buffers)))
+        jax.block_until_ready(bufs)
+        owned = Cache(bufs, cache.layout)
+        regions = memory_regions(owned)
+        mem = {r.mem_type for r in regions}
+        if len(mem) != 1:
+            raise ValueError(f"cache buffers mix memory types {mem}")
+        mem_type = mem.pop()
+        try:
+            reg_descs = self._nixl.register_memory(
+                [(r.addr, r.nbytes, r.device, "") for r in regions], mem_type)
+        except Exception as e:
+            raise TransferError(f"NIXL could not register {len(regions)} {mem_type} region(s): "
+                                f"{e}") from e
+        reg = Registration(self, owned, regions, reg_descs)
+        self._regs.append(reg)
+        return reg
+
+    def close(self):
+        """Releases every registration (their caches stay valid JAX arrays)."""
+        for r in list(self._regs):
+            if not r.released:
+                try:
+                    r.release()
+                except (TransferInFlightError, RuntimeError):  # deregister the memory anyway
+                    try:
+                        self._nixl.deregister_memory(r._reg_descs)
+                    except Exception:
+                        pass
+                    r.released = True
+                    self._regs.remove(r)
+
+
+class Registration:
+    """A cache registered with an ``Agent`` (create with ``Agent.register``).
+
+    Attributes:
+      agent: the agent.
+      layout: the cache layout.
+      regions: the registered ``MemRegion``\\ s (1 for packed, one per buffer for layer-major).
+      invalid_blocks: destination units (packed block ids, layer-major ``(pool, page)``) whose
+        bytes are undefined after a failed inbound transfer.
+    """
+
+    def __init__(self, agent: Agent, cache: Cache, regions, reg_descs):
+        self.agent = agent
+        self.layout = cache.layout
+        self.regions = tuple(regions)
+        self.mem_type = regions[0].mem_type
+        self._bufs = tuple(cache.buffers)
+        self._addrs = _ptrs(self._bufs)
+        self._reg_descs = reg_descs
+        self._all = _all_descriptors(self.layout, self.regions)
+        self._prepped: dict[str, tuple] = {}  # peer -> (local handle, remote handle, remote layout)
+        self._local_prep = None
+        self._inbound: dict[int, frozenset] = {}  # id(pending) -> destination units
+        self._outbound: set[int] = set()
+        self.invalid_blocks: set = set()
+        self.released = False
+
+    # -- the cache ---------------------------------------------------------------------------------
+    def _check_live(self):
+        if self.released:
+            raise RuntimeError("registration was released; use the cache release() returned")
+        dead = [i for i, b in enumerate(self._bufs) if b.is_deleted()]
+        if dead:
+            raise RuntimeError(
+                f"registered buffer(s) {dead} were deleted (donated) behind the registration's "
+                "back; update the cache with reg.update(new_cache) instead of donating "
+                "reg.cache while it is registered")
+        if _ptrs(self._bufs) != self._addrs:
+            raise RuntimeError("registered buffers moved; this is a bug")
+
+    def _retake(self):
+        """New array objects over the same memory; any previously handed-out arrays die."""
+        bufs = tuple(_take(self._bufs))
+        if _ptrs(bufs) != self._addrs:
+            raise RuntimeError("donating identity did not keep the buffer addresses on this "
+                               "backend; cannot hand out the registered memory safely")
+        self._bufs = bufs
+
+    @property
+    def cache(self) -> Cache:
+        """The registered cache (raises ``TransferInFlightError`` while an inbound transfer runs)."""
+        self._check_live()
+        if self._inbound:
+            raise TransferInFlightError(
+                f"{len(self._inbound)} inbound transfer(s) are in flight into this cache; "
+                "the cache is only available from PendingTransfer.wait()")
+        return Cache(self._bufs, self.layout)
+
+    def update(self, cache: Cache) -> None:
+        """Makes ``cache`` the registered cache's new state.
+
+        Buffers already at the registered addresses (a donated, in-place update) are adopted;
+        other buffers are copied into the registered memory.  Raises while any transfer is in
+        flight.
+        """
+        if self.released:
+            raise RuntimeError("registration was released; register the cache again")
+        if self._inbound or self._outbound:
+            raise TransferInFlightError("cannot update a cache while a transfer is in flight")
+        if not isinstance(cache, Cache) or cache.layout != self.layout:
+            raise ValueError("cache must be a jaxkv Cache with the registered layout")
+        new = []
+        for i, (old, b) in enumerate(zip(self._bufs, cache.buffers)):
+            if b.is_deleted():
+                raise ValueError(f"cache.buffers[{i}] is deleted")
+            if int(b.unsafe_buffer_pointer()) == self._addrs[i]:
+                new.append(b)
+            else:
+                if old.is_deleted():
+                    raise RuntimeError(f"registered buffer {i} was donated into a computation "
+                                       "that did not write it in place; cannot update")
+                c = _copy_into(old, b)
+                if int(c.unsafe_buffer_pointer()) != self._addrs[i]:
+                    raise RuntimeError("copy into the registered buffer did not stay in place")
+                new.append(c)
+        jax.block_until_ready(new)
+        self._bufs = tuple(new)
+        self._retake()
+
+    def release(self) -> Cache:
+        """Deregisters the memory; returns the cache (an ordinary cache again)."""
+        if self.released:
+            raise RuntimeError("registration was already released")
+        if self._inbound or self._outbound:
+            raise TransferInFlightError("cannot release a cache while a transfer is in flight")
+        self._check_live()
+        for peer in list(self._prepped):
+            for h in self._prepped.pop(peer)[:2]:
+                h.release()
+        if self._local_prep is not None:
+            self._local_prep.release()
+            self._local_prep = None
+        self.agent._nixl.deregister_memory(self._reg_descs)
+        self.released = True
+        self.agent._regs.remove(self)
+        return Cache(self._bufs, self.layout)
+
+    def remote(self) -> RemoteCache:
+        """The picklable description a peer needs to address this cache."""
+        return RemoteCache(self.agent.name, self.layout, self.regions)
+
+    def descriptors(self, blocks, pools=None) -> np.ndarray:
+        """``block_descriptors`` of this cache: uint64[N, 3] ``(addr, nbytes, device)``."""
+        norm = _normalize_blocks(self.layout, blocks, pools, "blocks")
+        return self._all[_desc_indices(self.layout, norm)]
+
+    def clear_invalid(self, blocks=None):
+        """Forgets invalid destination units (all when ``blocks`` is None)."""
+        if blocks is None:
+            self.invalid_blocks.clear()
+        else:
+            self.invalid_blocks.difference_update(blocks)
+
+    # -- transfers ---------------------------------------------------------------------------------
+    def _prep(self, remote: RemoteCache):
+        if not isinstance(remote, RemoteCache):
+            raise ValueError(f"remote must be a RemoteCache (peer's reg.remote()), got "
+                             f"{type(remote).__name__}")
+        self.agent._check_peer(remote.agent)
+        if remote.mem_type not in ("DRAM", "VRAM"):
+            raise ValueError(f"remote mem_type must be DRAM or VRAM, got {remote.mem_type!r}")
+        _check_compatible(self.layout, remote.layout)
+        got = self._prepped.get(remote.agent)
+        if got is not None and got[2] == remote:
+            return got
+        nx = self.agent._nixl
+        if self._local_prep is None:
+            self._local_prep = nx.prep_xfer_dlist("NIXL_INIT_AGENT", self._all, self.mem_type)
+        try:
+            rh = nx.prep_xfer_dlist(remote.agent, _all_descriptors(remote.layout, remote.regions),
+                                    remote.mem_type)
+        except Exception as e:
+            raise TransferError(
+                f"peer {remote.agent!r} has not registered the memory described by the "
+                f"RemoteCache (descriptors outside its registered regions?): {e}") from e
+        if got is not None:
+            got[1].release()
+        self._prepped[remote.agent] = (self._local_prep, rh, remote)
+        return self._prepped[remote.agent]
+
+    def _make(self, op: str, remote, local_idx, remote_idx, notif: bytes):
+        lh, rh, _ = self._prep(remote)
+        try:
+            h = self.agent._nixl.make_prepped_xfer(op, lh, local_idx, rh, remote_idx,
+                                                   _NOTIF_PREFIX + notif)
+        except Exception as e:
+            raise TransferError(f"NIXL could not create the {op} to {remote.agent!r}: {e}") from e
+        return h
+
+    @staticmethod
+    def _check_notif(notif):
+        if not isinstance(notif, (bytes, bytearray)) or not notif:
+            raise ValueError(f"notif must be non-empty bytes naming the request, got {notif!r}")
+        return bytes(notif)
+
+    def write(self, remote: RemoteCache, src_blocks, dst_blocks, notif: bytes, *,
+              pools=None) -> "Transfer":
+        """WRITEs this cache's ``src_blocks`` into the peer's ``dst_blocks`` (prefill side).
+
+        The peer waits with ``expect(notif, dst_blocks, peer=...)``; NIXL delivers ``notif`` after
+        the data.  Returns a ``Transfer``; call ``wait()`` before updating or freeing the source.
+        """
+        notif = self._check_notif(notif)
+        self._check_live()
+        li, ri, _ = _pair(self.layout, src_blocks, remote.layout, dst_blocks, pools)
+        h = self._make("WRITE", remote, li, ri, notif)
+        jax.block_until_ready(self._bufs)
+        return Transfer(self, h, remote.agent, li.size, int(self._all[li, 1].sum()))
+
+    def read(self, remote: RemoteCache, src_blocks, dst_blocks, notif: bytes, *,
+             pools=None) -> "PendingTransfer":
+        """READs the peer's ``src_blocks`` into this cache's ``dst_blocks`` (decode side).
+
+        The peer gets ``notif`` when the read is done (it may then free its blocks).
+        """
+        notif = self._check_notif(notif)
+        self._check_live()
+        ri, li, dnorm = _pair(remote.layout, src_blocks, self.layout, dst_blocks, pools)
+        units = self._claim(dnorm)
+        h = self._make("READ", remote, li, ri, notif)
+        pending = PendingTransfer(self, units, remote.agent, notif, handle=h,
+                                  nbytes=int(self._all[li, 1].sum()), count=li.size)
+        self._inbound[id(pending)] = units
+        self._retake()
+        pending.t_post = time.perf_counter()
+        try:
+            state, why = self.agent._nixl.transfer(h), ""
+        except Exception as e:  # e.g. nixlRemoteDisconnectError
+            state, why = "ERR", f": {type(e).__name__}: {e}"
+        if state == "ERR":
+            pending._fail(f"NIXL could not post the READ from {remote.agent!r}{why} (peer gone?)")
+        return pending
+
+    def expect(self, notif: bytes, dst_blocks, *, peer: str, pools=None) -> "PendingTransfer":
+        """Announces an inbound WRITE from ``peer`` into ``dst_blocks`` (decode side).
+
+        Call it before sending the block ids to the peer.  The cache is locked until the returned
+        ``PendingTransfer`` completes (``notif`` received) or fails.
+        """
+        notif = self._check_notif(notif)
+        self._check_live()
+        self.agent._check_peer(peer)
+        dnorm = _normalize_blocks(self.layout, dst_blocks, pools, "dst_blocks")
+        units = self._claim(dnorm)
+        pending = PendingTransfer(self, units, peer, notif, handle=None,
+                                  nbytes=int(self._all[_desc_indices(self.layout, dnorm), 1].sum()),
+                                  count=int(_desc_indices(self.layout, dnorm).size))
+        self._inbound[id(pending)] = units
+        self._retake()
+        return pending
+
+    def _claim(self, dnorm) -> frozenset:
+        units = _touched_blocks(self.layout, dnorm)
+        for other in self._inbound.values():
+            clash = units & other
+            if clash:
+                raise ValueError(f"dst_blocks {sorted(clash, key=str)} are already the "
+                                 "destination of a transfer in flight")
+        return units
+
+
+def _state(agent: Agent, handle) -> tuple[str, str]:
+    """``("DONE" | "PROC" | "ERR", reason)`` of a posted request; engine exceptions are ERR."""
+    try:
+        return agent._nixl.check_xfer_state(handle), ""
+    except Exception as e:
+        return "ERR", f": {type(e).__name__}: {e}"
+
+
+class Transfer:
+    """Initiator-side handle of a WRITE (source side).  ``wait()`` until done before reusing."""
+
+    def __init__(self, reg: Registration, handle, peer: str, count: int, nbytes: int):
+        self.registration, self.peer = reg, peer
+        self.descriptors, self.nbytes = count, nbytes
+        self._h = handle
+        self.state = "pending"
+        reg._outbound.add(id(self))
+        self.t_post = time.perf_counter()
+        try:
+            st, why = reg.agent._nixl.transfer(handle), ""
+        except Exception as e:  # e.g. nixlRemoteDisconnectError
+            st, why = "ERR", f": {type(e).__name__}: {e}"
+        if st == "ERR":
+            self._finish("failed")
+            raise TransferError(f"NIXL could not post the WRITE to {peer!r}{why} (peer gone?); "
+                                "the source cache is unchanged")
+        self.t_done = None
+
+    def _finish(self, state: str):
+        self.state = state
+        self.registration._outbound.discard(id(self))
+        try:
+            self._h.release()
+        except Exception:
+            pass
+
+    def done(self) -> bool:
+        """Non-blocking: True when complete; raises ``TransferError`` when failed."""
+        if self.state == "done":
+            return True
+        if self.state == "failed":
+            raise TransferError(f"WRITE to {self.peer!r} failed")
+        st, why = _state(self.registration.agent, self._h)
+        if st == "DONE":
+            self.t_done = time.perf_counter()
+            self._finish("done")
+            return True
+        if st == "ERR":
+            self._finish("failed")
+            raise TransferError(f"WRITE to {self.peer!r} failed{why} (peer gone?); "
+                                "the source cache is unchanged")
+        return False
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Blocks until the WRITE is done; ``TransferError`` on error or after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self.done():
+            if time.monotonic() > deadline:
+                self._finish("failed")
+                raise TransferError(f"WRITE to {self.peer!r} not done after {timeout} s "
+                                    "(peer gone?); request cancelled, source cache unchanged")
+            time.sleep(0)
+        self.registration._check_live()
+
+
+class PendingTransfer:
+    """Destination-side handle of an inbound transfer; holds the destination cache.
+
+    ``wait()`` returns the cache once the data has landed.  Until then ``Registration.cache``
+    raises and previously handed-out arrays of the cache are deleted.
+    """
+
+    def __init__(self, reg: Registration, units, peer: str, notif: bytes, *, handle, nbytes,
+                 count):
+        self.registration, self.peer, self.notif = reg, peer, notif
+        self.blocks = units
+        self.nbytes, self.descriptors = nbytes, count
+        self._h = handle
+        self.state = "pending"
+        self.error: str | None = None
+
+    def _end(self):
+        self.registration._inbound.pop(id(self), None)
+        if self._h is not None:
+            try:
+                self._h.release()
+            except Exception:
+                pass
+
+    def _fail(self, why: str):
+        if self.state == "pending":
+            self.state, self.error = "failed", why
+            self.registration.invalid_blocks.update(self.blocks)
+            self._end()
+        raise TransferError(f"{why}; destination blocks {sorted(self.blocks, key=str)} are "
+                            "not valid (listed in registration.invalid_blocks)")
+
+    def done(self) -> bool:
+        """Non-blocking: True when the data has landed; raises ``TransferError`` on failure."""
+        if self.state == "done":
+            return True
+        if self.state == "failed":
+            raise TransferError(self.error)
+        ag = self.registration.agent
+        if self._h is None:  # remote WRITE: the notification follows the data
+            ok = ag._pop_notif(self.peer, _NOTIF_PREFIX + self.notif)
+        else:
+            st, why = _state(ag, self._h)
+            if st == "ERR":
+                self._fail(f"READ from {self.peer!r} failed{why} (peer gone?)")
+            ok = st == "DONE"
+        if ok:
+            self.state = "done"
+            self._end()
+            self.registration.invalid_blocks.difference_update(self.blocks)
+        return ok
+
+    def wait(self, timeout: float = 30.0) -> Cache | None:
+        """Blocks until done and returns the destination cache (new bytes visible).
+
+        Returns None when other inbound transfers into the same cache are still in flight (the
+        cache stays locked; the last ``wait()`` returns it).  Raises ``TransferError`` on an
+        engine error or after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.done():
+            if time.monotonic() > deadline:
+                self._fail(f"transfer from {self.peer!r} ({self.notif!r}) not done after "
+                           f"{timeout} s (peer gone?)")
+            time.sleep(0.0005 if self._h is None else 0)
+        reg = self.registration
+        if reg._inbound:  # other transfers still write into this cache
+            return None
+        reg._check_live()
+        reg._retake()
+        return reg.cache
