@@ -484,6 +484,13 @@ class DSV4TorchPool:
                                  f"{'' if p.sentinel is None else ' (the sentinel row)'}")
         return out
 
+    def _side_stream(self):
+        """A CUDA stream for host copies, so they overlap the kernels of the next pool."""
+        s = getattr(self, "_copy_stream", None)
+        if s is None:
+            s = self._copy_stream = torch.cuda.Stream(self.device)
+        return s
+
     def get_cpu_copy(self, indices: torch.Tensor) -> DSV4CpuCopy:
         """Retract: copies every pool's data of a request to host memory.
 
@@ -492,8 +499,9 @@ class DSV4TorchPool:
         (``(f + 1) % r == 0``) and the page-scoped compress-state and indexer-state rows of every
         compressed layer.  Per pool, only the *distinct valid* locations are saved (many
         positions share one state row; invalid positions hold nothing), gathered for all layers
-        in one kernel launch on the device, and copied into one host buffer — pinned when the
-        pool is on CUDA — with asynchronous copies and one synchronisation at the end.
+        in one kernel launch, and copied into one host buffer.  On CUDA the buffer is pinned and
+        each pool's device-to-host copy runs on a side stream while the next pool is gathered;
+        one synchronisation at the end.
 
         Returns:
           A ``DSV4CpuCopy`` (complete when this returns).  Bit-exact with the device bytes.
@@ -501,8 +509,8 @@ class DSV4TorchPool:
         full = self._full(indices)
         n = int(full.shape[0])
         locs = self._all_locs(full) if n else {}
-        gathered, slots, sizes = {}, {}, []
-        for p in self.layout.pools:
+        plans, sizes = [], []
+        for p in self.layout.pools:  # 1) which locations each pool saves (host syncs here)
             b, a = self._addr[p.name]
             if n:
                 loc, valid = locs[p.name]
@@ -510,29 +518,44 @@ class DSV4TorchPool:
                 uniq, inv = torch.unique(loc[idx], return_inverse=True)
                 slot = torch.full((n,), -1, dtype=torch.int32, device=self.device)
                 slot[idx] = inv.to(torch.int32)
-                v, s = self._gather(b, uniq.to(torch.int32), a)
+                uniq = uniq.to(torch.int32)
             else:
-                slot = torch.zeros(0, dtype=torch.int32, device=self.device)
+                slot = uniq = torch.zeros(0, dtype=torch.int32, device=self.device)
+            m = int(uniq.shape[0])
+            plans.append((p, b, a, uniq, slot, m))
+            sizes += [a.num_layers * m * a.value_bytes, a.num_layers * m * a.scale_bytes]
+        cuda = self.device.type == "cuda"
+        host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=cuda)
+        if cuda:
+            main, side = torch.cuda.current_stream(self.device), self._side_stream()
+        parts, keep, off = {}, [], 0
+        for p, b, a, uniq, slot, m in plans:  # 2) gather (main stream) -> host (side stream)
+            if m:
+                v, s = self._gather(b, uniq, a)
+            else:
                 v = torch.zeros((a.num_layers, 0, a.value_bytes), dtype=torch.uint8,
                                 device=self.device)
                 s = torch.zeros((a.num_layers, 0, a.scale_bytes), dtype=torch.uint8,
                                 device=self.device)
-            gathered[p.name], slots[p.name] = (v, s), slot
-            sizes += [v.numel(), s.numel()]
-        pin = self.device.type == "cuda"
-        host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-        parts, off = {}, 0
-        for p in self.layout.pools:
             views = []
-            for x in gathered[p.name]:
+            for x in (v, s):
                 h = host[off:off + x.numel()].view(x.shape)
-                h.copy_(x, non_blocking=pin)
-                views.append(h)
                 off += x.numel()
+                views.append(h)
+                if not x.numel():
+                    continue
+                if cuda:
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        h.copy_(x, non_blocking=True)
+                    x.record_stream(side)
+                    keep.append(x)
+                else:
+                    h.copy_(x)
             parts[p.name] = tuple(views)
-        slots = {k: v.cpu() for k, v in slots.items()}
-        if pin:
-            torch.cuda.current_stream(self.device).synchronize()
+        slots = {p.name: slot.cpu() for p, _, _, _, slot, _ in plans}
+        if cuda:
+            side.synchronize()
         return DSV4CpuCopy(self.geometry, n, host, parts, slots)
 
     def load_cpu_copy(self, copy: DSV4CpuCopy, indices: torch.Tensor) -> None:
@@ -541,8 +564,11 @@ class DSV4TorchPool:
         Translates ``indices`` like ``get_cpu_copy`` and restores only positions valid both when
         saved and now (``new_mask & old_mask``): a tail-only SWA allocation restores the rows it
         has and writes nothing into SWA page 0 or another request's rows.  Each saved row is
-        written to every new location of the positions that shared it.  Host-to-device copies are
-        asynchronous on the current stream (ordered before the scatters).
+        written to every new location of the positions that shared it (such positions must map
+        to one new row, as they do when SWA pages keep ``s % page == f % page``).  On CUDA the
+        host-to-device copies run on a side stream, each pool's scatter on the current stream
+        waits for its own copy only; the call returns without a host synchronisation (work is
+        ordered on the current stream).
 
         Raises:
           ValueError: ``copy`` is not a ``DSV4CpuCopy`` of this geometry, or ``len(indices)``
@@ -560,13 +586,14 @@ class DSV4TorchPool:
         if copy.num_tokens == 0:
             return
         locs = self._all_locs(full)
-        pin = self.device.type == "cuda"
-        for p in self.layout.pools:
+        plans = []
+        for p in self.layout.pools:  # 1) where each saved row goes (host syncs here)
             v, s = copy.parts[p.name]
-            if v.shape[1] == 0:
+            m = v.shape[1]
+            if m == 0:
                 continue
             loc, new_valid = locs[p.name]
-            slot = copy.slots[p.name].to(self.device, non_blocking=pin).to(torch.int64)
+            slot = copy.slots[p.name].to(self.device).to(torch.int64)
             idx = torch.nonzero(new_valid & (slot >= 0)).squeeze(1)
             if p.sentinel is not None:  # never write the stored sentinel row
                 idx = idx[loc[idx] != p.sentinel]
@@ -574,10 +601,29 @@ class DSV4TorchPool:
             cap = p.capacity
             pair = torch.unique(slot[idx] * cap + loc[idx].to(torch.int64))
             rows, new = pair // cap, (pair % cap).to(torch.int32)
-            v_dev = v.to(self.device, non_blocking=pin)
-            s_dev = s.to(self.device, non_blocking=pin)
+            identity = rows.numel() == m and torch.equal(
+                rows, torch.arange(m, device=self.device))
+            plans.append((p, v, s, rows, new, identity))
+        cuda = self.device.type == "cuda"
+        staged = []
+        if cuda:  # 2) every host-to-device copy on the side stream, one event per pool
+            main, side = torch.cuda.current_stream(self.device), self._side_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for p, v, s, *_ in plans:
+                    vd, sd = v.to(self.device, non_blocking=True), s.to(self.device,
+                                                                         non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                    staged.append((vd, sd, ev))
+        else:
+            staged = [(v, s, None) for _, v, s, *_ in plans]
+        for (p, _, _, rows, new, identity), (vd, sd, ev) in zip(plans, staged):
+            if cuda:  # 3) scatter pool k while pool k+1 is still copying
+                main.wait_event(ev)
+                vd.record_stream(main)
+                sd.record_stream(main)
+            if not identity:
+                vd, sd = vd.index_select(1, rows), sd.index_select(1, rows)
             b, a = self._addr[p.name]
-            if not (rows.numel() == v.shape[1]
-                    and torch.equal(rows, torch.arange(v.shape[1], device=self.device))):
-                v_dev, s_dev = v_dev.index_select(1, rows), s_dev.index_select(1, rows)
-            self._scatter(b, new, v_dev, s_dev, a)
+            self._scatter(b, new, vd, sd, a)
