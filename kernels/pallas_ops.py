@@ -10,11 +10,13 @@ with donation the buffer is not copied.
 
 Lowering: ``interpret=True`` when ``jax.default_backend() == "cpu"``; on GPU the Pallas Triton
 lowering (``compiler_params=pallas.triton.CompilerParams``), which handles dynamic byte offsets
-into a whole buffer.  The choice lives in ``_call`` only, so another lowering (Mosaic GPU) can be
+into a whole buffer.  That lowering computes 32-bit offsets: on GPU every array must be below
+2 GiB (checked: ValueError), so multi-GB pools use ``impl="triton"``.  The choice lives in ``_call`` only, so another lowering (Mosaic GPU) can be
 put behind the same functions.
 """
 from __future__ import annotations
 
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +49,29 @@ def _interpret() -> bool:
     return jax.default_backend() == "cpu"
 
 
+_MAX_GPU_BYTES = 2**31  # the Triton lowering's pointer offsets are 32-bit (measured on H100)
+
+
 def _call(kernel, out_shape, grid, *, aliases=None, num_warps=4):
     kw = dict(out_shape=out_shape, grid=grid, input_output_aliases=aliases or {})
     if _interpret():
         kw["interpret"] = True
-    else:
-        from jax.experimental.pallas import triton as pltriton
-        kw["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-    return pl.pallas_call(kernel, **kw)
+        return pl.pallas_call(kernel, **kw)
+    from jax.experimental.pallas import triton as pltriton
+    kw["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    call = pl.pallas_call(kernel, **kw)
+
+    def checked(*args):
+        outs = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+        for x in (*args, *outs):
+            if math.prod(x.shape) * jnp.dtype(x.dtype).itemsize >= _MAX_GPU_BYTES:
+                raise ValueError(
+                    f"impl='pallas' on GPU handles arrays below 2 GiB (the Pallas Triton lowering "
+                    f"computes 32-bit offsets; a {x.shape} array was given, and bytes past 2 GiB "
+                    "were written to the wrong place on an H100); use impl='triton' or 'auto'")
+        return call(*args)
+
+    return checked
 
 
 def _tables(a) -> tuple[jax.Array, jax.Array]:

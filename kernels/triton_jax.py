@@ -30,6 +30,9 @@ def _k():
     return triton_kernels
 
 
+# Note: jax-triton's input_output_aliases count array operands only (scalars are not operands).
+
+
 def _tables(a):
     return jnp.asarray(a.row_base, jnp.int32), jnp.asarray(a.col_base, jnp.int32)
 
@@ -103,7 +106,7 @@ def _pages_call(src, dst, src_pages, dst_pages, src_a, dst_a, *, zero, out_shape
         *_tables(dst_a), int(dst_cols), int(dst_a.num_pages), int(P), dst,
         kernel=K.jit_kernel("copy_pages"), out_shape=out_shape,
         grid=(meta["NCH"] * P, src_a.num_layers), input_output_aliases={7: 0} if alias else None,
-        num_warps=K.num_warps_for(meta["BLOCK"]), num_stages=1, ZERO=int(zero), **meta)
+        num_warps=K.PAGE_WARPS, num_stages=1, ZERO=int(zero), **meta)
 
 
 def copy_pages(src: jax.Array, dst: jax.Array, src_pages: jax.Array, dst_pages: jax.Array,

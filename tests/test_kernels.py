@@ -328,12 +328,11 @@ def test_scatter_duplicates_one_writer_wins(impl, case):
     v = _rand(rng, (a.num_layers, 4, a.value_bytes))
     s = _rand(rng, (a.num_layers, 4, a.scale_bytes))
     out = impl.scatter_tokens(buf, locs, v, s, a)
-    for i in (0, 2, 3):
-        cand = np_scatter(buf, locs[i:i + 1], v[:, i:i + 1], s[:, i:i + 1], a)
-        if np.array_equal(out, cand):
-            break
-    else:
-        pytest.fail("the duplicated window is not one writer's bytes (or other bytes changed)")
+    cands = [np_scatter(buf, locs[i:i + 1], v[:, i:i + 1], s[:, i:i + 1], a) for i in (0, 2, 3)]
+    if jax.default_backend() == "cpu":  # sequential implementations: one writer, whole
+        assert any(np.array_equal(out, c) for c in cands), "not one writer's bytes"
+    else:  # GPU threads may interleave writers: every byte is some writer's byte
+        assert np.logical_or.reduce([out == c for c in cands]).all()
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[13]], ids=_ids)
@@ -545,6 +544,11 @@ def test_beyond_2gib_gpu(name):
         gv, gs = (x.cpu().numpy() for x in triton_kernels.gather_tokens_torch(
             buf, torch.from_numpy(locs).cuda(), a))
         tail = buf[-1].cpu().numpy()
+    elif name == "pallas":  # 32-bit offsets in the Pallas Triton lowering: refused, not wrong
+        with pytest.raises(ValueError, match="below 2 GiB"):
+            impl.mod.scatter_tokens(jnp.zeros((rows, pb), jnp.uint8), jnp.asarray(locs),
+                                    jnp.asarray(v), jnp.asarray(s), a)
+        return
     else:
         buf = impl.mod.scatter_tokens(jnp.zeros((rows, pb), jnp.uint8), jnp.asarray(locs),
                                       jnp.asarray(v), jnp.asarray(s), a)
@@ -555,3 +559,12 @@ def test_beyond_2gib_gpu(name):
     np.testing.assert_array_equal(gs[:, ok], s[:, ok])
     assert not gv[:, ~ok].any() and not gs[:, ~ok].any()
     np.testing.assert_array_equal(tail[576:1152], v[1, 0])  # loc cap-1 = page -1, token 1
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    want = "triton" if dispatch._available("triton") else "pallas"
+    for op in ("gather_tokens", "scatter_tokens", "copy_pages", "copy_tokens"):
+        assert dispatch._resolve("auto", op) == want
