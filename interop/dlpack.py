@@ -73,6 +73,9 @@ __all__ = [
 ]
 
 
+_TRACER = getattr(jax.core, "Tracer", ())  # abstract values inside jit
+
+
 class OwnershipError(ValueError):
     """A buffer is used against its ownership rule (e.g. donating a buffer torch still views)."""
 
@@ -134,7 +137,7 @@ def is_torch_owned(array: jax.Array) -> bool:
 def _check_jax_array(array, arg: str = "array") -> None:
     if not isinstance(array, jax.Array):
         raise ValueError(f"{arg} must be a jax.Array, got {type(array).__name__}")
-    if isinstance(array, jax.core.Tracer):
+    if isinstance(array, _TRACER):
         raise ValueError(f"{arg} is a tracer: DLPack exchange works on concrete arrays, "
                          "outside jax.jit")
     if array.is_deleted():
@@ -217,7 +220,7 @@ _FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not Non
 
 
 def _x64_enabled() -> bool:
-    return bool(jax.config.jax_enable_x64)
+    return jax.dtypes.canonicalize_dtype(np.int64) == np.dtype(np.int64)
 
 
 # Fast import path: ``jax.dlpack.from_dlpack`` spends ~60 us per call in Python on CPU (device
@@ -378,7 +381,7 @@ def donate_safe(tree: Any, arg: str = "cache") -> Any:
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in leaves:
-        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, _TRACER):
             continue
         where = f"{arg}{jax.tree_util.keystr(path)}"
         if leaf.is_deleted():

@@ -110,6 +110,15 @@ def test_int64_policy():
         I.from_torch(t, int64="truncate")
 
 
+@pytest.mark.skipif(not hasattr(jax, "enable_x64"), reason="needs the jax.enable_x64 context")
+def test_int64_zero_copy_with_x64_on():
+    t = torch.from_numpy(RNG.integers(-2**40, 2**40, size=16)).clone()
+    with jax.enable_x64(True):
+        y = I.from_torch(t)
+        assert y.dtype == jnp.int64 and y.unsafe_buffer_pointer() == t.data_ptr()
+        assert np.array_equal(np.asarray(y), t.numpy())
+
+
 def test_non_contiguous_rejected_with_hint():
     t = torch.from_numpy(_random_bytes((8, 64))).clone()  # torch's allocator: 64-B aligned
     for bad in (t.t(), t[:, 2:6], t[::2]):
