@@ -39,13 +39,16 @@ Two copy paths (``backup_from_device`` / ``load_to_device``)
     being copied to the wrong bytes.
   * token-granular otherwise: each token is its value (576 B for DSv4 MLA) and its whole scale slot
     (8 B, pad byte included), two ranges per token.  JAX cannot write part of a pinned-host page,
-    so the ``"xla"`` method assembles whole pages on the device: it reads the affected host pages
-    back (host->device), merges the tokens into them with ``scatter_tokens``, and writes the whole
-    pages (device->host).  Cost: ``2 x affected_pages x page_bytes`` over PCIe against
-    ``N x token_bytes`` of payload; for N tokens into freshly allocated contiguous host slots,
-    ``affected_pages = ceil(N / tpp)`` so the traffic is ``2 x page_bytes / (tpp x token_bytes)``
-    (2.0x for C4) of the payload.  Bytes of the host pages that no token covers (page padding,
-    other tokens of partly covered pages) are preserved.
+    so the ``"xla"`` method assembles whole pages on the device: host pages that the tokens cover
+    only partly are read back (host->device), pages they cover completely are rebuilt from zeros
+    plus their padding bytes read back (a host gather of just those windows: 64 B of 37,440 for
+    C4); the tokens are merged in with ``scatter_tokens`` and the whole pages written
+    (device->host).  Loads read the affected pages and gather the tokens on the device.  Cost of a
+    backup of N tokens into freshly allocated contiguous slots: ``ceil(N / tpp)`` pages
+    device->host (``page_bytes / (tpp x token_bytes)`` = 1.002x the payload for C4) plus at most
+    two partly covered pages and the padding windows host->device.  Random host slots spread over
+    many pages cost up to one page each way per token.  Bytes of the host pages that no token
+    covers (page padding, other tokens of partly covered pages) are preserved.
 
 Methods (how the host side is written)
   * ``"xla"``: one ``jax.jit`` per operation with the host buffer donated and ``out_shardings`` on
@@ -69,9 +72,9 @@ Cost of each option (predictions written before the GPU run, against the pinned 
   * page path, ``"triton"``: one pass, SM stores of whole 16-B words to the pinned pages over
     PCIe (what SGLang's transfer kernels do): ~0.9 C for writes; loads are zero-copy PCIe reads,
     ~0.8 C.
-  * token path, ``"xla"``: host->device of the affected pages, device merge, device->host of the
-    same pages: ``2 x page_bytes / (tpp x token_bytes)`` = 2.0x the payload for DSv4 C4, so at most
-    ~0.5 C of payload throughput (reads and writes do not overlap inside one call).
+  * token path, ``"xla"``: device->host of the covered pages (~1.0x the payload for contiguous
+    host slots) after a small host->device read-back (partly covered pages, padding windows) and
+    a device merge: ~0.8 C if XLA's host-side row update is a DMA, less if it is a host copy.
   * token path, ``"triton"``: payload only (576-B values, 16-B aligned; 8-B scale words are
     small PCIe writes, 1.4 % of the bytes): ~0.8 C.
   Host-side planning (validation, index arrays) of a page-aligned call works on pages, not
@@ -460,27 +463,44 @@ class _Plan:
                              f"{int(hsl[i])} is in host page {int(hp_all[i])}, which is not "
                              "allocated (alloc it first)")
         self.layers = layers
-        nl = len(layers)
         self.page_aligned = hpages is not None and dpages is not None
         if self.page_aligned:
             n = _bucket(hpages.size)
-            self.n_pages = n
             self.dev_pages = _pad(dpages, n, -1)
             host_pages = hpages
+            ordered = np.full(n, -1, np.int64)
+            ordered[:hpages.size] = hpages
+            self.n_partial, self.n_full = n, 0
         else:
-            host_pages, inv = np.unique(hp_all, return_inverse=True)
-            n = _bucket(host_pages.size)
-            self.n_pages = n
+            host_pages, inv, counts = np.unique(hp_all, return_inverse=True, return_counts=True)
+            inv = inv.reshape(-1)
+            # Backup: a host page whose every slot is written needs no read-back but its padding
+            # bytes (destinations are unique, so count == tpp means fully covered).
+            full = (counts == tpp) if dest == "host" else np.zeros(host_pages.size, bool)
+            part_idx, full_idx = np.flatnonzero(~full), np.flatnonzero(full)
+            npart = _bucket(part_idx.size) if part_idx.size else 0
+            nfull = _bucket(full_idx.size) if full_idx.size else 0
+            pos = np.empty(host_pages.size, np.int64)
+            pos[part_idx] = np.arange(part_idx.size)
+            pos[full_idx] = npart + np.arange(full_idx.size)
+            n = npart + nfull
+            ordered = np.full(n, -1, np.int64)
+            ordered[:part_idx.size] = host_pages[part_idx]
+            ordered[npart:npart + full_idx.size] = host_pages[full_idx]
+            self.n_partial, self.n_full = npart, nfull
             nt = _bucket(h.size)
-            self.local_locs = _pad(inv.reshape(-1) * tpp + h % tpp, nt, -1)
+            self.local_locs = _pad(pos[inv] * tpp + h % tpp, nt, -1)
             self.dev_locs = _pad(d, nt, -1)
             self.host_slots = _pad(h, nt, -1)
-        oob = s.shape[0]  # an out-of-range row: dropped on write, zeros on read
-        rows = np.full((nl, n), oob, np.int64)
-        rows[:, :host_pages.size] = (np.asarray(layers)[:, None] * s.num_pages
-                                     + host_pages[None, :])
+        self.n_pages = n
+        oob = s.shape[0]  # an out-of-range row: dropped on write
+        lay = np.asarray(layers, np.int64)[:, None]
+        rows = np.where(ordered[None, :] >= 0, lay * s.num_pages + ordered[None, :], oob)
+        read = np.where(rows == oob, 0, rows)  # padding reads row 0; never written anywhere
         self.host_rows = rows.reshape(-1).astype(np.int32)
-        self.read_rows = np.where(self.host_rows == oob, 0, self.host_rows).astype(np.int32)
+        self.read_rows = read.reshape(-1).astype(np.int32)
+        self.read_rows_partial = read[:, :self.n_partial].reshape(-1).astype(np.int32)
+        self.read_rows_full = read[:, self.n_partial:].reshape(-1).astype(np.int32)
         self.n_host_pages = int(host_pages.size)
         self.host_pages = host_pages
 
@@ -509,10 +529,35 @@ def _xla_backup_pages(pa: PageAddressing, impl: str, hs, ds):
     return jax.jit(f, donate_argnums=0, out_shardings=hs)
 
 
+def _host_windows(host_buf, rows, col: int, width: int, hs):
+    """``host_buf[rows, col:col+width]`` gathered in host memory (only the windows move)."""
+    idx = jnp.stack([rows, jnp.full_like(rows, col)], axis=-1)
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+                                        start_index_map=(0, 1))
+    return jax.lax.gather(host_buf, jax.device_put(idx, hs), dn, slice_sizes=(1, width),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 @functools.lru_cache(maxsize=None)
-def _xla_backup_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl: str, hs, ds):
-    def f(host_buf, dev_buf, dev_locs, read_rows, host_rows, local_locs):
-        stage = jax.device_put(_host_take(host_buf, read_rows, hs), ds)  # read-back, [L*P, PB]
+def _xla_backup_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl: str, hs, ds,
+                       n_partial: int, n_full: int, page_bytes: int, pad_col: int):
+    """Token backup: staging pages = [partly covered pages read back | fully covered pages
+    rebuilt from zeros + their padding bytes read back], tokens merged in, whole pages written."""
+    nl = ta_stage.num_layers
+
+    def f(host_buf, dev_buf, dev_locs, read_partial, read_full, host_rows, local_locs):
+        parts = []
+        if n_partial:
+            pages = jax.device_put(_host_take(host_buf, read_partial, hs), ds)
+            parts.append(pages.reshape(nl, n_partial, page_bytes))
+        if n_full:
+            pages = jnp.zeros((nl, n_full, page_bytes), jnp.uint8)
+            if pad_col < page_bytes:
+                pad = jax.device_put(
+                    _host_windows(host_buf, read_full, pad_col, page_bytes - pad_col, hs), ds)
+                pages = pages.at[:, :, pad_col:].set(pad.reshape(nl, n_full, -1))
+            parts.append(pages)
+        stage = jnp.concatenate(parts, axis=1).reshape(-1, page_bytes)
         value, scale = dispatch.gather_tokens(dev_buf, dev_locs, ta_dev, impl=impl)
         stage = dispatch.scatter_tokens(stage, local_locs, value, scale, ta_stage, impl=impl)
         return _host_put(host_buf, host_rows, stage, hs)
@@ -766,9 +811,11 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
         buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_pages), rows)
     else:
         ta_stage = s.token_addressing(plan.n_pages, layers)
-        fn = _xla_backup_tokens(ta_dev, ta_stage, impl, hs, ds)
+        fn = _xla_backup_tokens(ta_dev, ta_stage, impl, hs, ds, plan.n_partial, plan.n_full,
+                                s.page_bytes, s.tokens_per_page * (s.value_bytes + s.scale_stride))
         buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_locs),
-                 jnp.asarray(plan.read_rows), rows, jnp.asarray(plan.local_locs))
+                 jnp.asarray(plan.read_rows_partial), jnp.asarray(plan.read_rows_full), rows,
+                 jnp.asarray(plan.local_locs))
     return dataclasses.replace(host, buffer=buf)
 
 

@@ -101,13 +101,17 @@ def test_backup_page_aligned_is_byte_equal(geo_name, pool):
 
 
 @pytest.mark.parametrize("geo_name,pool", POOLS)
-def test_backup_token_granular_matches_reference(geo_name, pool):
+@pytest.mark.parametrize("order", ["random", "contiguous"])
+def test_backup_token_granular_matches_reference(geo_name, pool, order):
     _, cache, h, poison = _setup(geo_name, pool, seed=3)
     s = h.spec
     rng = np.random.default_rng(7)
     n = 2 * s.tokens_per_page + 3                       # not a multiple of the page size
     h, slots = hp.alloc(h, n)
-    host_idx = rng.permutation(slots)[:n]               # random slots of the new pages
+    if order == "random":
+        host_idx = rng.permutation(slots)[:n]           # random slots of the new pages
+    else:  # two fully covered pages (no read-back but their padding) and one partial page
+        host_idx = slots[:n]
     dev_cap = cache.layout.pool(pool).capacity
     dev_idx = rng.integers(0, dev_cap, n)               # random, repeats allowed (sources)
     h2 = hp.backup_from_device(h, cache, pool, host_idx, dev_idx)
@@ -543,7 +547,6 @@ def test_triton_method_refuses_without_gpu_or_pinned_memory():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="GPU"):
             hp.backup_from_device(h, cache, "c4", slots[:4], np.arange(4), method="triton")
-    geo = jaxkv.tiny(5)
     dev_kind = jax.devices()[0].default_memory().kind
     h2 = hp.init_host_pool(cache, "c4", 4, memory_kind=dev_kind)
     h2, s2 = hp.alloc(h2, 4)
