@@ -394,9 +394,10 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
     pages_f, take_f = _pop(stacks[0], nfree[0], off_f, nf, KF)
     jf = pf0[:, None] + jnp.arange(KF, dtype=jnp.int32)[None, :]
     page_table = _set_rows(state.page_table, s[:, None], jf, pages_f, take_f)
-    P0 = owners[0].shape[0]
-    owners[0] = owners[0].at[jnp.where(take_f, pages_f, P0)].set(
-        jnp.broadcast_to(s[:, None], take_f.shape), mode="drop")
+    # Owner updates are gathered per space and applied as one scatter each (fewer kernels);
+    # their page sets are disjoint (a page freed here cannot have been popped here).
+    own_upd = [[] for _ in owners]
+    own_upd[0].append((pages_f, jnp.broadcast_to(s[:, None], take_f.shape), take_f))
     tops = [nfree[0] - tot_f] + ([nfree[1]] if len(owners) > 1 else [])
     swa_ring, table = state.swa_ring, state.full_to_swa
     if cfg.has_swa:
@@ -413,15 +414,18 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
         take_fr = j < nfr[:, None]
         ring_fr = k_fr % K
         pages_fr = jnp.where(take_fr, swa_ring[s[:, None], ring_fr], 0)
-        Ps = owners[si].shape[0]
-        owners[si] = owners[si].at[jnp.where(take_fr, pages_fr, Ps)].set(-1, mode="drop")
-        owners[si] = owners[si].at[jnp.where(take_s, pages_s, Ps)].set(
-            jnp.broadcast_to(s[:, None], take_s.shape), mode="drop")
+        own_upd[si].append((pages_fr, jnp.full_like(pages_fr, -1), take_fr))
+        own_upd[si].append((pages_s, jnp.broadcast_to(s[:, None], take_s.shape), take_s))
         stacks[si], tops[si] = _push(stacks[si], tops[si], pages_fr, take_fr)
-        swa_ring = _set_rows(swa_ring, s[:, None], ring_fr, jnp.zeros_like(pages_fr), take_fr)
+        # Ring: clear freed slots unless a new page lands in the same slot, set new pages.
         k_new = new_lo[:, None] + j
-        swa_ring = _set_rows(swa_ring, s[:, None], k_new % K, pages_s, take_s)
-        # full_to_swa: tokens leaving the window -> 0, new in-window tokens -> their SWA loc.
+        over = jnp.mod(ring_fr - new_lo[:, None], K) < ns[:, None]
+        swa_ring = _set_rows(swa_ring, jnp.concatenate([s[:, None]] * 2 * KS, 1),
+                             jnp.concatenate([ring_fr, k_new % K], 1),
+                             jnp.concatenate([jnp.zeros_like(pages_fr), pages_s], 1),
+                             jnp.concatenate([take_fr & ~over, take_s], 1))
+        # full_to_swa: tokens leaving the window -> 0, new in-window tokens -> their SWA loc
+        # (disjoint positions: one scatter).
         KT = min(max_new, W)
         jt = jnp.arange(KT, dtype=jnp.int32)[None, :]
         T = cfg.table_size
@@ -429,15 +433,21 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
         z_hi = jnp.minimum(L, L2 - W)
         pz = z_lo[:, None] + jt
         take_z = apply[:, None] & (pz < z_hi[:, None])
-        fz = _full_loc(state.page_table, cfg, s[:, None], pz)
-        table = table.at[jnp.where(take_z & (fz >= 0), fz, T)].set(0, mode="drop")
+        fz = _full_loc(page_table, cfg, s[:, None], pz)  # old tokens: same pages in the new table
         s_lo = jnp.maximum(L, L2 - W)
         pn = s_lo[:, None] + jt
         take_n = apply[:, None] & (pn < L2[:, None])
         fn = _full_loc(page_table, cfg, s[:, None], pn)
         swp = swa_ring[s[:, None], jnp.where(take_n, (pn // sp) % K, 0)]
-        table = table.at[jnp.where(take_n & (fn >= 0), fn, T)].set(swp * sp + pn % sp,
-                                                                    mode="drop")
+        idx = jnp.concatenate([jnp.where(take_z & (fz >= 0), fz, T),
+                               jnp.where(take_n & (fn >= 0), fn, T)], 1)
+        val = jnp.concatenate([jnp.zeros_like(fz), swp * sp + pn % sp], 1)
+        table = table.at[idx].set(val, mode="drop")
+    for i, upd in enumerate(own_upd):
+        P = owners[i].shape[0]
+        idx = jnp.concatenate([jnp.where(m, p, P).reshape(-1) for p, _, m in upd])
+        val = jnp.concatenate([v.reshape(-1) for _, v, _ in upd])
+        owners[i] = owners[i].at[idx].set(val, mode="drop")
     lengths = state.lengths.at[jnp.where(apply, slots, cfg.max_requests)].set(
         new_len, mode="drop")
     new = dataclasses.replace(state, page_table=page_table, swa_ring=swa_ring, lengths=lengths,
