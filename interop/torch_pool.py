@@ -103,46 +103,54 @@ def vllm_layer_views(cache: Cache) -> dict[str, list[torch.Tensor]]:
 # Kernels: Triton (direct on torch tensors) or a plain-torch reference
 
 
-def _windows(buf: torch.Tensor, locs: torch.Tensor, a: TokenAddressing, part: str):
-    """Flat int64 byte indices [L, N, W] of every token window, and the validity mask [N]."""
-    dev = buf.device
+def _token_view(buf: torch.Tensor, a: TokenAddressing, col: int, part: str) -> torch.Tensor:
+    """``buf`` seen as ``[rows, tpp, width]`` token windows of one part, for layers at ``col``."""
     C = buf.shape[1]
+    if part == "value":
+        return torch.as_strided(buf, (buf.shape[0], a.tpp, a.value_bytes), (C, a.value_bytes, 1),
+                                buf.storage_offset() + col)
+    return torch.as_strided(buf, (buf.shape[0], a.tpp, a.scale_bytes), (C, a.scale_stride, 1),
+                            buf.storage_offset() + col + a.tpp * a.value_bytes)
+
+
+def _rows_tokens(locs: torch.Tensor, a: TokenAddressing):
+    """int64 rows[L, N], token-in-page t[N] and the validity mask [N]."""
     valid = (locs >= 0) & (locs < a.capacity)
     safe = torch.where(valid, locs, torch.zeros_like(locs)).to(torch.int64)
     page, t = safe // a.tpp, safe % a.tpp
-    rb = torch.tensor(a.row_base, dtype=torch.int64, device=dev)[:, None]
-    cb = torch.tensor(a.col_base, dtype=torch.int64, device=dev)[:, None]
-    row = rb + page[None] * a.row_step
-    if part == "value":
-        col, width = cb + t[None] * a.value_bytes, a.value_bytes
-    else:
-        col, width = cb + a.tpp * a.value_bytes + t[None] * a.scale_stride, a.scale_bytes
-    idx = (row * C + col)[..., None] + torch.arange(width, dtype=torch.int64, device=dev)
-    return idx, valid
+    rb = torch.tensor(a.row_base, dtype=torch.int64, device=locs.device)[:, None]
+    return rb + page[None] * a.row_step, t, valid
 
 
 def _torch_gather(buf, locs, a: TokenAddressing):
-    flat = buf.view(-1)
+    """Plain-torch twin of ``reference.gather_tokens`` (advanced indexing on strided views)."""
+    rows, t, valid = _rows_tokens(locs, a)
     out = []
-    for part in ("value", "scale"):
-        if part == "scale" and a.scale_bytes == 0:
-            out.append(torch.zeros((a.num_layers, locs.shape[0], 0), dtype=torch.uint8,
-                                   device=buf.device))
-            continue
-        idx, valid = _windows(buf, locs, a, part)
-        x = flat[idx]
-        x[:, ~valid] = 0
+    for part, width in (("value", a.value_bytes), ("scale", a.scale_bytes)):
+        x = torch.zeros((a.num_layers, locs.shape[0], width), dtype=torch.uint8,
+                        device=buf.device)
+        if width:
+            for col in sorted(set(a.col_base)):
+                ls = [i for i, c in enumerate(a.col_base) if c == col]
+                view = _token_view(buf, a, col, part)
+                x[ls] = view[rows[ls], t[None].expand(len(ls), -1)]
+            x[:, ~valid] = 0
         out.append(x)
     return out[0], out[1]
 
 
 def _torch_scatter(buf, locs, value, scale, a: TokenAddressing) -> None:
-    flat = buf.view(-1)
-    for part, data in (("value", value), ("scale", scale)):
-        if part == "scale" and a.scale_bytes == 0:
+    """Plain-torch twin of ``reference.scatter_tokens`` (in place; invalid locations skipped)."""
+    rows, t, valid = _rows_tokens(locs, a)
+    rows, t = rows[:, valid], t[valid]
+    for part, data, width in (("value", value, a.value_bytes), ("scale", scale, a.scale_bytes)):
+        if not width:
             continue
-        idx, valid = _windows(buf, locs, a, part)
-        flat[idx[:, valid]] = data[:, valid]
+        data = data[:, valid]
+        for col in sorted(set(a.col_base)):
+            ls = [i for i, c in enumerate(a.col_base) if c == col]
+            view = _token_view(buf, a, col, part)
+            view[rows[ls], t[None].expand(len(ls), -1)] = data[ls]
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

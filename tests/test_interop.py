@@ -417,6 +417,35 @@ def test_pool_writes_match_numpy_model_and_jaxkv(pool_name, impl):
         I.donate_safe(view)
 
 
+@pytest.mark.parametrize("pool_name", ["swa", "c4_indexer", "c128_state"])
+def test_torch_kernels_match_reference_on_packed(pool_name):
+    """The pool's plain-torch kernels against the jnp reference, layers at different columns."""
+    from jaxkv.interop import torch_pool
+    from jaxkv.kernels import reference
+    layout = jaxkv.packed(GEO, 5)
+    b, a = jaxkv.token_addressing(layout, pool_name)
+    first = {}  # layers at distinct slots (layers of different groups may share one)
+    for i, c in enumerate(a.col_base):
+        first.setdefault(c, i)
+    a = a.select(tuple(sorted(first.values()))[:3])
+    host = _random_bytes(layout.buffer_shapes[b])
+    locs = RNG.integers(-1, a.capacity, size=7).astype(np.int32)
+    locs[2] = a.capacity + 3  # out of range: masked like the reference
+    v, s = torch_pool._torch_gather(torch.from_numpy(host.copy()), torch.from_numpy(locs), a)
+    rv, rs = reference.gather_tokens(jnp.asarray(host), jnp.asarray(locs), a)
+    assert np.array_equal(v.numpy(), np.asarray(rv)) and np.array_equal(s.numpy(), np.asarray(rs))
+    uniq = np.unique(locs[(locs >= 0) & (locs < a.capacity)])
+    wl = np.concatenate([uniq, [-1]]).astype(np.int32)
+    nv = _random_bytes((a.num_layers, len(wl), a.value_bytes))
+    ns = _random_bytes((a.num_layers, len(wl), a.scale_bytes))
+    buf = torch.from_numpy(host.copy())
+    torch_pool._torch_scatter(buf, torch.from_numpy(wl), torch.from_numpy(nv),
+                              torch.from_numpy(ns), a)
+    ref = reference.scatter_tokens(jnp.asarray(host), jnp.asarray(wl), jnp.asarray(nv),
+                                   jnp.asarray(ns), a)
+    assert np.array_equal(buf.numpy(), np.asarray(ref))
+
+
 def test_pool_fresh_matches_init_cache_and_sentinel():
     pool = I.DSV4TorchPool(GEO, PAGES)
     cache = jaxkv.init_cache(GEO, pool.layout)
