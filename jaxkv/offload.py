@@ -413,9 +413,8 @@ def _item_bytes(layout: Layout, pool: str) -> tuple[int, int]:
 # Device programs
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "keys", "impl"))
-def _gather(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, ...]], ...],
-            impl: str):
+def _gather_impl(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, ...]], ...],
+                 impl: str):
     """Every (pool, layers)'s tokens into one ``uint8[total]`` staging array."""
     parts = []
     for (pool, layers), loc in zip(keys, locs):
@@ -424,6 +423,19 @@ def _gather(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, 
         tok = jnp.concatenate([value, scale], axis=-1) if a.scale_bytes else value
         parts.append(tok.reshape(-1))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+_gather = jax.jit(_gather_impl, static_argnames=("layout", "keys", "impl"))
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_to(sharding):
+    """The gather compiled with its output placed in host memory (``out_shardings``)."""
+    return jax.jit(_gather_impl, static_argnames=("layout", "keys", "impl"),
+                   out_shardings=sharding)
+
+
+TRANSFERS = ("device_put", "jit")
 
 
 def _sentinel_bytes(width: int) -> np.ndarray:
@@ -537,7 +549,7 @@ class _SavePlan(NamedTuple):
 
 
 def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str, impl: str,
-                   reserved: bool) -> SaveHandle:
+                   reserved: bool, transfer: str = "device_put") -> SaveHandle:
     """Queues the gather and the device-to-host copy of a validated plan (budget charged)."""
     if not plan.entries:  # empty: short-circuit, no device work, no host bytes
         copy = HostCopy(cache.layout, (), kind, 0, _Lease(None, budget, 0), plan.masks,
@@ -547,10 +559,19 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
         budget.reserve(plan.total, f"saving {sum(e.count for e in plan.entries):,} locations of "
                                    f"{sorted({e.pool for e in plan.entries})}")
     try:
-        staging = _gather(cache.buffers, [jnp.asarray(x) for x in plan.locs],
-                          layout=cache.layout, keys=plan.keys, impl=impl)
+        locs = [jnp.asarray(x) for x in plan.locs]
         pending = None
-        if kind == "numpy":
+        if transfer == "jit" and kind != "numpy":  # one program: gather, then write to host
+            sh = cache.buffers[0].sharding.with_memory_kind(kind)
+            data = _gather_to(sh)(cache.buffers, locs, layout=cache.layout, keys=plan.keys,
+                                  impl=impl)
+            staging = None
+        else:
+            staging = _gather(cache.buffers, locs, layout=cache.layout, keys=plan.keys,
+                              impl=impl)
+        if staging is None:
+            pass
+        elif kind == "numpy":
             staging.copy_to_host_async()
             pending, data = staging, None
         else:
@@ -563,8 +584,11 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
     return SaveHandle(copy, pending)
 
 
-def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, what: str):
+def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, what: str,
+                 transfer: str = "device_put"):
     """Charges the budget for every plan at once (all or nothing), then dispatches them all."""
+    if transfer not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     budget = default_budget() if budget is None else budget
     device = next(iter(cache.buffers[0].devices()))
     kind = _host_kind(device, host_kind)
@@ -574,7 +598,8 @@ def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, 
     handles = []
     try:
         for pl in plans:
-            handles.append(_dispatch_save(cache, pl, budget, kind, impl, reserved=True))
+            handles.append(_dispatch_save(cache, pl, budget, kind, impl, reserved=True,
+                                          transfer=transfer))
     except BaseException:
         budget.release(sum(pl.total for pl in plans[len(handles):]))
         for h in handles:
@@ -586,7 +611,8 @@ def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, 
 def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
                     budget: HostBudget | None = None, host_kind: str | None = None,
                     impl: str = "auto", masks: Mapping[str, np.ndarray] | None = None,
-                    meta: Mapping[str, Any] | None = None) -> SaveHandle:
+                    meta: Mapping[str, Any] | None = None,
+                    transfer: str = "device_put") -> SaveHandle:
     """Starts saving the given locations of every listed pool; returns at once.
 
     Args:
@@ -597,6 +623,10 @@ def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
       host_kind: ``"pinned_host"`` | ``"unpinned_host"`` | ``"numpy"``; None = the best available.
       impl: gather kernel implementation (``jaxkv.kernels.dispatch``).
       masks, meta: stored in the HostCopy as given (used by the request level).
+      transfer: ``"device_put"`` (default): a jitted gather into a device staging array, then
+        ``jax.device_put`` to the host memory kind; ``"jit"``: one program whose output lives in
+        host memory (``out_shardings``), XLA inserting the copy.  Same bytes; the benchmark
+        measures both.
 
     Returns:
       A ``SaveHandle``; ``handle.wait()`` gives the ``HostCopy``.
@@ -609,7 +639,7 @@ def start_save_locs(cache: Cache, pool_locs: Mapping[str, Any], *,
     plan = _SavePlan(keys, locs, entries, total, dict(masks or {}), dict(meta or {}))
     what = (f"saving {sum(e.count for e in entries):,} locations of "
             f"{sorted({e.pool for e in entries})}")
-    return _start_plans(cache, [plan], budget, host_kind, impl, what)[0]
+    return _start_plans(cache, [plan], budget, host_kind, impl, what, transfer)[0]
 
 
 def save_locs(cache: Cache, pool_locs: Mapping[str, Any], **kw) -> HostCopy:
@@ -752,7 +782,8 @@ def _dispatch_load(cache: Cache, host_copy: HostCopy, plan: _LoadPlan, *, impl: 
     buffers = fn(cache.buffers, staging, [jnp.asarray(x) for x in dst],
                  [None if s is None else jnp.asarray(s) for s in src],
                  [jnp.asarray(r) for r in reset_rows],
-                 layout=layout, entries=tuple(entries), resets=tuple(resets), impl=impl)
+                 layout=layout, entries=tuple(e._replace(count=0) for e in entries),
+                 resets=tuple(resets), impl=impl)  # count is not static: fewer compilations
     if free:
         host_copy.free()
     return Cache(tuple(buffers), layout)
@@ -909,7 +940,8 @@ def _request_save_plan(cache: Cache, rl: dict, slot: int, T: int, scope: str) ->
 
 def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: str = "page",
                      pools=None, budget: HostBudget | None = None,
-                     host_kind: str | None = None, impl: str = "auto") -> list[SaveHandle]:
+                     host_kind: str | None = None, impl: str = "auto",
+                     transfer: str = "device_put") -> list[SaveHandle]:
     """Starts saving several requests' whole caches to host memory; returns at once.
 
     All translations are done first (one device round trip for the batch), the budget is charged
@@ -926,7 +958,7 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
       requests: request slots (distinct ints).
       c128_state_scope: see ``request_locs``.
       pools: restrict to these pools (default: every pool of the cache).
-      budget, host_kind, impl: as for ``start_save_locs``.
+      budget, host_kind, impl, transfer: as for ``start_save_locs``.
 
     Returns:
       One ``SaveHandle`` per request.  Release the requests' pages with ``finish_save_batch``
@@ -943,7 +975,7 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
     plans = [_request_save_plan(cache, rl, s, T, c128_state_scope)
              for rl, s, T in zip(rls, slots, lens)]
     what = f"saving requests {slots} ({sum(lens):,} tokens)"
-    return _start_plans(cache, plans, budget, host_kind, impl, what)
+    return _start_plans(cache, plans, budget, host_kind, impl, what, transfer)
 
 
 def start_save(cache: Cache, alloc_state, request: int, **kw) -> SaveHandle:

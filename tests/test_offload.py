@@ -166,10 +166,13 @@ def test_round_trip_per_pool(kind, pool):
     assert_bytes_equal(cache, before)  # the input cache is unchanged (no donation)
 
 
-@pytest.mark.parametrize("kind", ["layer_major", "packed"])
-@pytest.mark.parametrize("host_kind", O.HOST_KINDS)
-def test_whole_cache_round_trip(kind, host_kind):
-    """Every pool group at once, padding (-1) included, into different new locations."""
+@pytest.mark.parametrize("kind,host_kind,transfer", [
+    ("layer_major", "pinned_host", "device_put"), ("packed", "pinned_host", "device_put"),
+    ("layer_major", "pinned_host", "jit"), ("packed", "unpinned_host", "device_put"),
+    ("layer_major", "numpy", "device_put")])
+def test_whole_cache_round_trip(kind, host_kind, transfer):
+    """Every pool group at once, padding (-1) included, into different new locations; every host
+    memory kind (pinned, unpinned, the NumPy fallback) and both transfer paths."""
     layout = LAYOUTS[kind]
     cache = random_cache(layout, seed=3)
     rng = np.random.default_rng(4)
@@ -185,7 +188,7 @@ def test_whole_cache_round_trip(kind, host_kind):
         src[key], dst[key] = s, d
         np_move(before, expected, layout, key, s, d)
     budget = O.HostBudget(1 << 30)
-    copy = O.save_locs(cache, src, budget=budget, host_kind=host_kind)
+    copy = O.save_locs(cache, src, budget=budget, host_kind=host_kind, transfer=transfer)
     assert copy.host_kind == host_kind
     assert budget.used == copy.nbytes == sum(e.nbytes for e in copy.entries)
     assert copy.nbytes >= sum(len(e.layers) * e.count * e.item_bytes for e in copy.entries)
@@ -346,7 +349,7 @@ def test_bucket():
 # Interleavings at the location level: admit / retract / resume over many requests
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["layer_major", "packed"]), seed=st.integers(0, 2**31 - 1),
        ops=st.lists(st.tuples(st.sampled_from(["admit", "admit", "retract", "resume"]),
                               st.integers(0, 7), st.sampled_from([2, 5, 9])),
@@ -586,7 +589,7 @@ def test_empty_request_short_circuits():
     assert slot >= 0 and out is cache
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), scope=st.sampled_from(["page", "request"]),
        ops=st.lists(st.tuples(st.sampled_from(["admit", "extend", "retract", "resume"]),
                               st.integers(0, 5), st.sampled_from([1, 7, 20, 45])),
@@ -645,3 +648,66 @@ def test_request_interleavings_bit_exact(seed, scope, ops):
         copy.free()
     assert budget.used == 0
     A.check_invariants(state)
+
+
+def test_batch_retract_resume_and_atomic_budget():
+    """retract_batch / resume_batch: several requests at once; a batch that does not fit the
+    budget charges nothing and dispatches nothing; a resume without room changes nothing."""
+    layout = LM_REQ
+    cfg = A.config_from_layout(layout, NREQ, 120)
+    state = A.init_state(cfg)
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=15)
+    olds = [np_request_locs(state, s, "page") for s in slots]
+    snaps = [logical(np_bufs(cache), layout, o) for o in olds]
+    one = O.save(cache, state, slots[0], budget=O.HostBudget(1 << 30)).nbytes
+    budget = O.HostBudget(one + 10)
+    with pytest.raises(O.HostBudgetExceeded):
+        O.start_save_batch(cache, state, slots, budget=budget)
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="twice"):
+        O.start_save_batch(cache, state, [slots[0], slots[0]], budget=budget)
+    budget = O.HostBudget(1 << 30)
+    copies, state = O.retract_batch(cache, state, slots, budget=budget)
+    assert (np.asarray(state.lengths)[slots] == -1).all()
+    # fill the pool so that the batch cannot come back: nothing changes
+    full, fslot, fst = A.admit(state, jnp.asarray([120] * (NREQ - 1), jnp.int32), atomic=False)
+    out, st2, got = O.resume_batch(cache, full, copies)
+    assert got == [-1, -1, -1] and out is cache and st2 is full and not copies[0].freed
+    state, _ = admit(state, 40)  # different pages for the resumed requests
+    out, state, new_slots = O.resume_batch(cache, state, copies)
+    assert all(c.freed for c in copies) and budget.used == 0
+    got = np_bufs(out)
+    for s, old, snap in zip(new_slots, olds, snaps):
+        new = np_request_locs(state, s, "page")
+        now = logical(got, layout, new)
+        for pool, (_, v) in new.items():
+            for t in np.nonzero(v & old[pool][1])[0]:
+                assert np.array_equal(now[pool][int(t)], snap[pool][int(t)]), (s, pool, t)
+    A.check_invariants(state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transfer", O.TRANSFERS)
+def test_gpu_pinned_round_trip_flash(transfer):
+    """On the GPU: copies live in pinned_host memory, and a DSv4-Flash request round-trips
+    bit-exact into different pages (both transfer paths)."""
+    geo = jaxkv.dsv4_flash()
+    ns, nf = 8, 12
+    layout = jaxkv.layer_major(geo, {"swa": ns, "c4": nf, "c128": nf, "c4_indexer": nf,
+                                     "c4_state": ns * 8 + 1, "c4_indexer_state": ns * 8 + 1,
+                                     "c128_state": ns * 128 + 1})
+    assert jax.devices()[0].platform == "gpu"
+    assert O.host_kinds()[0] == "pinned_host"
+    state = A.init_state(A.config_from_layout(layout, 4, 1500))
+    state, a = admit(state, 1300)
+    cache = random_cache(layout, seed=21)
+    copy, state = O.finish_save(O.start_save(cache, state, a, budget=O.HostBudget(1 << 34),
+                                             transfer=transfer), state, a)
+    assert copy.data.sharding.memory_kind == "pinned_host"
+    state, _ = admit(state, 300)
+    state, a2 = admit(state, 1300)
+    out = O.load(cache, state, copy, a2, donate=False)
+    again = O.save(out, state, a2, budget=O.HostBudget(1 << 34))
+    np.testing.assert_array_equal(np.asarray(again.data), np.asarray(copy.data))

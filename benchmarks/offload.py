@@ -1,0 +1,274 @@
+"""Retract -> resume offload throughput (``jaxkv.offload``), DSv4-Flash geometry.
+
+Run::
+
+    python -m benchmarks.offload --out DIR            # GPU: >= 4 GB of request cache
+    python -m benchmarks.offload --quick --out DIR    # CPU smoke run (small sizes)
+
+What is measured, all in one run (GB/s of *useful* bytes: the request's tokens and state rows,
+every layer, without the size-bucket padding the copy also carries):
+
+* ceilings: one pinned-host copy of the same number of bytes, device -> ``pinned_host`` and back
+  (``jax.device_put`` between memory kinds);
+* the seed's path (SGLang PR #24675's ``get_cpu_copy`` / ``load_cpu_copy``): per-pool gather, then a
+  pageable host copy (``np.asarray`` / ``jax.device_put`` of a NumPy array), pool after pool;
+* ours, request level: ``start_save_batch`` (one translation for the batch, then every request's
+  gather + transfer queued back to back: the transfer of request i overlaps the gather of request
+  i+1), then ``wait``; ``load_batch`` with donated buffers;
+* ours, location level (``start_save_locs`` / ``load_locs`` with precomputed locations), which
+  isolates the host-side translation cost of the request level.
+
+Target (issue 5), H100: save and load >= 0.90 of the pinned copy and >= 4x the seed's path.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxkv
+from jaxkv import alloc as A
+from jaxkv import offload as O
+from jaxkv.cache import token_addressing
+from jaxkv.kernels import dispatch
+
+from benchmarks import common
+
+
+def _median_time(fn, iters: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def build(num_requests: int, tokens: int, seed: int = 0):
+    """A DSv4-Flash layer-major cache holding ``num_requests`` requests of ``tokens`` tokens,
+    every byte random, and the allocator state that owns them."""
+    geo = jaxkv.dsv4_flash()
+    ps = geo.page_size
+    nfull = num_requests * math.ceil(tokens / ps) + 2
+    nswa = num_requests * 2 + 2  # a request holds at most 2 SWA pages (window 128, page 256)
+    pages = {"swa": nswa, "c4": nfull, "c128": nfull, "c4_indexer": nfull,
+             "c4_state": nswa * geo.c4_ring + 1, "c4_indexer_state": nswa * geo.c4_ring + 1,
+             "c128_state": max(nswa, num_requests) * geo.c128_ring + 1}
+    layout = jaxkv.layer_major(geo, pages)
+    key = jax.random.key(seed)
+    bufs = []
+    for i, shape in enumerate(layout.buffer_shapes):
+        bufs.append(jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint8))
+    cache = jaxkv.Cache(tuple(bufs), layout)
+    state = A.init_state(A.config_from_layout(layout, num_requests + 1, tokens))
+    state, slots, status = A.admit(state, jnp.full((num_requests,), tokens, jnp.int32))
+    assert bool(jnp.all(status == A.OK)), "allocator could not admit the batch"
+    return cache, state, [int(s) for s in np.asarray(slots)]
+
+
+def useful_bytes(copy: O.HostCopy) -> int:
+    return sum(len(e.layers) * e.count * e.item_bytes for e in copy.entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's path: per-pool gather, pageable copies
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "pool"))
+def _seed_gather(buffers, locs, *, layout, pool):
+    b, a = token_addressing(layout, pool)
+    return dispatch.gather_tokens(buffers[b], locs, a)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "pool"), donate_argnums=(0,))
+def _seed_scatter(buffers, locs, value, scale, *, layout, pool):
+    b, a = token_addressing(layout, pool)
+    buffers = list(buffers)
+    buffers[b] = dispatch.scatter_tokens(buffers[b], locs, value, scale, a)
+    return tuple(buffers)
+
+
+def seed_save(cache, locs_per_request):
+    """Per request, per pool: gather, then a synchronous pageable copy (np.asarray)."""
+    out = []
+    for pool_locs in locs_per_request:
+        host = {}
+        for pool, locs in pool_locs.items():
+            v, s = _seed_gather(cache.buffers, locs, layout=cache.layout, pool=pool)
+            host[pool] = (np.asarray(v), np.asarray(s))
+        out.append(host)
+    return out
+
+
+def seed_load(cache, host, locs_per_request):
+    bufs = cache.buffers
+    for h, pool_locs in zip(host, locs_per_request):
+        for pool, locs in pool_locs.items():
+            v, s = h[pool]
+            bufs = _seed_scatter(bufs, locs, jax.device_put(v), jax.device_put(s),
+                                 layout=cache.layout, pool=pool)
+    jax.block_until_ready(bufs)
+    return jaxkv.Cache(bufs, cache.layout)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = common.parser("offload")
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    args = p.parse_args(argv)
+    R = args.requests or (4 if args.quick else 16)
+    T = args.tokens or (1024 if args.quick else 65536)
+    iters = args.iters or (3 if args.quick else 5)
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}; host kinds {O.host_kinds(dev)}; "
+          f"{R} requests x {T} tokens", flush=True)
+
+    cache, state, slots = build(R, T)
+    print(cache.layout.describe(), flush=True)
+    budget = O.HostBudget(1 << 40)
+    kind = O.host_kinds(dev)[0]
+
+    # ---- ours, request level: save
+    def save_all():
+        hs = O.start_save_batch(cache, state, slots, budget=budget)
+        return [h.wait() for h in hs]
+
+    copies = save_all()
+    nbytes = sum(useful_bytes(c) for c in copies)
+    held = sum(c.nbytes for c in copies)
+    print(f"batch: {nbytes / 1e9:.3f} GB useful ({held / 1e9:.3f} GB held in {kind})", flush=True)
+
+    def save_iter():
+        for c in save_all():
+            c.free()
+
+    t_save = _median_time(save_iter, iters)
+
+    # ---- ours, request level: load (donated, in place)
+    box = [cache]
+
+    def load_all():
+        c = O.load_batch(box[0], state, copies, slots, donate=True)
+        jax.block_until_ready(c.buffers)
+        box[0] = c
+
+    t_load = _median_time(load_all, iters)
+    cache = box[0]
+    # bit-exactness spot check: re-saving after the loads gives the same bytes
+    again = O.save(cache, state, slots[0], budget=budget)
+    assert np.array_equal(np.asarray(again.data), np.asarray(copies[0].data)), "round trip differs"
+    again.free()
+
+    # ---- ours, location level (translations precomputed)
+    locs_per_request = []
+    for s in slots:
+        rl = O.request_locs(cache.layout, state, s)
+        pl = {}
+        for pool, (locs, valid) in rl.items():
+            if cache.layout.pool(pool).spec.kind == "state":
+                pl[pool] = np.unique(locs[valid]).astype(np.int32)
+            else:
+                pl[pool] = locs[valid]
+        locs_per_request.append(pl)
+
+    def save_locs_all():
+        hs = [O.start_save_locs(cache, pl, budget=budget) for pl in locs_per_request]
+        return [h.wait() for h in hs]
+
+    lcopies = save_locs_all()
+
+    def save_locs_iter():
+        for c in save_locs_all():
+            c.free()
+
+    t_save_locs = _median_time(save_locs_iter, iters)
+
+    def load_locs_all():
+        c = box[0]
+        for pl, copy in zip(locs_per_request, lcopies):
+            c = O.load_locs(c, copy, pl, donate=True)
+        jax.block_until_ready(c.buffers)
+        box[0] = c
+
+    box[0] = cache
+    t_load_locs = _median_time(load_locs_all, iters)
+    cache = box[0]
+    lbytes = sum(useful_bytes(c) for c in lcopies)
+    for c in lcopies:
+        c.free()
+
+    # ---- the seed's path
+    dev_locs = [{k: jnp.asarray(v) for k, v in pl.items()} for pl in locs_per_request]
+    host = seed_save(cache, dev_locs)
+    t_seed_save = _median_time(lambda: seed_save(cache, dev_locs), iters)
+    box[0] = cache
+
+    def seed_load_iter():
+        box[0] = seed_load(box[0], host, dev_locs)
+
+    t_seed_load = _median_time(seed_load_iter, iters)
+    cache = box[0]
+    del host
+
+    # ---- ceilings: one pinned copy of the same bytes, each way
+    x = jax.random.bits(jax.random.key(1), (nbytes,), jnp.uint8)
+    pinned = x.sharding.with_memory_kind(kind) if kind != "numpy" else None
+    if pinned is not None:
+        xh = jax.device_put(x, pinned)
+        t_d2h = _median_time(lambda: jax.block_until_ready(jax.device_put(x, pinned)), iters)
+        t_h2d = _median_time(lambda: jax.block_until_ready(jax.device_put(xh, x.sharding)), iters)
+        del xh
+    else:
+        t_d2h = _median_time(lambda: np.asarray(x + 0), iters)
+        xn = np.asarray(x)
+        t_h2d = _median_time(lambda: jax.block_until_ready(jax.device_put(xn)), iters)
+    del x
+
+    gbs = lambda n, t: n / t / 1e9  # noqa: E731
+    d2h, h2d = gbs(nbytes, t_d2h), gbs(nbytes, t_h2d)
+    seed_s, seed_l = gbs(nbytes, t_seed_save), gbs(nbytes, t_seed_load)
+    tgt = {"ceiling_fraction": 0.90, "baseline_ratio": 4.0}
+    rows = [
+        common.row(f"pinned D2H copy, {nbytes / 1e9:.2f} GB (ceiling)", d2h, "GB/s"),
+        common.row(f"pinned H2D copy, {nbytes / 1e9:.2f} GB (ceiling)", h2d, "GB/s"),
+        common.row("seed save: per-pool gather + pageable copy", seed_s, "GB/s", ceiling=d2h),
+        common.row("seed load: pageable copy + per-pool scatter", seed_l, "GB/s", ceiling=h2d),
+        common.row(f"save, request level ({R} requests x {T} tokens, pipelined)",
+                   gbs(nbytes, t_save), "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
+        common.row(f"load, request level ({R} requests, donated)", gbs(nbytes, t_load), "GB/s",
+                   ceiling=h2d, baseline=seed_l, target=tgt),
+        common.row("save, location level (precomputed locations)", gbs(lbytes, t_save_locs),
+                   "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
+        common.row("load, location level (precomputed locations)", gbs(lbytes, t_load_locs),
+                   "GB/s", ceiling=h2d, baseline=seed_l, target=tgt),
+        common.row("save latency per request (request level)", 1e3 * t_save / R, "ms"),
+        common.row("load latency per request (request level)", 1e3 * t_load / R, "ms"),
+    ]
+    for r in rows:
+        frac = f" ({r['ceiling_fraction']:.2f} of ceiling)" if r["ceiling_fraction"] else ""
+        base = f", {r['baseline_ratio']:.1f}x seed" if r["baseline_ratio"] else ""
+        print(f"{r['name']}: {r['value']:.2f} {r['unit']}{frac}{base}", flush=True)
+    stem = common.write_results(rows, args.out, "offload",
+                                title=f"offload (retract/resume), DSv4-Flash, {host_kind_note(kind)}")
+    print(f"wrote {stem}.json/.md/.png")
+    return 0
+
+
+def host_kind_note(kind: str) -> str:
+    return f"host memory kind {kind}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
