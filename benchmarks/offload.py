@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     kind = O.host_kinds(dev)[0]
 
     # ---- ours, request level: save
-    def save_all():
-        hs = O.start_save_batch(cache, state, slots, budget=budget)
+    def save_all(transfer="device_put"):
+        hs = O.start_save_batch(cache, state, slots, budget=budget, transfer=transfer)
         return [h.wait() for h in hs]
 
     copies = save_all()
@@ -155,6 +155,12 @@ def main(argv=None) -> int:
             c.free()
 
     t_save = _median_time(save_iter, iters)
+
+    def save_iter_jit():
+        for c in save_all("jit"):
+            c.free()
+
+    t_save_jit = _median_time(save_iter_jit, iters)
 
     # ---- ours, request level: load (donated, in place)
     box = [cache]
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
         common.row("seed load: pageable copy + per-pool scatter", seed_l, "GB/s", ceiling=h2d),
         common.row(f"save, request level ({R} requests x {T} tokens, pipelined)",
                    gbs(nbytes, t_save), "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
+        common.row("save, request level, transfer='jit' (gather with out_shardings=pinned_host)",
+                   gbs(nbytes, t_save_jit), "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
         common.row(f"load, request level ({R} requests, donated)", gbs(nbytes, t_load), "GB/s",
                    ceiling=h2d, baseline=seed_l, target=tgt),
         common.row("save, location level (precomputed locations)", gbs(lbytes, t_save_locs),
