@@ -711,3 +711,48 @@ def test_gpu_pinned_round_trip_flash(transfer):
     out = O.load(cache, state, copy, a2, donate=False)
     again = O.save(out, state, a2, budget=O.HostBudget(1 << 34))
     np.testing.assert_array_equal(np.asarray(again.data), np.asarray(copy.data))
+
+
+def test_request_scoped_state_is_reset_before_load():
+    """A short request (T < ring) restores T request-scoped rows; the other rows of its new slot
+    read the sentinel [0 | -inf], whatever the slot's previous owner left there."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, a = admit(state, 5)
+    cache = random_cache(layout, seed=16)
+    copy, state = O.retract(cache, state, a, c128_state_scope="request",
+                            budget=O.HostBudget(1 << 30))
+    state, other = admit(state, 3)  # takes slot a: the resumed request gets another slot
+    state, a2 = admit(state, 5)
+    assert a2 != a
+    out = O.load(cache, state, copy, a2)
+    ring = GEO.c128_ring
+    rows = jaxkv.get_rows(out, "c128_state", None, jnp.asarray(a2 * ring + np.arange(ring)))
+    rows = np.asarray(rows)
+    old = np.asarray(jaxkv.get_rows(cache, "c128_state", None,
+                                    jnp.asarray(a * ring + np.arange(5))))
+    np.testing.assert_array_equal(rows[:, :5].view(np.uint8), old.view(np.uint8))
+    sentinel = O._sentinel_bytes(GEO.c128_state_width).view(np.float32)
+    np.testing.assert_array_equal(rows[:, 5:], np.broadcast_to(sentinel, rows[:, 5:].shape))
+
+
+def test_v32_and_no_memory_kinds_fallback(monkeypatch):
+    """V3.2 pools at the location level; a backend without memory kinds falls back to NumPy."""
+    geo = jaxkv.tiny(3, v32=True)
+    layout = jaxkv.layer_major(geo, 6)
+    cache = random_cache(layout, seed=17)
+    before, expected = np_bufs(cache), np_bufs(cache)
+    src = {"kv": np.array([70, 65, 100], np.int32), "indexer": np.array([64, 99], np.int32)}
+    dst = {"kv": np.array([130, 131, -1], np.int32), "indexer": np.array([190, 66], np.int32)}
+
+    class NoMemories:
+        def addressable_memories(self):
+            raise NotImplementedError
+
+    assert O.host_kinds(NoMemories()) == ("numpy",)
+    monkeypatch.setattr(O, "host_kinds", lambda device=None: ("numpy",))
+    copy = O.save_locs(cache, src, budget=O.HostBudget(1 << 30))
+    assert copy.host_kind == "numpy" and isinstance(copy.data, np.ndarray)
+    for k in src:
+        np_move(before, expected, layout, (k, 0), src[k], dst[k])
+    assert_bytes_equal(O.load_locs(cache, copy, dst), expected)
