@@ -294,10 +294,6 @@ def _dup_mask(cfg, slots, use):
     return use & (cnt[jnp.clip(slots, 0, R)] > 1)
 
 
-def _excl_cumsum(x):
-    return jnp.cumsum(x) - x
-
-
 def _pop(stack, nfree, offs, counts, width):
     """Pages for each row: ``int32[B, width]`` (0 where ``j >= counts``) popped from the top."""
     j = jnp.arange(width, dtype=jnp.int32)[None, :]
@@ -370,13 +366,21 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
         ns = jnp.zeros_like(nf)
     nf = jnp.where(use, nf, 0)
     ns = jnp.where(use, ns, 0)
-    # Fit: prefix in batch order against the pages free before the call.
+    # Fit: prefix in batch order against the pages free before the call.  One cumsum gives
+    # both the fit test and each row's offset into the free stack: fitting rows form a prefix
+    # of the demanding rows, so their offsets equal the exclusive cumsum of all demands.
+    # Shared space: row i pops its nf full pages, then its ns SWA pages.
+    cum = jnp.cumsum(jnp.stack([nf, ns]), axis=1)
     if cfg.has_swa and cfg.shared:
-        fit = jnp.cumsum(nf + ns) <= state.nfree[0]
+        fit = cum[0] + cum[1] <= state.nfree[0]
+        off_f = cum[0] + cum[1] - nf - ns
+        off_s = off_f + nf
     elif cfg.has_swa:
-        fit = (jnp.cumsum(nf) <= state.nfree[0]) & (jnp.cumsum(ns) <= state.nfree[1])
+        fit = (cum[0] <= state.nfree[0]) & (cum[1] <= state.nfree[1])
+        off_f, off_s = cum[0] - nf, cum[1] - ns
     else:
-        fit = jnp.cumsum(nf) <= state.nfree[0]
+        fit = cum[0] <= state.nfree[0]
+        off_f = cum[0] - nf
     fit = fit & use
     status = jnp.where(pad, PAD, jnp.where(~valid, BAD, jnp.where(fit, OK, NO_SPACE)))
     # atomic may be traced: a failed row blocks the batch only when atomic.
@@ -386,11 +390,11 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
     nf = jnp.where(apply, nf, 0)
     ns = jnp.where(apply, ns, 0)
     s = jnp.where(apply, slots, 0)
+    tot = jnp.sum(jnp.stack([nf, ns]), axis=1, dtype=jnp.int32)
 
     owners, stacks, nfree = list(state.owners), list(state.stacks), state.nfree
     # Pop full pages.
-    off_f = _excl_cumsum(nf)
-    tot_f = jnp.sum(nf, dtype=jnp.int32)
+    tot_f = tot[0]
     pages_f, take_f = _pop(stacks[0], nfree[0], off_f, nf, KF)
     jf = pf0[:, None] + jnp.arange(KF, dtype=jnp.int32)[None, :]
     page_table = _set_rows(state.page_table, s[:, None], jf, pages_f, take_f)
@@ -402,11 +406,9 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
     swa_ring, table = state.swa_ring, state.full_to_swa
     if cfg.has_swa:
         si = cfg.swa_space
-        # Pop SWA pages (after the full ones when the space is shared).
-        off_s = _excl_cumsum(ns) + (tot_f if cfg.shared else 0)
-        tot_s = jnp.sum(ns, dtype=jnp.int32)
+        # Pop SWA pages.
         pages_s, take_s = _pop(stacks[si], nfree[si], off_s, ns, KS)
-        tops[si] = tops[si] - tot_s
+        tops[si] = tops[si] - tot[1]
         # Free SWA pages that left the window.
         nfr = jnp.where(apply, nfr, 0)
         j = jnp.arange(KS, dtype=jnp.int32)[None, :]
