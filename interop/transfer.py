@@ -376,14 +376,18 @@ class Agent:
     Args:
       name: unique agent name (peers address it by this name).
       backends: NIXL backends to create.
+      progress_thread: let NIXL progress transfers in a background thread (False: polling
+        ``done()`` / ``wait()`` drives them; one thread less competing for cores).
     """
 
-    def __init__(self, name: str, *, backends: Sequence[str] = ("UCX",)):
+    def __init__(self, name: str, *, backends: Sequence[str] = ("UCX",),
+                 progress_thread: bool = True):
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         nixl_agent, nixl_agent_config = _import_nixl()
         self.name = name
-        self._nixl = nixl_agent(name, nixl_agent_config(backends=list(backends)))
+        self._nixl = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread,
+                                                        backends=list(backends)))
         missing = [b for b in backends if b not in self._nixl.backends]
         if missing:
             raise TransferError(f"NIXL backends {missing} could not be created "
