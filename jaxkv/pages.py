@@ -223,6 +223,37 @@ def _shared_groups(layout: Layout) -> set[str]:
     return out
 
 
+def _check_disjoint_blocks(layout: Layout, loc_maps: Mapping[str, object]):
+    """Concrete per-group maps into ``layout``: groups sharing a slot must use disjoint pages."""
+    owners: dict[tuple[int, int], list[tuple[str, int, np.ndarray]]] = {}
+    for p in layout.pools:
+        maps = loc_maps.get(p.name)
+        if not isinstance(maps, (list, tuple)) or len(maps) != len(p.groups):
+            continue
+        for gi, (g, m) in enumerate(zip(p.groups, maps)):
+            if isinstance(m, jax.core.Tracer):
+                continue
+            host = np.asarray(m)
+            pages_ = np.unique(host[host >= 0] // p.tokens_per_page)
+            for i in g:
+                pl = p.placements[i]
+                owners.setdefault((pl.buffer, pl.col), []).append((p.name, gi, pages_))
+    for users in owners.values():
+        seen = {}
+        for name, gi, pages_ in users:
+            if (name, gi) in seen:
+                continue
+            for (n2, g2), other in seen.items():
+                both = np.intersect1d(pages_, other)
+                if both.size:
+                    raise ValueError(
+                        f"loc_maps: group {gi} of pool {name!r} and group {g2} of pool {n2!r} "
+                        f"share a packed slot and both map tokens into block(s) "
+                        f"{both[:4].tolist()}: they would overwrite each other; give every group "
+                        "its own blocks")
+            seen[(name, gi)] = pages_
+
+
 def convert_layout(cache: Cache, new_layout: Layout, *,
                    loc_maps: Mapping[str, object] | None = None, impl: str = "auto") -> Cache:
     """The same tokens in another layout (layer-major <-> packed, or a re-sized one).
@@ -262,6 +293,7 @@ def convert_layout(cache: Cache, new_layout: Layout, *,
     if unknown:
         raise ValueError(f"loc_maps names unknown pools {sorted(unknown)}")
     shared = _shared_groups(cache.layout) | _shared_groups(new_layout)
+    _check_disjoint_blocks(new_layout, loc_maps)
     out = init_cache(cache.geometry, new_layout)
     for dp in new_layout.pools:
         sp = cache.layout.pool(dp.name)

@@ -184,6 +184,10 @@ def test_convert_layout_dsv4_groups_need_maps():
     with pytest.raises(ValueError, match="one map per KV-cache group|must hold"):
         pages.convert_layout(c, pk, loc_maps={"swa": jnp.zeros(lm.pool("swa").capacity,
                                                                jnp.int32)})
+    cap = pk.pool("swa").capacity
+    same = [jnp.arange(cap, dtype=jnp.int32)] * len(pk.pool("swa").groups)
+    with pytest.raises(ValueError, match="share a packed slot"):
+        pages.convert_layout(c, pk, loc_maps={"swa": same})
     with pytest.raises(ValueError, match="geometry"):
         pages.convert_layout(c, jaxkv.packed(jaxkv.tiny(4, v32=True), 4))
     with pytest.raises(ValueError, match="equivalent|multiple"):
