@@ -19,6 +19,16 @@ every layer, without the size-bucket padding the copy also carries):
   isolates the host-side translation cost of the request level.
 
 Target (issue 5), H100: save and load >= 0.90 of the pinned copy and >= 4x the seed's path.
+
+Prediction (before any GPU run): the gather / scatter of a request (~267 MB at ~600-900 GB/s on
+the device, ~0.4 ms) is small against its PCIe transfer (~5 ms at ~52-55 GB/s), and with the
+batch queued back to back the device work of request i+1 overlaps the transfer of request i, so
+save and load should reach ~0.95 of the pinned copies; the seed's path is bound by pageable copies
+(~10.7 GB/s measured with torch, SPEC §10), so the ratio should be ~4.5-5x.  The risks: host-side
+work per request (numpy translation/validation, a few ms on a slow host) if it is not hidden
+behind the transfers — the location-level rows (translations precomputed) isolate it — and
+whether ``device_put`` to ``pinned_host`` runs on its own stream (``transfer='jit'`` is the
+alternative).  CPU ``--quick`` numbers mean nothing (there "host" and "device" are one memory).
 """
 from __future__ import annotations
 

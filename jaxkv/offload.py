@@ -19,11 +19,26 @@ Two layers
 
   * **Request level** — ``save(cache, alloc_state, request)`` / ``load(cache, alloc_state, copy,
     request)`` derive every pool's locations from the request's full locations (see
-    ``request_locs``): SWA through ``full_to_swa`` with its validity mask, C4 / C128 / C4-indexer
-    by the ``(f + 1) % r == 0`` rule, the compress-state and indexer-state rows of every compressed
-    layer, request-scoped state.  On load the *new* locations are translated the same way and only
-    entries valid before *and* after are restored (``new_mask[old_mask]``: a tail-only SWA
-    allocation restores the rows it has and writes nothing into page 0).
+    ``request_locs``; the translation is ``jaxkv.alloc.translate``): SWA through ``full_to_swa``
+    with its validity mask, C4 / C128 / C4-indexer by the ``(f + 1) % r == 0`` rule, the
+    compress-state and indexer-state rows of every compressed layer (each distinct row saved
+    once), request-scoped C128 state (``c128_state_scope="request"``).  On load the *new*
+    locations are translated the same way and only entries valid before *and* after are restored
+    (``new_mask[old_mask]``: a tail-only SWA allocation restores the rows it has and writes
+    nothing into page 0); request-scoped rows of the new slot are reset to the sentinel first.
+    ``retract`` / ``resume`` add the allocator steps (release after the copy; admit, then load);
+    the ``*_batch`` forms do a whole batch with one translation and one budget charge, queuing
+    every request's transfer back to back.  Request level needs every pool to have one KV-cache
+    group, i.e. the layer-major layout (in the packed layout jaxkv.alloc does not allocate the
+    split SWA groups nor vLLM's compressor-state blocks: use the location level there).
+
+    Typical server use::
+
+        handles = offload.start_save_batch(cache, alloc, victims)   # returns at once
+        cache = decode_step(cache, ...)                              # overlaps the copies
+        copies, alloc = offload.finish_save_batch(handles, alloc, victims)   # wait, then free
+        ...
+        cache, alloc, slots = offload.resume_batch(cache, alloc, copies, donate=True)
 
 Asynchronous use
   ``start_save*`` returns a ``SaveHandle`` at once: the gather and the device-to-host copy are
@@ -31,7 +46,9 @@ Asynchronous use
   ``handle.wait()`` blocks until the bytes are on the host and returns the ``HostCopy``.  The
   request's device pages may be released only after that; ``finish_save(handle, alloc_state,
   request)`` waits *then* releases them, and is the only function here that releases anything —
-  the unsafe order (release, then copy) cannot be written with this API.
+  the unsafe order (release, then copy) cannot be written with this API.  (Device-side ordering
+  is JAX's: a later program that donates the cache buffers runs after the queued gather has read
+  them, so the saved bytes are those of the moment ``start_save`` was called.)
 
 Host memory
   Host copies live in JAX's ``pinned_host`` memory kind (page-locked: ~50 GB/s on an H100 against
