@@ -71,6 +71,16 @@ def _pools(quick: bool):
     return geo, out
 
 
+def _format_pools(quick: bool):
+    """Other formats: indexer keys (132 B), C4 compress-state rows (8 KB), V3.2 tokens (656 B)."""
+    small = jax.default_backend() != "gpu" or quick
+    flash, v32 = jaxkv.dsv4_flash(), jaxkv.dsv32()
+    n_idx, n_state, n_v32 = (64, 16, 64) if small else (256 * 1024, 32 * 1024, 128 * 1024)
+    return [(flash, [("c4_indexer", max(2, 2 * n_idx // 64), n_idx),
+                     ("c4_state", 2 * n_state, n_state)]),
+            (v32, [("kv", max(2, 2 * n_v32 // 64), n_v32)])]
+
+
 def _layout(geo, pool, pages):
     lay = jaxkv.layer_major(geo, {p.name: (pages if p.name == pool else 2) for p in geo.pools()})
     b, a = jaxkv.token_addressing(lay, pool)
@@ -271,8 +281,8 @@ def _pallas_beyond_2gib(rows) -> bool:
 
 def main(argv=None):
     p = parser("kernels")
-    p.add_argument("--sections", default="torch,jax,pallas",
-                   help="comma list of: sweep, torch, jax, pallas")
+    p.add_argument("--sections", default="torch,jax,formats,pallas",
+                   help="comma list of: sweep, torch, jax, formats, pallas")
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
     geo, pools = _pools(args.quick or not gpu)
@@ -304,6 +314,17 @@ def main(argv=None):
         impls = ["baseline", "reference"] + (["triton"] if gpu else [])
         bench_jax(geo, pools, ceiling, rows, base, impls, args.quick or not gpu)
         write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    if "formats" in sections:  # indexer, state rows, V3.2: Triton (torch, jax) vs baselines
+        for fgeo, fpools in _format_pools(args.quick):
+            try:
+                fbase = bench_torch(fgeo, fpools, ceiling, rows, args.quick) if gpu else {}
+                bench_jax(fgeo, fpools, ceiling, rows, fbase,
+                          ["baseline"] + (["triton"] if gpu else ["reference"]),
+                          args.quick or not gpu)
+            except Exception as e:  # keep the other rows
+                traceback.print_exc()
+                rows.append(row(f"formats {fgeo.name} FAILED: {type(e).__name__}", 0.0, "GB/s"))
+            write_results(rows, args.out, "kernels", title="jaxkv kernels")
     if "pallas" in sections:
         big = (not gpu) or _pallas_beyond_2gib(rows)
         bench_jax(geo, pools, ceiling, rows, base, ["pallas"], args.quick or not gpu,
