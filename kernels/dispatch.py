@@ -1,7 +1,11 @@
 """Chooses a kernel implementation for an op: ``"reference" | "pallas" | "triton" | "auto"``.
 
 ``"auto"`` picks the fastest implementation measured for the current platform
-(``benchmarks/results/kernels-*.json``); on CPU that is the reference (XLA's gather/scatter).
+(``benchmarks/results/kernels-*.json``): on CPU the reference (XLA's gather/scatter), on GPU the
+Triton kernels through jax-triton (Pallas when jax-triton is missing).  jax-triton's call has no
+``vmap`` rule and no sharding rule (it runs on whole local arrays): code that ``vmap``s these ops,
+or lets XLA partition a sharded buffer through them, passes ``impl="reference"`` (inside
+``shard_map`` the arrays are local and every implementation works).
 """
 from __future__ import annotations
 
