@@ -490,3 +490,50 @@ def test_capacity_report_of_a_cache():
     for p, b in zip(lay.pools, dc.buffers):
         shard = b.addressable_shards[0].data
         assert shard.size == lay.pool(p.name).num_pages * p.spec.num_layers * p.page_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs (device machine: python -m pytest -m gpu tests/test_dcp.py)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["dsv4", "v32"])
+def test_decode_and_reshard_on_gpus(model):
+    """The CPU correctness test at N = number of GPUs (f32 with HIGHEST matmul precision)."""
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if len(gpus) < 2:
+        pytest.skip(f"needs >= 2 GPUs, found {len(gpus)}")
+    n = len(gpus)
+    geo = GEOS[model]()
+    lens = [1, n - 1 or 1, 2 * geo.page_size * n - 3, 3 * geo.page_size + 2]
+    for interleave in (1, "page"):
+        ref = Scenario(geo, 1, 1, lens, seed=9)
+        sc = Scenario(geo, n, interleave, lens, seed=9, ref=False)
+        q, iq, iw = _queries(geo, len(lens), 2 * n, 9)
+        layers = range(geo.num_layers) if geo.is_dsv4 else [1]
+        for layer in layers:
+            for base in ("e", "2"):
+                for method in ("reduce_scatter", "all_to_all"):
+                    ro, rl = _ref_decode(q, ref.ref, layer, index_q=iq, index_w=iw, base=base,
+                                         **ref.kwargs("ref"))
+                    do, dl = dcp.decode(sc.dc, q, layer, index_q=iq, index_w=iw, base=base,
+                                        method=method, **sc.kwargs("dcp"))
+                    assert _rel(do, ro) <= 1e-5, (interleave, layer, base, method)
+                    assert _rel(dl, rl) <= 1e-5, (interleave, layer, base, method)
+        # 1 -> N re-sharding on the GPUs, bit-exact
+        one = Scenario(geo, 1, 1, lens, seed=9, ref=False)
+        kw = dict(seq_lens=np.asarray(lens), src_block_table=one.dcp_bt,
+                  dst_block_table=sc.dcp_bt)
+        if geo.is_dsv4:
+            kw.update(src_swa_block_table=one.dcp_sbt, dst_swa_block_table=sc.dcp_sbt)
+        empty = dcp.init_dcp_cache(geo, {p.name: p.num_pages for p in sc.dc.layout.pools},
+                                   sc.mesh, interleave=interleave)
+        moved = dcp.reshard_request(one.dc, empty, **kw)
+        for pool in ("c4", "kv"):
+            if pool not in sc.written:
+                continue
+            _, dl, toks = sc.written[pool]
+            got = dcp.get_tokens_dcp(moved, pool, None, jnp.asarray(dl))
+            ok = dl >= 0
+            for a, b in zip(F.to_parts(geo.mla, got), F.to_parts(geo.mla, toks)):
+                np.testing.assert_array_equal(np.asarray(a)[:, ok], np.asarray(b)[:, ok])
