@@ -60,7 +60,7 @@ from jaxkv.layout import Layout
 
 __all__ = [
     "OK", "NO_SPACE", "BAD", "SKIPPED", "PAD", "AllocConfig", "AllocState", "Locs",
-    "config_from_layout", "dcp_widen", "init_state", "admit", "extend", "release",
+    "config_from_layout", "dcp_widen", "init_state", "admit", "resume", "extend", "release",
     "full_locs", "token_table", "request_swa_locs", "translate", "num_free", "check_invariants",
 ]
 
@@ -248,9 +248,7 @@ def dcp_widen(cfg: AllocConfig, n: int) -> AllocConfig:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    return dataclasses.replace(cfg, page_size=cfg.page_size * n, max_len=cfg.max_len,
-                               dcp=cfg.dcp * n,
-                               swa_page=cfg.swa_page if not cfg.shared else cfg.swa_page)
+    return dataclasses.replace(cfg, page_size=cfg.page_size * n, dcp=cfg.dcp * n)
 
 
 def init_state(cfg: AllocConfig) -> AllocState:
@@ -455,7 +453,6 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
     new = dataclasses.replace(state, page_table=page_table, swa_ring=swa_ring, lengths=lengths,
                               full_to_swa=table, owners=tuple(owners), stacks=tuple(stacks),
                               nfree=jnp.stack(tops).astype(jnp.int32))
-    del B, n
     return new, status.astype(jnp.int32), apply
 
 
@@ -498,6 +495,18 @@ def admit(state: AllocState, lengths: jax.Array, *, max_len: int | None = None,
     new, status, applied = _grow(state, jnp.maximum(slots, 0), jnp.zeros_like(lengths), lengths,
                                  valid, pre_fit, pad, max(bound, 1), atomic)
     return new, jnp.where(applied, slots, -1), status
+
+
+def resume(state: AllocState, lengths: jax.Array, *, max_len: int | None = None,
+           atomic: bool | jax.Array = True) -> tuple[AllocState, jax.Array, jax.Array]:
+    """The resume path of SPEC §6: ``admit`` with the retracted requests' lengths.
+
+    Fresh slots and full pages for every token, SWA pages for the window tail only; translate
+    the new locations with ``token_table`` / ``request_swa_locs`` and restore only the SWA rows
+    valid in both the saved and the new mask (``new_mask[old_mask]``).  Same arguments and
+    results as ``admit``.
+    """
+    return admit(state, lengths, max_len=max_len, atomic=atomic)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new",))
