@@ -80,7 +80,9 @@ def test_descriptors_point_at_the_pages(kind):
     layout = lays[kind]
     cache = _random_cache(layout, 1)
     jax.block_until_ready(cache.buffers)
-    blocks = [3, 1]
+    if next(iter(cache.buffers[0].devices())).platform != "cpu":
+        pytest.skip("reads raw host memory at the descriptors' addresses")
+    blocks = [2, 1]
     d = T.block_descriptors(cache, blocks)
     assert d.dtype == np.uint64 and d.shape[1] == 3
     mem = [ctypes.string_at(int(a), int(n)) for a, n, _ in d]
@@ -438,7 +440,12 @@ def test_prefill_to_decode_bit_exact(pair, kind, mode):
     all_src = sorted(b for s, _ in reqs for b in s)
     plan = _plan(layout, all_src, 7)  # same shapes in both modes: compiled once per process
     tokens = _tokens(layout, plan, {"write": 0, "read": 1}[mode])
-    pre("fill", kind, plan, tokens)
+    to_dst = {s: d for src, dst in reqs for s, d in zip(src, dst)}
+    dst_plan = [(n, ly, [to_dst[b] for b in pg]) for n, ly, pg in plan]
+    pre.send("fill", kind, plan, tokens)
+    dec.send("get", kind, dst_plan)  # compiles the reads while the prefill writes
+    pre.recv()
+    dec.recv()
     src_before = pre("raw", kind)
     dst_before = dec("raw", kind)
     remote_pre, remote_dec = pre("remote", kind), dec("remote", kind)
@@ -468,8 +475,7 @@ def test_prefill_to_decode_bit_exact(pair, kind, mode):
         np.testing.assert_array_equal(a, b)
     # tokens, bit-exact through get_tokens: the decode reads at the destination blocks exactly
     # the tokens written at the source blocks
-    to_dst = {s: d for src, dst in reqs for s, d in zip(src, dst)}
-    got = dec("get", kind, [(n, ly, [to_dst[b] for b in pg]) for n, ly, pg in plan])
+    got = dec("get", kind, dst_plan)
     for (name, layers, pages), g_parts, w_parts in zip(plan, got, tokens):
         for g, w in zip(g_parts, w_parts):
             np.testing.assert_array_equal(g.view(np.uint8).reshape(w.shape), w)
