@@ -17,6 +17,14 @@ bytes: on DRAM the kernel's cross-memory attach (``process_vm_writev``, the copy
 transport makes) of the packed request's descriptors into the decode process; on VRAM an
 in-process device copy.  Rows "raw cma" time the same syscall with each layout's descriptors.
 
+Findings on the 2-core CPU box (results/transfer-cpu.*, host load ~13 from other jobs): UCX moves
+host memory between the processes with ``cma`` (zero-copy ``process_vm_writev``); cross-process
+cma itself only reached ~0.5 GB/s there for >= 16 MB (4.8 GB/s for 4 MB; in-process 8 GB/s), so
+both layouts are mostly bound by that copy: packed reached 86-92% of it (16-64 blocks),
+layer-major 42-63%; packed was 1.3-1.9x faster per request, short of the 3x target.  For small
+requests the per-request engine latency (post -> progress thread -> completion, ms under load)
+dominates both.  ``UCX_TLS=tcp`` is ~3x slower still and hides the difference.
+
 Run: ``UCX_NET_DEVICES=lo UCX_MODULES=^ib python -m benchmarks.transfer --out DIR`` (``--quick`` for
 a smoke run; ``--mem vram`` to register GPU memory on the GPU machine).
 """
