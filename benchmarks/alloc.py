@@ -17,6 +17,16 @@ Rows:
   * ``host numpy baseline``: the same step as a host-side vectorised NumPy allocator (the
     SGLang / SGLang-JAX way) plus the device transfer of the resulting locations;
     ``baseline_ratio`` = baseline / ours.
+
+Prediction (written before the GPU run): the step moves a few KB, so it is latency-bound, not
+bandwidth-bound.  Its jaxpr has 7 scatters + 1 scatter-add (slot-duplicate check), 2 cumsums,
+~4 reductions and ~12 gathers; on CPU XLA emits ~79 fused loops (~300-400 us on the 2-core dev
+machine under load).  XLA GPU fuses gathers into their consumers, leaving ~15-25 kernels of
+~1.5-3 us each: 25-60 us on an H100, around the 50 us target.  If it misses, the next steps are
+packing lengths / swa_ring / page_table into one per-request array (3 scatters -> 1) and an
+``unique_slots`` fast path that skips the duplicate check.
+
+GPU: ``python -m benchmarks.alloc --out $OUT`` (writes ``alloc-h100.{json,md,png}``).
 """
 from __future__ import annotations
 

@@ -249,6 +249,9 @@ class AllocMachine(RuleBasedStateMachine):
             pages = sws[s][m] // self.cfg.swa_page
             own = np.asarray(self.state.owners[self.cfg.swa_space])[pages]
             assert (own == s).all()
+        # No SWA location aliases another live token's.
+        valid = sws[ms]
+        assert len(set(valid.tolist())) == valid.size and (valid >= self.cfg.swa_page).all()
 
 
 # 2 machines x 100 examples x up to 60 steps: ~11,000 steps (ALLOC_EXAMPLES overrides).
