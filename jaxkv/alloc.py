@@ -342,11 +342,9 @@ def _grow(state: AllocState, slots, old_len, new_len, valid, pre_fit, pad, max_n
     """
     cfg = state.cfg
     ps = cfg.page_size
-    B = slots.shape[0]
     use = valid & pre_fit
     L = jnp.where(use, old_len, 0)
     L2 = jnp.where(use, new_len, 0)
-    n = L2 - L
     # Full pages.
     pf0 = _cdiv(L, ps)
     nf = _cdiv(L2, ps) - pf0
