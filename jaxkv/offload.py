@@ -594,7 +594,8 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
         else:
             data = jax.device_put(staging, staging.sharding.with_memory_kind(kind))
     except BaseException:
-        budget.release(plan.total)
+        if not reserved:
+            budget.release(plan.total)
         raise
     copy = HostCopy(cache.layout, plan.entries, kind, plan.total,
                     _Lease(data, budget, plan.total), plan.masks, plan.meta)
@@ -877,40 +878,93 @@ def _pools_of(layout: Layout, pools, scope: str) -> tuple[str, ...]:
     return tuple(n for n in layout.pool_names if n in names)
 
 
+_BIG = np.iinfo(np.int32).max
+
+
 @functools.lru_cache(maxsize=None)
-def _jit_translate():
-    return jax.jit(_alloc().translate,
-                   static_argnames=("csa_ratio", "hca_ratio", "c4_ring", "c128_ring"))
+def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
+    """A jitted translation of a batch of requests into every pool's locations, packed.
 
-
-def _request_locs_batch(layout: Layout, alloc_state, slots: list[int], lengths: list[int],
-                        scope: str, names: tuple[str, ...]) -> list[dict]:
-    """One device translation for a batch of requests (one host sync), then numpy per request."""
-    if not slots:
-        return []
+    ``f(alloc_state, slots int32[B], width=W) -> (locs int32[B, P, W], counts int32[B, P],
+    bad_range bool[B, P], bad_target bool[B, P])``: ``locs`` is -1 where a position is not valid
+    in a pool; ``counts`` the entries a save keeps (valid tokens; distinct rows for state pools);
+    ``bad_range`` a valid location outside the pool; ``bad_target`` one in a reserved page 0 or
+    on a stored sentinel row (allocator bugs: checked before anything is dispatched).
+    """
+    A = _alloc()
     geo = layout.geometry
-    width = bucket(max(max(lengths), 1))
-    tr = _jit_translate()(alloc_state, jnp.asarray(slots, jnp.int32)[:, None],
-                          jnp.arange(width, dtype=jnp.int32)[None, :],
-                          csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
-                          c128_ring=geo.c128_ring)
-    tr = jax.device_get(tr)
-    out = []
-    for i, T in enumerate(lengths):
-        t = type(tr)(*(np.asarray(x)[i, :T] for x in tr))
-        swa_state = lambda rows: (rows, t.swa_valid & (rows >= 0))  # noqa: E731
+    limits = []
+    for n in names:
+        p = layout.pool(n)
+        limits.append((p.capacity, p.tokens_per_page if _reserved_page0(p, layout) else 0,
+                       -2 if p.sentinel is None else p.sentinel, p.spec.kind == "state"))
+
+    def f(alloc_state, slots, *, width):
+        t = A.translate(alloc_state, slots[:, None], jnp.arange(width, dtype=jnp.int32)[None, :],
+                        csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
+                        c128_ring=geo.c128_ring)
         table = {
             "swa": (t.swa, t.swa_valid),
             "c4": (t.c4, t.c4_valid),
             "c4_indexer": (t.c4, t.c4_valid),
             "c128": (t.c128, t.c128_valid),
-            "c4_state": swa_state(t.c4_state),
-            "c4_indexer_state": swa_state(t.c4_state),
-            "c128_state": (swa_state(t.c128_state) if scope == "page" else
-                           (t.c128_state_req, (t.full >= 0) & (t.c128_state_req >= 0))),
+            "c4_state": (t.c4_state, t.swa_valid),
+            "c4_indexer_state": (t.c4_state, t.swa_valid),
+            "c128_state": ((t.c128_state, t.swa_valid) if scope == "page" else
+                           (t.c128_state_req, t.full >= 0)),
         }
-        out.append({n: (table[n][0].astype(np.int32), table[n][1].astype(bool)) for n in names})
-    return out
+        locs = jnp.stack([jnp.where(table[n][1] & (table[n][0] >= 0), table[n][0], -1)
+                          for n in names], axis=1)
+        counts, bad_range, bad_target = [], [], []
+        for i, (cap, low, sentinel, is_state) in enumerate(limits):
+            loc = locs[:, i]
+            v = loc >= 0
+            if is_state:  # distinct rows among the valid ones
+                srt = jnp.sort(jnp.where(v, loc, _BIG), axis=-1)
+                first = jnp.concatenate([srt[:, :1] != _BIG,
+                                         (srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] != _BIG)], 1)
+                counts.append(jnp.sum(first, axis=1, dtype=jnp.int32))
+            else:
+                counts.append(jnp.sum(v, axis=1, dtype=jnp.int32))
+            bad_range.append(jnp.any(v & (loc >= cap), axis=1))
+            bad_target.append(jnp.any(v & ((loc < low) | (loc == sentinel)), axis=1))
+        return locs, jnp.stack(counts, 1), jnp.stack(bad_range, 1), jnp.stack(bad_target, 1)
+
+    return jax.jit(f, static_argnames=("width",))
+
+
+class _Translated:
+    """A batch's packed translation on the device, fetched one request at a time."""
+
+    def __init__(self, layout: Layout, alloc_state, slots, lengths, scope, names, target: bool):
+        self.names, self.lengths = names, lengths
+        width = bucket(max(max(lengths, default=1), 1))
+        fn = _pack_fn(layout, names, scope)
+        self.locs, counts, bad_range, bad_target = fn(
+            alloc_state, jnp.asarray(slots, jnp.int32), width=width)
+        self.counts, bad_range, bad_target = jax.device_get((counts, bad_range, bad_target))
+        for what, bad in (("outside its pool", bad_range),
+                          ("inside a reserved page 0 or on a sentinel row", bad_target)):
+            if not target and what != "outside its pool":
+                continue
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise ValueError(f"the allocator maps a token of request {slots[i]} to a "
+                                 f"{names[j]!r} location {what}; nothing was dispatched")
+
+    def request(self, i: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{pool: (locs int32[T], valid bool[T])}`` of the i-th request (one small fetch)."""
+        T = self.lengths[i]
+        row = np.asarray(jax.device_get(self.locs[i]))[:, :T]
+        return {n: (row[k], row[k] >= 0) for k, n in enumerate(self.names)}
+
+
+def _request_locs_batch(layout: Layout, alloc_state, slots: list[int], lengths: list[int],
+                        scope: str, names: tuple[str, ...]) -> list[dict]:
+    if not slots:
+        return []
+    tr = _Translated(layout, alloc_state, slots, lengths, scope, names, target=False)
+    return [tr.request(i) for i in range(len(slots))]
 
 
 def request_locs(layout: Layout, alloc_state, request: int, *,
@@ -986,13 +1040,39 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
       changed, nothing dispatched).
     """
     _check_cache(cache)
-    names = _pools_of(cache.layout, pools, c128_state_scope)
+    if transfer not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+    layout = cache.layout
+    names = _pools_of(layout, pools, c128_state_scope)
     slots, lens = _check_slots(alloc_state, list(requests))
-    rls = _request_locs_batch(cache.layout, alloc_state, slots, lens, c128_state_scope, names)
-    plans = [_request_save_plan(cache, rl, s, T, c128_state_scope)
-             for rl, s, T in zip(rls, slots, lens)]
-    what = f"saving requests {slots} ({sum(lens):,} tokens)"
-    return _start_plans(cache, plans, budget, host_kind, impl, what, transfer)
+    budget = default_budget() if budget is None else budget
+    kind = _host_kind(next(iter(cache.buffers[0].devices())), host_kind)
+    if not slots:
+        return []
+    # One device translation for the batch; only per-pool counts come back before dispatch.
+    tr = _Translated(layout, alloc_state, slots, lens, c128_state_scope, names, target=False)
+    per_entry = np.asarray([layout.pool(n).spec.num_layers * sum(_item_bytes(layout, n))
+                            for n in names], np.int64)
+    sizes = [int(sum(int(per_entry[k]) * bucket(int(c)) for k, c in enumerate(row)))
+             for row in tr.counts]
+    total = sum(sizes)
+    if total:  # the whole batch, all or nothing, before anything is dispatched
+        budget.reserve(total, f"saving requests {slots} ({sum(lens):,} tokens)")
+    handles = []
+    try:  # plan + dispatch request by request: request i's copy overlaps request i+1's planning
+        for i, (slot, T) in enumerate(zip(slots, lens)):
+            plan = _request_save_plan(cache, tr.request(i), slot, T, c128_state_scope)
+            if plan.total != sizes[i]:
+                raise RuntimeError(f"internal error: request {slot} needs {plan.total} host "
+                                   f"bytes, {sizes[i]} were reserved")
+            handles.append(_dispatch_save(cache, plan, budget, kind, impl, reserved=True,
+                                          transfer=transfer))
+    except BaseException:
+        budget.release(sum(sizes[len(handles):]))
+        for h in handles:
+            h.copy_in_flight.free()
+        raise
+    return handles
 
 
 def start_save(cache: Cache, alloc_state, request: int, **kw) -> SaveHandle:
@@ -1113,8 +1193,11 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
     saved *and* is valid now (``new_mask[old_mask]``): a tail-only SWA allocation restores the
     rows it holds and writes nothing into page 0.  Request-scoped state rows of the new slot are
     reset to the sentinel value ``[kv 0 | score -inf]`` first, then the saved rows are restored
-    (same program).  Empty requests short-circuit.  Everything is validated before anything is
-    dispatched; then each request's host-to-device copy and scatter are queued back to back.
+    (same program).  Empty requests short-circuit.  Before anything is dispatched, the copies are
+    checked on the host and the new locations of the whole batch on the device (one translation:
+    a location outside its pool, in a reserved page 0 or on a sentinel row is an allocator bug and
+    a ValueError).  Then request after request its targets are planned and its host-to-device
+    copy and scatter queued, so planning request i+1 overlaps the copy of request i.
 
     Args:
       cache: the cache.
@@ -1146,29 +1229,30 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
             raise ValueError(f"request {s} holds {T} tokens but its host copy saved "
                              f"{c.meta['length']}; resume with the saved length "
                              "(jaxkv.alloc.admit(state, [host_copy.meta['length']]))")
-    groups = {}  # translations grouped by (scope, pools)
+    for c in host_copies:
+        if c.layout != cache.layout:
+            raise ValueError("a host copy was saved from a cache with a different layout")
+    groups = {}  # translations grouped by (scope, pools); empty requests short-circuit
     for i, c in enumerate(host_copies):
         if lens[i]:
             groups.setdefault((c.meta["c128_state_scope"], c.meta["pools"]), []).append(i)
-    rls = [None] * len(slots)
+    where = {}
     for (scope, names), idx in groups.items():
         _pools_of(cache.layout, names, scope)
-        got = _request_locs_batch(cache.layout, alloc_state, [slots[i] for i in idx],
-                                  [lens[i] for i in idx], scope, names)
-        for i, rl in zip(idx, got):
-            rls[i] = rl
-    plans = []
-    for c, s, rl in zip(host_copies, slots, rls):
-        if rl is None:  # empty request
-            plans.append(None)
-            continue
-        targets, sources, reset = _request_load_targets(cache.layout, c, rl, s)
-        plans.append(_load_plan(cache, c, targets, sources, reset))
-    for c, plan in zip(host_copies, plans):
-        if plan is None:
+        # raises (nothing dispatched) if the allocator maps any target outside its pool, into a
+        # reserved page 0 or onto a sentinel row
+        tr = _Translated(cache.layout, alloc_state, [slots[i] for i in idx],
+                         [lens[i] for i in idx], scope, names, target=True)
+        for j, i in enumerate(idx):
+            where[i] = (tr, j)
+    for i, (c, s) in enumerate(zip(host_copies, slots)):
+        if i not in where:  # empty request
             if free:
                 c.free()
             continue
+        tr, j = where[i]
+        targets, sources, reset = _request_load_targets(cache.layout, c, tr.request(j), s)
+        plan = _load_plan(cache, c, targets, sources, reset)
         cache = _dispatch_load(cache, c, plan, impl=impl, donate=donate, free=free)
     return cache
 

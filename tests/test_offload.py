@@ -756,3 +756,26 @@ def test_v32_and_no_memory_kinds_fallback(monkeypatch):
     for k in src:
         np_move(before, expected, layout, (k, 0), src[k], dst[k])
     assert_bytes_equal(O.load_locs(cache, copy, dst), expected)
+
+
+def test_allocator_bug_is_caught_before_dispatch():
+    """A new SWA location inside the reserved page 0 (an allocator bug, what the seed's saved-mask
+    trust amounts to) is a ValueError for the whole batch, and the cache is unchanged."""
+    import dataclasses
+    layout = LM_REQ
+    cfg = A.config_from_layout(layout, NREQ, 120)
+    state = A.init_state(cfg)
+    state, a = admit(state, 40)
+    cache = random_cache(layout, seed=18)
+    before = np_bufs(cache)
+    copy, state = O.retract(cache, state, a, budget=O.HostBudget(1 << 30))
+    state, a2 = admit(state, 40)
+    pt = np.asarray(state.page_table)[a2]
+    f = pt[39 // cfg.page_size] * cfg.page_size + 39 % cfg.page_size
+    table = np.asarray(state.full_to_swa).copy()
+    table[f] = 5  # SWA page 0
+    bad = dataclasses.replace(state, full_to_swa=jnp.asarray(table))
+    with pytest.raises(ValueError, match="reserved page 0"):
+        O.load(cache, bad, copy, a2, donate=True)
+    assert_bytes_equal(cache, before)
+    assert not copy.freed
