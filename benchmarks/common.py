@@ -73,7 +73,8 @@ def row(name, value, unit, *, ceiling=None, baseline=None, target=None, higher_i
 
     ``target`` is compared with ``ceiling_fraction`` when it is < 1.5 and a ceiling is given,
     else with ``value`` (pass a dict {"ceiling_fraction": x} / {"baseline_ratio": y} /
-    {"value": z} to be explicit; several keys must all hold).
+    {"value": z} to be explicit; several keys must all hold).  With ``higher_is_better=False``
+    a plain ``value`` target is an upper bound and is recorded as {"value_max": z}.
     """
     frac = value / ceiling if ceiling else None
     ratio = (value / baseline if higher_is_better else baseline / value) if baseline else None
@@ -81,10 +82,13 @@ def row(name, value, unit, *, ceiling=None, baseline=None, target=None, higher_i
     if target is not None:
         if not isinstance(target, dict):
             target = {"ceiling_fraction": target} if (ceiling and target < 1.5) else {
-                "value": target}
-        got = {"ceiling_fraction": frac, "baseline_ratio": ratio, "value": value}
-        meets = all(got[k] is not None and (got[k] >= v if (higher_is_better or k != "value")
-                                            else got[k] <= v) for k, v in target.items())
+                ("value" if higher_is_better else "value_max"): target}
+        elif not higher_is_better and "value" in target:
+            target = {("value_max" if k == "value" else k): v for k, v in target.items()}
+        got = {"ceiling_fraction": frac, "baseline_ratio": ratio, "value": value,
+               "value_max": value}
+        meets = all(got[k] is not None and (got[k] <= v if k == "value_max" else got[k] >= v)
+                    for k, v in target.items())
     return {"name": name, "value": value, "unit": unit, "ceiling": ceiling,
             "ceiling_fraction": frac, "baseline": baseline, "baseline_ratio": ratio,
             "target": target, "meets_target": meets}
@@ -96,7 +100,8 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
     if isinstance(v, dict):
-        return ", ".join(f"{k} >= {x}" for k, x in v.items())
+        return ", ".join(f"value <= {x}" if k == "value_max" else f"{k} >= {x}"
+                         for k, x in v.items())
     return str(v)
 
 

@@ -106,7 +106,7 @@ def _sentinel_row(spec) -> np.ndarray:
 
 
 def init_cache(geo: Geometry, layout: Layout) -> Cache:
-    """A zero-filled cache for ``layout``, with every state pool's sentinel row set.
+    """A zero-filled cache for ``layout``, with every stored state sentinel row set.
 
     Args:
       geo: the geometry (must be the layout's).
@@ -115,6 +115,12 @@ def init_cache(geo: Geometry, layout: Layout) -> Cache:
     if layout.geometry != geo:
         raise ValueError(f"layout was built for geometry {layout.geometry.name}, "
                          f"not {geo.name}")
+    return Cache(_init_buffers(layout), layout)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_buffers(layout: Layout) -> tuple[jax.Array, ...]:
+    # One compiled program for all buffers (eager zeros would compile once per buffer shape).
     buffers = [jnp.zeros(s, jnp.uint8) for s in layout.buffer_shapes]
     for p in layout.pools:
         if p.sentinel is None:
@@ -126,7 +132,7 @@ def init_cache(geo: Geometry, layout: Layout) -> Cache:
         buffers[b] = dispatch.scatter_tokens(buffers[b], locs, value,
                                              jnp.zeros((a.num_layers, 1, 0), jnp.uint8), a,
                                              impl="reference")
-    return Cache(tuple(buffers), layout)
+    return tuple(buffers)
 
 
 # ---------------------------------------------------------------------------------------------
