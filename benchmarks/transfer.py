@@ -17,13 +17,14 @@ bytes: on DRAM the kernel's cross-memory attach (``process_vm_writev``, the copy
 transport makes) of the packed request's descriptors into the decode process; on VRAM an
 in-process device copy.  Rows "raw cma" time the same syscall with each layout's descriptors.
 
-Findings on the 2-core CPU box (results/transfer-cpu.*, host load ~13 from other jobs): UCX moves
-host memory between the processes with ``cma`` (zero-copy ``process_vm_writev``); cross-process
-cma itself only reached ~0.5 GB/s there for >= 16 MB (4.8 GB/s for 4 MB; in-process 8 GB/s), so
-both layouts are mostly bound by that copy: packed reached 86-92% of it (16-64 blocks),
-layer-major 42-63%; packed was 1.3-1.9x faster per request, short of the 3x target.  For small
-requests the per-request engine latency (post -> progress thread -> completion, ms under load)
-dominates both.  ``UCX_TLS=tcp`` is ~3x slower still and hides the difference.
+Findings on the 2-core CPU box (results/transfer-cpu.*, other jobs running, load ~8): UCX moves
+host memory between the processes with ``cma`` (zero-copy ``process_vm_writev``), which itself ran
+at only ~2-4 GB/s across processes there.  Packed reached 89-93% of that ceiling for 16-64 blocks,
+layer-major ~50%; packed was 1.8-2.4x faster per request (4-64 blocks): short of the 3x target.
+Raw cma with the same descriptors differs by 1.2-3.6x between the layouts, so most of the gap is
+the per-descriptor cost of the copy itself plus NIXL/UCX per-descriptor work.  NIXL's progress
+thread busy-polls (~0.5 core per agent): with it on (``--progress-thread``) on 2 cores, times were
+4-5x longer and the ratio 1.3-1.9x.  ``UCX_TLS=tcp`` is slower still and hides the difference.
 
 Run: ``UCX_NET_DEVICES=lo UCX_MODULES=^ib python -m benchmarks.transfer --out DIR`` (``--quick`` for
 a smoke run; ``--mem vram`` to register GPU memory on the GPU machine).
@@ -52,7 +53,8 @@ G0 = ("c4", "c128", "c4_indexer")
 def _layouts(num_blocks: int):
     geo = jaxkv.dsv4_flash()
     pages = {p.name: (num_blocks if p.name in G0 else 2) for p in geo.pools()}
-    return geo, {"packed": jaxkv.packed(geo, num_blocks), "layer_major": jaxkv.layer_major(geo, pages)}
+    return geo, {"packed": jaxkv.packed(geo, num_blocks),
+                 "layer_major": jaxkv.layer_major(geo, pages)}
 
 
 def _random_cache(layout, seed, device):
@@ -68,15 +70,17 @@ def _device(mem: str):
     return jax.devices("cpu")[0]
 
 
-def _decode_main(conn, num_blocks, mem):
+def _decode_main(conn, num_blocks, mem, progress_thread=False):
     """The decode process: registers both caches, answers metadata, serves raw reads."""
     from jaxkv.interop import transfer as T
     _, lays = _layouts(num_blocks)
-    agent = T.Agent("decode")
+    agent = T.Agent("decode", progress_thread=progress_thread)
     regs = {k: agent.register(_random_cache(lay, 10 + i, _device(mem)))
             for i, (k, lay) in enumerate(lays.items())}
     conn.send((agent.metadata(), {k: r.remote() for k, r in regs.items()}))
     while True:
+        while not conn.poll(0.001):  # a passive side drives its engine (notifications)
+            agent.progress()
         cmd, args = conn.recv()
         if cmd == "exit":
             agent.close()
@@ -155,6 +159,8 @@ def main(argv=None):
     p.add_argument("--mem", choices=["auto", "dram", "vram"], default="auto",
                    help="memory the caches live in (auto: vram on a GPU, else dram)")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--progress-thread", action="store_true",
+                   help="NIXL progress threads (busy-poll: ~0.5 core per agent)")
     args = p.parse_args(argv)
     from jaxkv.interop import transfer as T
     mem = args.mem
@@ -166,12 +172,13 @@ def main(argv=None):
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_decode_main, args=(child, num_blocks, mem), daemon=True)
+    proc = ctx.Process(target=_decode_main, args=(child, num_blocks, mem, args.progress_thread),
+                       daemon=True)
     proc.start()
     rows = []
     try:
         _, lays = _layouts(num_blocks)
-        agent = T.Agent("prefill")
+        agent = T.Agent("prefill", progress_thread=args.progress_thread)
         regs = {k: agent.register(_random_cache(lay, i, _device(mem)))
                 for i, (k, lay) in enumerate(lays.items())}
         if not conn.poll(300):
@@ -254,7 +261,8 @@ def main(argv=None):
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    title = f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback"
+    title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback, progress "
+             f"thread {'on' if args.progress_thread else 'off'}")
     stem = common.write_results(rows, args.out, "transfer", title=title)
     with open(stem + ".md") as f:
         print(f.read())

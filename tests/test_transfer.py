@@ -151,7 +151,7 @@ def _peer_main(conn, name, seed):
     from jaxkv.interop import transfer as T
 
     geo, lays = _layouts()
-    agent = T.Agent(name)
+    agent = T.Agent(name, progress_thread=False)  # no busy thread; progress() while idle
     regs = {k: agent.register(_random_cache(lay, seed + i)) for i, (k, lay) in
             enumerate(lays.items())}
     pending, xfers = {}, {}
@@ -202,6 +202,8 @@ def _peer_main(conn, name, seed):
     }
     while True:
         try:
+            while not conn.poll(0.001):
+                agent.progress()
             cmd, args = conn.recv()
         except EOFError:
             return
