@@ -1,12 +1,19 @@
 """``python -m jaxkv.demo``: what jaxkv does, shown and verified in one command.
 
-Part 1 (always): the geometry, pool sizes and layouts of DeepSeek-V4-Flash / -Pro and V3.2, and a
+Part 1: the geometry, pool sizes and layouts of DeepSeek-V4-Flash / -Pro and V3.2, and a
 bit-exact round trip of random tokens through every pool of a small cache in both layouts.
+
+Part 2: a simulated DeepSeek-V4 decode server (``jaxkv.sim``): prefill handoff through the packed
+layout, decode steps that allocate and write every pool through the kernels and compute the
+reference sparse attention, memory pressure that retracts requests to pinned host memory and
+resumes them into different pages — verified bit for bit against a run without retracts.
+Exit code 0 only when every check passes.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +58,11 @@ def _report_capacity(geo, budget_gb, swa_ratio, out) -> None:
         from jaxkv import sizing
     except ImportError:
         return
-    rep = sizing.capacity_report(geo, budget_gb * GB, swa_ratio)
-    out("  " + rep.summary())
+    for m in (256, 1024):
+        c = sizing.capacity(geo, int(budget_gb * GB), swa_ratio, m, "request")
+        out(f"  jaxkv sizing (request-scoped C128 state, {m} request slots): "
+            f"{c.ours_bytes_per_token:,.1f} B per full token -> {c.ours_tokens / 1e6:,.2f} M "
+            f"full tokens = {c.ratio:.2f}x SGLang's")
 
 
 def round_trip(out=print, seed: int = 0) -> bool:
@@ -92,9 +102,86 @@ def round_trip(out=print, seed: int = 0) -> bool:
     return ok
 
 
+class Progress:
+    """A one-line progress bar on stderr (a line every 10% when stderr is not a terminal)."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled = label, enabled
+        self.t0 = time.perf_counter()
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        frac = min(done / total, 1.0)
+        if sys.stderr.isatty():
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            sys.stderr.write(f"\r  {self.label} [{bar}] {done}/{total} tokens "
+                             f"{time.perf_counter() - self.t0:5.1f}s")
+            sys.stderr.flush()
+        elif int(frac * 10) > self.last:
+            self.last = int(frac * 10)
+            sys.stderr.write(f"  {self.label}: {done}/{total} tokens "
+                             f"({time.perf_counter() - self.t0:.1f}s)\n")
+
+    def close(self) -> None:
+        if self.enabled and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def simulate(args) -> bool:
+    """Runs the decode-server simulation and its checks; prints the summary."""
+    from jaxkv import sim
+    overrides = {k: v for k, v in (("requests", args.requests), ("decode", args.decode),
+                                   ("seed", args.seed)) if v is not None}
+    cfg = (sim.gpu_preset if args.preset == "gpu" else sim.cpu_preset)(**overrides)
+    full, swa = sim.pool_pages(cfg)
+    print(f"\n== Decode server: {cfg.requests} requests of {cfg.geo.name} "
+          f"(prompts {cfg.prompt[0]}-{cfg.prompt[1]}, {cfg.decode} decode tokens each, "
+          f"batch {cfg.max_running}); decode cache {full - 1} full + {swa - 1} SWA pages per "
+          "layer, too few for the batch: retracts expected")
+    bar = Progress("serving", not args.quiet)
+    t0 = time.perf_counter()
+    stats, outs = sim.run(cfg, progress=bar)
+    bar.close()
+    wall = time.perf_counter() - t0
+    bar = Progress("reference (no memory pressure)", not args.quiet)
+    ref_stats, ref = sim.run(cfg, reference=True, progress=bar)
+    bar.close()
+    checks = []
+    ok, detail = sim.compare(outs, ref, exact=True)
+    checks.append(("attention with retracts == without", ok, detail))
+    checks.append(("retract path exercised", stats.retracts > 0 and stats.resumes > 0,
+                   f"{stats.retracts} retracts, {stats.resumes} resumes"))
+    print(f"  steps {stats.steps}, tokens decoded {stats.tokens}, retracts {stats.retracts}, "
+          f"resumes {stats.resumes}, wall {wall:.1f}s (reference run: {ref_stats.steps} steps, "
+          f"{ref_stats.retracts} retracts)")
+    print("  bytes moved per path:")
+    for path, nbytes in stats.bytes.items():
+        rate = stats.rate(path)
+        speed = f"{rate:8.3f} GB/s after the first call" if rate else \
+            "(one call: its time is mostly compilation)"
+        print(f"    {path:<30} {nbytes / 1e6:10.3f} MB  {speed}")
+    if args.plot:
+        sim.plot(stats, cfg, args.plot, full, swa)
+        print(f"  occupancy plot written to {args.plot}")
+    print("  checks:")
+    for name, ok, detail in checks:
+        print(f"    [{'ok' if ok else 'FAILED'}] {name}: {detail}")
+    return all(ok for _, ok, _ in checks)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxkv.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                    help="cpu: tiny geometry, under a minute on 2 cores (default); gpu: "
+                         "DeepSeek-V4-Flash sized for an H100")
+    ap.add_argument("--requests", type=int, help="requests to serve (preset default)")
+    ap.add_argument("--decode", type=int, help="decode tokens per request (preset default)")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw pool occupancy over the steps")
+    ap.add_argument("--report-only", action="store_true", help="skip the simulation")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--budget-gb", type=float, default=60.0,
                     help="device memory budget for the capacity report (default 60)")
     ap.add_argument("--swa-ratio", type=float, default=0.1,
@@ -104,6 +191,8 @@ def main(argv=None) -> int:
     print(f"jaxkv demo on {jax.devices()[0].platform} ({len(jax.devices())} device(s))")
     report_geometry(budget_gb=args.budget_gb, swa_ratio=args.swa_ratio)
     ok = round_trip(seed=args.seed)
+    if not args.report_only:
+        ok &= simulate(args)
     print("\nchecks: " + ("all passed" if ok else "FAILED"))
     return 0 if ok else 1
 

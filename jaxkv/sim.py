@@ -100,13 +100,24 @@ class Stats:
     resumes: int = 0
     bytes: dict = dataclasses.field(default_factory=dict)   # path -> bytes moved
     seconds: dict = dataclasses.field(default_factory=dict)  # path -> seconds
+    warm: dict = dataclasses.field(default_factory=dict)     # path -> [bytes, seconds] after
+    #                                                          the first (compiling) call
     occupancy: list = dataclasses.field(default_factory=list)  # (step, full used, swa used)
     events: list = dataclasses.field(default_factory=list)     # (step, "retract"|"resume", rid)
     checks: list = dataclasses.field(default_factory=list)     # (name, ok, detail)
 
     def add(self, path: str, nbytes: int, seconds: float) -> None:
+        if path in self.bytes:
+            w = self.warm.setdefault(path, [0, 0.0])
+            w[0] += int(nbytes)
+            w[1] += seconds
         self.bytes[path] = self.bytes.get(path, 0) + int(nbytes)
         self.seconds[path] = self.seconds.get(path, 0.0) + seconds
+
+    def rate(self, path: str) -> float | None:
+        """GB/s of the calls after the first one (which compiles); None if there were none."""
+        w = self.warm.get(path)
+        return w[0] / w[1] / 1e9 if w and w[1] > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
