@@ -201,7 +201,7 @@ def test_bad_input_errors_name_argument():
         jaxkv.get_tokens(cache, "kv", 0, jnp.asarray([0]))
     with pytest.raises(ValueError, match="impl must be one of"):
         jaxkv.get_tokens(cache, "swa", 0, jnp.asarray([0]), impl="cuda")
-    with pytest.raises(ValueError, match="is a token pool; use the \*_tokens"):
+    with pytest.raises(ValueError, match=r"is a token pool; use the \*_tokens"):
         jaxkv.set_rows(cache, "swa", 0, jnp.asarray([0]), jnp.zeros((1, 2048)))
 
 
