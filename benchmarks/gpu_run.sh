@@ -31,7 +31,7 @@ run() {  # name limit_s command...
 }
 for part in "$@"; do
   case $part in
-    tests) run tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider -x --timeout 300 tests/ ;;
+    tests) run tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 300 tests/ ;;
     demo) run demo 300 python3 -m jaxkv.demo --preset gpu --quiet --plot $R/results/demo-gpu.png ;;
     *) run "bench-$part" 400 python3 -m benchmarks.$part --out $R/results ;;
   esac
