@@ -5,7 +5,8 @@
 
 Merge (SPEC §9), per decode batch of T tokens x 128 heads x 512 (float32 partial outputs):
   * ``merge_rs``: all-gather of the LSEs, scale, ``psum_scatter`` over heads (``dcp.merge``),
-  * ``merge_a2a``: one ``all_to_all`` of ``[out | lse]`` head chunks, merged locally,
+  * ``merge_a2a``: ``all_to_all`` of the head chunks of out and of lse, merged locally,
+  * ``merge_a2a_packed``: one ``all_to_all`` of ``[out | lse]`` (plus a packing copy),
   * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials.
 Each is timed as ``K`` chained iterations inside one jitted ``shard_map`` loop (iteration ``i+1``
 reads one element written from iteration ``i``'s result, so nothing is hoisted or merged), so the
@@ -45,7 +46,8 @@ def _loop(kind: str, mesh, iters: int):
         if kind == "bare":
             r = lax.psum_scatter(o, axis, scatter_dimension=1, tiled=True)
             return r, l[:, :r.shape[1]]
-        method = "reduce_scatter" if kind == "merge_rs" else "all_to_all"
+        method = {"merge_rs": "reduce_scatter", "merge_a2a": "all_to_all",
+                  "merge_a2a_packed": "all_to_all_packed"}[kind]
         return dcp.merge(o, l, axis, "e", method=method)
 
     def body(o, l):
@@ -77,12 +79,12 @@ def bench_merge(mesh, sizes, iters, reps):
         sh = jax.sharding.NamedSharding(mesh, P("dcp"))
         o, lse = jax.device_put(o, sh), jax.device_put(lse, sh)
         t = {}
-        for kind in ("bare", "merge_rs", "merge_a2a"):
+        for kind in ("bare", "merge_rs", "merge_a2a", "merge_a2a_packed"):
             f = _loop(kind, mesh, iters)
             t[kind] = common.time_jax(f, o, lse, iters=reps, warmup=2) / iters
         nbytes = T * HEADS * DV * 4  # per-rank partial output bytes
         raw.append((T, t))
-        for kind in ("merge_rs", "merge_a2a"):
+        for kind in ("merge_rs", "merge_a2a", "merge_a2a_packed"):
             rows.append(common.row(f"{kind} T={T} x {HEADS}h x {DV} f32 (N={n})",
                                    t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
                                    target={"baseline_ratio": round(1 / 1.15, 4)},
@@ -91,7 +93,8 @@ def bench_merge(mesh, sizes, iters, reps):
                                nbytes * (n - 1) / n / t["bare"] / 1e9, "GB/s"))
         print(f"T={T:4d}  bare {t['bare']*1e6:8.1f} us  merge_rs {t['merge_rs']*1e6:8.1f} us "
               f"({t['merge_rs']/t['bare']:.3f}x)  merge_a2a {t['merge_a2a']*1e6:8.1f} us "
-              f"({t['merge_a2a']/t['bare']:.3f}x)", flush=True)
+              f"({t['merge_a2a']/t['bare']:.3f}x)  packed {t['merge_a2a_packed']/t['bare']:.3f}x",
+              flush=True)
     return rows, raw
 
 
@@ -103,7 +106,7 @@ def check_merge(mesh):
     lse = (rng.normal(size=(n, 4, HEADS)) * 4).astype(np.float32)
     lse[0, 0] = -np.inf
     want_o, want_l = dcp.merge_partials(o, lse)
-    for method in ("reduce_scatter", "all_to_all"):
+    for method in ("reduce_scatter", "all_to_all", "all_to_all_packed"):
         f = dcp.shard_map(lambda a, b: dcp.merge(a[0], b[0], "dcp", method=method), mesh=mesh,
                           in_specs=(P("dcp"), P("dcp")), out_specs=(P(None, "dcp"),) * 2)
         got_o, got_l = f(jnp.asarray(o), jnp.asarray(lse))

@@ -246,6 +246,17 @@ def to_local(dc: DCPCache, pool: str, locs: jax.Array, rank) -> jax.Array:
     return jnp.where(mine, L.dcp_local_index(locs, dc.n, I, tpp), -1)
 
 
+def _traced(x) -> bool:
+    tracer = getattr(jax.core, "Tracer", None)
+    if tracer is not None:
+        return isinstance(x, tracer)
+    try:  # pragma: no cover (a jax without jax.core.Tracer)
+        np.asarray(x)
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def _check_global_locs(dc: DCPCache, pool: str, locs, arg: str = "locs") -> jax.Array:
     shape = jnp.shape(locs)
     if len(shape) != 1:
@@ -253,7 +264,7 @@ def _check_global_locs(dc: DCPCache, pool: str, locs, arg: str = "locs") -> jax.
     if not jnp.issubdtype(jnp.result_type(locs), jnp.integer):
         raise ValueError(f"{arg} must be an integer array, got {jnp.result_type(locs)}")
     cap = dc.global_capacity(pool)
-    if not isinstance(locs, jax.core.Tracer):
+    if not _traced(locs):
         host = np.asarray(locs)
         bad = (host < -1) | (host >= cap)
         if bad.any():
@@ -266,7 +277,7 @@ def _check_global_locs(dc: DCPCache, pool: str, locs, arg: str = "locs") -> jax.
 
 def _put(x, mesh, spec):
     """device_put a concrete array to ``NamedSharding(mesh, spec)`` (traced values pass through)."""
-    if isinstance(x, jax.core.Tracer) or x is None:
+    if x is None or _traced(x):
         return x
     return jax.device_put(x, NamedSharding(mesh, spec))
 
@@ -397,8 +408,10 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
       axis_name: the DCP mesh axis.
       base: ``"e"`` or ``"2"`` (must match how ``lse`` was computed).
       method: ``"reduce_scatter"`` (SPEC §9: all-gather LSEs, scale, ``psum_scatter`` over heads)
-        or ``"all_to_all"`` (one ``all_to_all`` of ``[out | lse]`` head chunks, merged locally;
-        same result, one collective instead of two).
+        or ``"all_to_all"`` (``all_to_all`` of the head chunks of ``out`` and of ``lse``, merged
+        locally on the receiving rank: no scaling pass before the collective), or
+        ``"all_to_all_packed"`` (one ``all_to_all`` of ``[out | lse]``: one collective, plus a
+        packing copy).  All give the same result.
 
     Returns:
       ``(out f32[B, h, Dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
@@ -419,11 +432,17 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         res = lax.psum_scatter(scaled, axis_name, scatter_dimension=1, tiled=True)
         return res, lax.dynamic_slice_in_dim(total, rank * h, h, axis=1)
     if method == "all_to_all":
+        # head chunk r of every rank goes to rank r: [B, N, h, Dv] -> [B, N (source), h, Dv]
+        got_o = lax.all_to_all(out.reshape(B, n, h, Dv), axis_name, 1, 1, tiled=True)
+        got_l = lax.all_to_all(lse.reshape(B, n, h), axis_name, 1, 1, tiled=True)
+        return merge_partials(jnp.moveaxis(got_o, 1, 0), jnp.moveaxis(got_l, 1, 0), base)
+    if method == "all_to_all_packed":
         packed = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(B, n, h, Dv + 1)
-        got = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
+        got = lax.all_to_all(packed, axis_name, 1, 1, tiled=True)
         got = jnp.moveaxis(got, 1, 0)  # [N (source rank), B, h, Dv + 1]
         return merge_partials(got[..., :Dv], got[..., Dv], base)
-    raise ValueError(f"method must be 'reduce_scatter' or 'all_to_all', got {method!r}")
+    raise ValueError("method must be 'reduce_scatter', 'all_to_all' or 'all_to_all_packed', "
+                     f"got {method!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +534,7 @@ def reshard(src: DCPCache, dst: DCPCache, pool: str, src_locs: jax.Array, dst_lo
     if sl.shape != dl.shape:
         raise ValueError(f"src_locs and dst_locs must have the same shape, got {sl.shape} and "
                          f"{dl.shape}")
-    if not isinstance(sl, jax.core.Tracer) and not isinstance(dl, jax.core.Tracer):
+    if not _traced(sl) and not _traced(dl):
         if not np.array_equal(np.asarray(sl) < 0, np.asarray(dl) < 0):
             raise ValueError("src_locs and dst_locs must have -1 at the same entries")
     toks = get_tokens_dcp(src, pool, None, sl, impl=impl)

@@ -349,9 +349,10 @@ def _np_merge(outs, lses, base):
 
 
 @needs8
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
-@pytest.mark.parametrize("base", ["e", "2"])
-@pytest.mark.parametrize("method", ["reduce_scatter", "all_to_all"])
+@pytest.mark.parametrize("n,base,method", [
+    (n, b, "reduce_scatter") for n in (1, 2, 4, 8) for b in ("e", "2")] + [
+    (2, "e", "all_to_all"), (8, "2", "all_to_all"), (4, "e", "all_to_all_packed"),
+    (8, "2", "all_to_all_packed")])
 def test_merge_vs_numpy_with_empty_ranks(n, base, method):
     rng = np.random.default_rng(n)
     Bq, h, Dv = 3, 2, 16
