@@ -23,6 +23,20 @@ State
   ``method="triton"`` the host buffer is written in place through its address (not donated): the
   returned state shares it with the old one, which must not be used any more either.
 
+Donation and external references
+  ``init_host_pool`` returns a buffer that XLA owns (checked with a donating no-op write), so the
+  ``"xla"`` method updates it in place and its address (``buffer_address``,
+  ``contiguous_buf_infos``) stays the same.  Taking the address does not prevent that, nor does a
+  ``"triton"`` call on the buffer.  What does: an *external reference* on the buffer -- a live
+  zero-copy NumPy view (``v = np.asarray(host.buffer)`` kept alive), a buffer made by
+  ``jax.device_put`` of a NumPy array that it aliases (zero-copy into host memory), a DLPack
+  export.  The CPU runtime then silently copies; the GPU runtime refuses the donation
+  (``INVALID_ARGUMENT: Donation requested for buffer with external reference``, before anything
+  runs).  The ``"xla"`` method then retries without donation (copy-on-write, with a
+  ``RuntimeWarning``): cost = one copy of the whole host buffer, and the new state's buffer has a
+  new address (re-register it with a transfer engine).  The copy is XLA-owned, so the following
+  calls donate again.  Same for the device cache buffer in ``load_to_device``.
+
 Index spaces
   Host indices are host *slots*: ``page * tokens_per_page + t`` (for C4 a slot is a C4-token
   position, ``host_token_len(n) = n // 4``).  Device indices are locations of the device pool
@@ -60,8 +74,11 @@ Methods (how the host side is written)
     pinned host memory has the same address on the device), so a page is one pass over PCIe and a
     token is written without reading its page back; the reverse for loads.  XLA does not see these
     host writes, so the call blocks until the kernel is done before returning the new state.
-  ``method="auto"`` takes the fastest one measured by ``benchmarks/host_pool.py`` for the platform
-  (``_AUTO_METHOD``; "xla" until a GPU run of that benchmark shows "triton" correct and faster).
+  ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU, where it passed the
+  GPU tests of every pool and writes in place without donation (XLA compiles the ``"xla"``
+  method's host-side row update as host compute), falling back to ``"xla"`` where ``"triton"``
+  cannot run (no jax-triton, a pool not in ``pinned_host``, sizes not multiples of 4 bytes).
+  ``benchmarks/host_pool.py`` measures both; revisit the choice with its numbers.
 
 Cost of each option (predictions written before the GPU run, against the pinned copy ceiling
 ``C`` ~ 50 GB/s on an H100; ``benchmarks/results/host_pool-<gpu>.md`` has the measurements):
@@ -89,6 +106,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Sequence
 
 import jax
@@ -107,9 +125,15 @@ except ImportError:  # pragma: no cover - triton is an optional dependency
     tl = None
 
 METHODS = ("auto", "xla", "triton")
-# Fastest host-write method per platform (benchmarks/results/host_pool-*.json).  "xla" until the
-# GPU benchmark shows the Triton path is correct and faster there.
-_AUTO_METHOD = {"cpu": "xla", "gpu": "xla"}
+# Host-write method that ``method="auto"`` takes per platform.  GPU: "triton" -- the first H100
+# run of tests/test_host_pool.py passed it for every pool (page and token paths, both directions);
+# it writes the pinned pages in place (no donation, so no copy-on-write, registered addresses
+# always stay valid), and the "xla" method's host-side row update is compiled by XLA as host
+# compute ("Converting into host compute. This is likely to have a very slow execution time" in
+# that log).  "auto" falls back to "xla" where "triton" cannot run (no jax-triton, a pool not in
+# pinned_host memory, byte sizes/offsets not multiples of 4).  To be revisited with the numbers of
+# benchmarks/host_pool.py on the GPU.
+_AUTO_METHOD = {"cpu": "xla", "gpu": "triton"}
 
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
 
@@ -247,8 +271,62 @@ def init_host_pool(layout: Layout | Cache, pool: str, num_pages: int, *,
                         ratio=max(int(p.spec.ratio), 1), memory_kind=kind, device=device)
     if spec.shape[0] >= 2**31:
         raise ValueError(f"host pool of {spec.shape[0]} rows needs indices beyond int32")
-    buffer = jax.device_put(np.zeros(spec.shape, np.uint8), spec.sharding)
+    buffer = _owned(jax.device_put(np.zeros(spec.shape, np.uint8), spec.sharding), spec)
     return HostPool(buffer, np.zeros(spec.num_pages, bool), spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _noop_write_fn(shape: tuple, sharding, donate: bool):
+    """A host-buffer write that changes nothing (one out-of-range row, dropped)."""
+    def f(buf):
+        rows = jax.device_put(jnp.full((1,), shape[0], jnp.int32), sharding)
+        return buf.at[rows].set(jnp.zeros((1, shape[1]), buf.dtype), mode="drop",
+                                unique_indices=True)
+    return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=sharding)
+
+
+def _owned(buffer: jax.Array, spec: HostPoolSpec) -> jax.Array:
+    """``buffer`` as an allocation that XLA owns and can donate (see ``_call_donating``).
+
+    ``jax.device_put`` of a NumPy array into host memory may alias the NumPy memory (zero-copy);
+    PJRT then holds an external reference on the buffer for its whole life and refuses to donate
+    it (on GPU: ``INVALID_ARGUMENT: Donation requested for buffer with external reference``).  A
+    donating no-op write proves the buffer donatable (and keeps it in place); where the runtime
+    refuses, the no-op runs without donation, which gives a fresh XLA-owned copy.  Done once, at
+    creation, before anyone can have registered the buffer's address."""
+    return _call_donating(lambda d: _noop_write_fn(spec.shape, spec.sharding, d), True,
+                          (buffer,), "init_host_pool", warn=False)
+
+
+_EXTERNAL_REF = "external reference"
+
+
+def _call_donating(make, donate: bool, args: tuple, what: str, *, warn: bool = True):
+    """``make(donate)(*args)``; if the runtime refuses to donate ``args[0]`` because something
+    outside XLA references it, ``make(False)(*args)`` instead (copy-on-write).
+
+    What holds such a reference: a NumPy array that the buffer aliases (``jax.device_put`` of
+    NumPy into host memory can be zero-copy), a live zero-copy NumPy view of a host-memory array
+    (``np.asarray(host.buffer)`` kept alive), a DLPack export.  ``buffer_address`` /
+    ``unsafe_buffer_pointer``, ``contiguous_buf_infos`` and the ``"triton"`` method do not keep
+    one (their hold ends when the call returns).  The refusal happens while XLA prepares the
+    call, before anything runs or is donated (checked: ``args[0]`` must still be alive), so the
+    retry sees the same input.  Cost of the fallback: XLA writes the result into a new buffer,
+    i.e. the whole buffer is copied once (host memory: a host-side copy of the whole pool) and
+    the returned buffer has a new address (re-register it with a transfer engine); the result
+    is XLA-owned, so later calls donate again."""
+    if donate:
+        try:
+            return make(True)(*args)
+        except jax.errors.JaxRuntimeError as e:
+            if _EXTERNAL_REF not in str(e) or args[0].is_deleted():
+                raise
+            if warn:
+                warnings.warn(f"{what}: the buffer has an external reference (a NumPy view or a "
+                              "NumPy array it aliases), so it cannot be donated; it is copied "
+                              "instead (whole buffer, new address: re-register it with a "
+                              "transfer engine)", RuntimeWarning, stacklevel=3)
+    return make(False)(*args)
 
 
 def host_token_len(host: HostPool | HostPoolSpec, n: int) -> int:
@@ -389,12 +467,32 @@ def _pad(a: np.ndarray, n: int, fill: int) -> np.ndarray:
     return out
 
 
-def _resolve_method(method: str) -> str:
+def _triton_usable(host: HostPool, cache: Cache, pool: str) -> bool:
+    """Whether the ``"triton"`` method can run this transfer (for ``method="auto"``)."""
+    if tl is None or jax.default_backend() != "gpu" or host.spec.memory_kind != "pinned_host":
+        return False
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return False
+    s = host.spec
+    p = cache.layout.pool(pool)
+    b = p.placements[0].buffer
+    sizes = [s.page_bytes, s.value_bytes, s.scale_stride, s.tokens_per_page * s.value_bytes,
+             cache.buffers[b].shape[1], *(pl.col for pl in p.placements)]
+    return all(int(x) % 4 == 0 for x in sizes)
+
+
+def _resolve_method(method: str, host: HostPool | None = None, cache: Cache | None = None,
+                    pool: str | None = None) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "auto":
         return method
-    return _AUTO_METHOD.get(jax.default_backend(), "xla")
+    m = _AUTO_METHOD.get(jax.default_backend(), "xla")
+    if m == "triton" and (host is None or not _triton_usable(host, cache, pool)):
+        m = "xla"
+    return m
 
 
 def _check_call(host: HostPool, cache: Cache, pool: str, layer, impl: str, method: str):
@@ -419,7 +517,6 @@ def _check_call(host: HostPool, cache: Cache, pool: str, layer, impl: str, metho
                              f"(pool-local), got {layer!r}")
     if impl not in dispatch.IMPLS:
         raise ValueError(f"impl must be one of {dispatch.IMPLS}, got {impl!r}")
-    method = _resolve_method(method)
     b, _ = page_addressing(cache.layout, pool)
     dev = _single_device(cache.buffers[b], "cache buffer")
     if dev != s.device:
@@ -429,6 +526,7 @@ def _check_call(host: HostPool, cache: Cache, pool: str, layer, impl: str, metho
     if cache.buffers[b].is_deleted():
         raise ValueError("the cache buffer was donated to an earlier call: use the returned "
                          "cache")
+    method = _resolve_method(method, host, cache, pool)
     return p, b, method
 
 
@@ -522,11 +620,11 @@ def _host_put(host_buf, rows, data, hs):
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_backup_pages(pa: PageAddressing, impl: str, hs, ds):
+def _xla_backup_pages(pa: PageAddressing, impl: str, hs, ds, donate: bool = True):
     def f(host_buf, dev_buf, dev_pages, host_rows):
         data = dispatch.gather_pages(dev_buf, dev_pages, pa, impl=impl)  # [L, P, PB] on device
         return _host_put(host_buf, host_rows, data.reshape(-1, pa.page_bytes), hs)
-    return jax.jit(f, donate_argnums=0, out_shardings=hs)
+    return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=hs)
 
 
 def _host_windows(host_buf, rows, col: int, width: int, hs):
@@ -540,7 +638,8 @@ def _host_windows(host_buf, rows, col: int, width: int, hs):
 
 @functools.lru_cache(maxsize=None)
 def _xla_backup_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl: str, hs, ds,
-                       n_partial: int, n_full: int, page_bytes: int, pad_col: int):
+                       n_partial: int, n_full: int, page_bytes: int, pad_col: int,
+                       donate: bool = True):
     """Token backup: staging pages = [partly covered pages read back | fully covered pages
     rebuilt from zeros + their padding bytes read back], tokens merged in, whole pages written."""
     nl = ta_stage.num_layers
@@ -561,7 +660,7 @@ def _xla_backup_tokens(ta_dev: TokenAddressing, ta_stage: TokenAddressing, impl:
         value, scale = dispatch.gather_tokens(dev_buf, dev_locs, ta_dev, impl=impl)
         stage = dispatch.scatter_tokens(stage, local_locs, value, scale, ta_stage, impl=impl)
         return _host_put(host_buf, host_rows, stage, hs)
-    return jax.jit(f, donate_argnums=0, out_shardings=hs)
+    return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=hs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -742,8 +841,9 @@ def _triton_run(host: HostPool, cache: Cache, pool: str, plan: _Plan, to_host: b
     outs = []
     for width, cols, arrays in _windows(host, cache, pool, plan):
         meta = window_params(width, dev.shape[1], host.spec.page_bytes, addr, cols)
-        fn = _triton_copy_fn(to_host, addr, tuple(sorted(meta.items())), donate)
-        res = fn(dev, *(jnp.asarray(a) for a in arrays))
+        make = functools.partial(_triton_copy_fn, to_host, addr, tuple(sorted(meta.items())))
+        res = _call_donating(make, donate and not to_host, (dev, *(jnp.asarray(a) for a in arrays)),
+                             "load_to_device")
         if not to_host:
             dev = res
         outs.append(res)
@@ -775,7 +875,10 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
     """Copies tokens of a device pool into the host pool (SGLang ``backup_from_device_all_layer``).
 
     Args:
-      host: the host pool (its buffer is donated: use the returned state).
+      host: the host pool (its buffer is donated: use the returned state).  With the ``"xla"``
+        method, a buffer that has an external reference (a live NumPy view, a NumPy array it
+        aliases) cannot be donated on GPU: it is then copied once (copy-on-write, a
+        ``RuntimeWarning``; the returned buffer has a new address) -- see the module docstring.
       cache: the device cache (read only).
       pool: the device pool name; must be the one ``host`` mirrors.
       host_indices: int[N] host slots (allocated pages), or None.
@@ -807,15 +910,17 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
     b, pa, ta_dev = _dev_addressing(cache, pool, sel)
     rows = jnp.asarray(plan.host_rows)
     if plan.page_aligned:
-        fn = _xla_backup_pages(pa, impl, hs, ds)
-        buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_pages), rows)
+        make = functools.partial(_xla_backup_pages, pa, impl, hs, ds)
+        args = (host.buffer, cache.buffers[b], jnp.asarray(plan.dev_pages), rows)
     else:
         ta_stage = s.token_addressing(plan.n_pages, layers)
-        fn = _xla_backup_tokens(ta_dev, ta_stage, impl, hs, ds, plan.n_partial, plan.n_full,
-                                s.page_bytes, s.tokens_per_page * (s.value_bytes + s.scale_stride))
-        buf = fn(host.buffer, cache.buffers[b], jnp.asarray(plan.dev_locs),
-                 jnp.asarray(plan.read_rows_partial), jnp.asarray(plan.read_rows_full), rows,
-                 jnp.asarray(plan.local_locs))
+        make = functools.partial(_xla_backup_tokens, ta_dev, ta_stage, impl, hs, ds,
+                                 plan.n_partial, plan.n_full, s.page_bytes,
+                                 s.tokens_per_page * (s.value_bytes + s.scale_stride))
+        args = (host.buffer, cache.buffers[b], jnp.asarray(plan.dev_locs),
+                jnp.asarray(plan.read_rows_partial), jnp.asarray(plan.read_rows_full), rows,
+                jnp.asarray(plan.local_locs))
+    buf = _call_donating(make, True, args, "backup_from_device")
     return dataclasses.replace(host, buffer=buf)
 
 
@@ -848,13 +953,14 @@ def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device
     b, pa, ta_dev = _dev_addressing(cache, pool, sel)
     rows = jnp.asarray(plan.read_rows)
     if plan.page_aligned:
-        fn = _xla_load_pages(pa, impl, hs, ds, donate)
-        new = fn(cache.buffers[b], host.buffer, rows, jnp.asarray(plan.dev_pages))
+        make = functools.partial(_xla_load_pages, pa, impl, hs, ds)
+        args = (cache.buffers[b], host.buffer, rows, jnp.asarray(plan.dev_pages))
     else:
         ta_stage = s.token_addressing(plan.n_pages, layers)
-        fn = _xla_load_tokens(ta_dev, ta_stage, impl, hs, ds, donate)
-        new = fn(cache.buffers[b], host.buffer, rows, jnp.asarray(plan.local_locs),
-                 jnp.asarray(plan.dev_locs))
+        make = functools.partial(_xla_load_tokens, ta_dev, ta_stage, impl, hs, ds)
+        args = (cache.buffers[b], host.buffer, rows, jnp.asarray(plan.local_locs),
+                jnp.asarray(plan.dev_locs))
+    new = _call_donating(make, donate, args, "load_to_device")
     bufs = list(cache.buffers)
     bufs[b] = new
     return Cache(tuple(bufs), cache.layout)

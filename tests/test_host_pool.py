@@ -1,6 +1,7 @@
 """Tests of jaxkv.host_pool against a plain-numpy model of the page bytes (SPEC §2, §7)."""
 import ctypes
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -481,7 +482,7 @@ def test_triton_window_kernel_interpreted(geo_name, pool, aligned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["xla", "triton"])
+@pytest.mark.parametrize("method", ["xla", "triton", "auto"])
 @pytest.mark.parametrize("geo_name,pool", POOLS)
 def test_gpu_methods_round_trip(method, geo_name, pool):
     """On the GPU machine: both host-write methods against the numpy reference."""
@@ -553,3 +554,169 @@ def test_triton_method_refuses_without_gpu_or_pinned_memory():
     with pytest.raises(ValueError, match="pinned_host"):
         hp.backup_from_device(h2, cache, "c4", s2[:4], np.arange(4), method="triton")
     np.testing.assert_array_equal(np.asarray(h.buffer), poison)
+
+
+# ------------------------------------------------------------------------------------------------
+# Donation and external references (the first H100 run: "Donation requested for buffer with
+# external reference" in every "xla" round trip)
+
+
+def _owned_poison(h, seed):
+    """Poisons ``h`` through a device array copied into host memory (an XLA-owned buffer, no
+    NumPy memory aliased), as opposed to ``_poison_host`` (``device_put`` of NumPy)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=h.spec.shape, dtype=np.uint8)
+    dev = jax.device_put(data, jax.sharding.SingleDeviceSharding(
+        h.spec.device, memory_kind=h.spec.device.default_memory().kind))
+    return dataclasses.replace(h, buffer=jax.device_put(dev, h.spec.sharding)), data
+
+
+def test_init_host_pool_buffer_is_donated_in_place():
+    """init_host_pool's buffer is XLA-owned: an "xla" backup donates it and keeps its address."""
+    _, cache, _, _ = _setup("dsv4", "c4", seed=51)
+    h = hp.init_host_pool(cache, "c4", 6)
+    s = h.spec
+    assert not np.asarray(h.buffer).any()
+    addr = hp.buffer_address(h)
+    h, slots = hp.alloc(h, s.tokens_per_page)
+    old = h.buffer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # no copy-on-write fallback
+        h2 = hp.backup_from_device(h, cache, "c4", slots, np.arange(s.tokens_per_page),
+                                   method="xla")
+    assert old.is_deleted()
+    assert hp.buffer_address(h2) == addr
+    want = np.zeros((s.num_layers, s.num_pages, s.page_bytes), np.uint8)
+    want[:, 0] = _dev_pages(cache, "c4")[:, 0]
+    np.testing.assert_array_equal(_host_pages(h2), want)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_xla_backup_falls_back_to_copy_when_donation_is_refused(monkeypatch, aligned):
+    """The GPU runtime refuses to donate a buffer with an external reference (raised before the
+    call runs): the "xla" method then copies (RuntimeWarning), same bytes, old state intact."""
+    _, cache, h, poison = _setup("dsv4", "c4", seed=53)
+    s = h.spec
+    tpp = s.tokens_per_page
+    name = "_xla_backup_pages" if aligned else "_xla_backup_tokens"
+    real = getattr(hp, name)
+    calls = []
+
+    def fake(*a):
+        calls.append(a[-1])
+        if a[-1]:  # donate=True: what PJRT-GPU answers for a buffer with an external reference
+            def refuse(*args):
+                raise jax.errors.JaxRuntimeError(
+                    "INVALID_ARGUMENT: Invalid buffer passed to Execute() as argument 0 to "
+                    "replica 0: INVALID_ARGUMENT: Donation requested for buffer with external "
+                    "reference")
+            return refuse
+        return real(*a)
+
+    monkeypatch.setattr(hp, name, fake)
+    h, slots = hp.alloc(h, 2 * tpp)
+    n = 2 * tpp if aligned else 2 * tpp - 5
+    src = np.arange(3 * tpp, 3 * tpp + n)
+    with pytest.warns(RuntimeWarning, match="external reference"):
+        h2 = hp.backup_from_device(h, cache, "c4", slots[:n], src, method="xla")
+    assert calls == [True, False]
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    d = _dev_pages(cache, "c4")
+    if aligned:
+        want[:, :2] = d[:, 3:5]
+    else:
+        _ref_copy(want, d, slots[:n], src, s, range(s.num_layers))
+    np.testing.assert_array_equal(_host_pages(h2), want)
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)   # not donated, not modified
+
+
+def test_xla_backup_other_runtime_errors_are_not_swallowed(monkeypatch):
+    _, cache, h, poison = _setup("dsv4", "c4", seed=57)
+
+    def fake(*a):
+        def fail(*args):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return fail
+
+    monkeypatch.setattr(hp, "_xla_backup_pages", fake)
+    h, slots = hp.alloc(h, h.spec.tokens_per_page)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        hp.backup_from_device(h, cache, "c4", slots, np.arange(h.spec.tokens_per_page),
+                              method="xla")
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_xla_backup_with_a_live_numpy_view(aligned):
+    """A NumPy view of the host buffer kept alive (an external reference on GPU) does not break
+    the "xla" method, and the view keeps showing the old bytes (copy-on-write, never modified
+    under the reader)."""
+    _, cache, h, _ = _setup("dsv4", "swa", seed=59)
+    h, poison = _owned_poison(h, 61)
+    s = h.spec
+    tpp = s.tokens_per_page
+    view = np.asarray(h.buffer)
+    h, slots = hp.alloc(h, 2 * tpp)
+    n = 2 * tpp if aligned else 2 * tpp - 1
+    src = np.arange(n) + 4 * tpp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # the fallback warns where it is taken
+        h2 = hp.backup_from_device(h, cache, "swa", slots[:n], src, method="xla")
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    d = _dev_pages(cache, "swa")
+    if aligned:                                  # whole pages, padding included
+        want[:, slots[::tpp] // tpp] = d[:, [4, 5]]
+    else:
+        _ref_copy(want, d, slots[:n], src, s, range(s.num_layers))
+    np.testing.assert_array_equal(_host_pages(h2), want)
+    np.testing.assert_array_equal(view, poison)
+    del view
+    # the result is XLA-owned again: the next call donates it in place
+    addr = hp.buffer_address(h2)
+    h3 = hp.backup_from_device(h2, cache, "swa", slots[:n], src[::-1].copy(), method="xla")
+    assert h2.buffer.is_deleted() and hp.buffer_address(h3) == addr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("v32", "kv")])
+def test_gpu_xla_after_buf_infos_and_triton(geo_name, pool):
+    """On the GPU: the "xla" method donates in place after contiguous_buf_infos and after a
+    "triton" call on the same buffer (no external reference left behind by either), registered
+    addresses stay valid, and "auto" picks "triton" (donating load included)."""
+    pytest.importorskip("jax_triton")
+    _, cache, h, _ = _setup(geo_name, pool, seed=67)
+    h, poison = _owned_poison(h, 71)
+    s = h.spec
+    assert s.memory_kind == "pinned_host"
+    assert hp._resolve_method("auto", h, cache, pool) == "triton"
+    tpp = s.tokens_per_page
+    ptrs, _, _ = hp.contiguous_buf_infos(h)
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    d = _dev_pages(cache, pool)
+    h, slots = hp.alloc(h, 3 * tpp)
+    # "triton" token backup into the first page
+    src = np.random.default_rng(73).choice(cache.layout.pool(pool).capacity, tpp - 3,
+                                           replace=False)
+    h = hp.backup_from_device(h, cache, pool, slots[:tpp - 3], src, method="triton")
+    _ref_copy(want, d, slots[:tpp - 3], src, s, range(s.num_layers))
+    # then "xla", page path and token path: donated, in place, no copy-on-write warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        old = h.buffer
+        h = hp.backup_from_device(h, cache, pool, slots[tpp:2 * tpp], np.arange(tpp), method="xla")
+        assert old.is_deleted()
+        want[:, slots[tpp] // tpp] = d[:, 0]
+        src2 = np.arange(2 * tpp, 3 * tpp - 2)
+        old = h.buffer
+        h = hp.backup_from_device(h, cache, pool, slots[2 * tpp:3 * tpp - 2], src2, method="xla")
+        assert old.is_deleted()
+        _ref_copy(want, d, slots[2 * tpp:3 * tpp - 2], src2, s, range(s.num_layers))
+    assert hp.contiguous_buf_infos(h)[0] == ptrs
+    np.testing.assert_array_equal(
+        np.asarray(jax.device_get(h.buffer)).reshape(want.shape), want)
+    # "auto" load (triton on GPU), donating the cache buffer
+    dst = np.arange(5 * tpp, 6 * tpp)
+    wd = d.copy()
+    wd[:, 5] = want[:, slots[tpp] // tpp]
+    new = hp.load_to_device(h, cache, pool, slots[tpp:2 * tpp], dst)
+    np.testing.assert_array_equal(_dev_pages(new, pool), wd)
