@@ -88,7 +88,8 @@ from jaxkv.kernels import dispatch
 from jaxkv.layout import Layout, PoolLayout
 
 __all__ = [
-    "HostBudget", "HostBudgetExceeded", "HostCopy", "PoolEntry", "SaveHandle", "default_budget",
+    "HostBudget", "HostBudgetExceeded", "HostCopy", "GatherTooLarge", "GatherMemory",
+    "gather_bound", "PoolEntry", "SaveHandle", "default_budget",
     "host_kinds", "save_locs", "start_save_locs", "load_locs", "bucket", "request_locs",
     "start_save", "start_save_batch", "save", "finish_save", "finish_save_batch", "retract",
     "retract_batch", "load", "load_batch", "resume", "resume_batch",
@@ -452,6 +453,91 @@ def _gather_to(sharding):
                    out_shardings=sharding)
 
 
+# Device memory a save's gather program may use besides its cache arguments: the staging
+# (``output``) plus XLA's temporaries (the per-pool [L, N, V] / [L, N, S] windows before they are
+# concatenated: about one more staging).  A compiled gather above this bound is not run: "auto"
+# tries the next implementation, an explicit ``impl`` raises ``GatherTooLarge`` (nothing
+# dispatched, nothing charged).
+STAGING_SLACK_BYTES = 64 << 20
+
+
+def gather_bound(staging_bytes: int) -> int:
+    """Most device bytes (temp + output) a save's gather of ``staging_bytes`` may use."""
+    return 2 * staging_bytes + staging_bytes // 4 + STAGING_SLACK_BYTES
+
+
+class GatherTooLarge(MemoryError):
+    """A save's compiled gather would need far more device memory than its staging (nothing was
+    dispatched or charged)."""
+
+
+class GatherMemory(NamedTuple):
+    """Device memory of one save's compiled gather (XLA's ``memory_analysis``), in bytes.
+
+    Attributes:
+      staging: the staging array (``HostCopy.nbytes``: saved bytes plus bucket padding).
+      output: the program's output bytes (the staging; 0 where it is placed in host memory).
+      temp: XLA's temporary buffers.
+      impl: the kernel implementation compiled.
+    """
+
+    staging: int
+    output: int
+    temp: int
+    impl: str
+
+    @property
+    def device_bytes(self) -> int:
+        return self.output + self.temp
+
+
+_COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _impl_candidates(impl: str) -> tuple[str, ...]:
+    if impl != "auto":
+        return (impl,)
+    first = dispatch._resolve("auto", "gather_tokens")
+    return tuple(dict.fromkeys((first, "reference")))
+
+
+def _compiled_gather(cache: Cache, keys, locs, impl: str, staging: int, out_sharding=None):
+    """``(compiled gather, GatherMemory)`` within ``gather_bound(staging)``; raises GatherTooLarge.
+
+    Compiled ahead of time (cached per layout, keys, location shapes, implementation and output
+    placement) so that its device memory is known before anything runs.
+    """
+    tried = []
+    for name in _impl_candidates(impl):
+        key = (cache.layout, keys, tuple(int(x.shape[0]) for x in locs), name, out_sharding,
+               tuple(b.sharding for b in cache.buffers))
+        with _COMPILED_LOCK:
+            hit = _COMPILED.get(key)
+        if hit is None:
+            fn = _gather if out_sharding is None else _gather_to(out_sharding)
+            compiled = fn.lower(cache.buffers, locs, layout=cache.layout, keys=keys,
+                                impl=name).compile()
+            try:
+                m = compiled.memory_analysis()
+                out_b = 0 if out_sharding is not None else int(m.output_size_in_bytes)
+                mem = GatherMemory(staging, out_b, int(m.temp_size_in_bytes), name)
+            except Exception:  # backends without memory analysis: trust the program
+                mem = GatherMemory(staging, staging, 0, name)
+            hit = (compiled, mem)
+            with _COMPILED_LOCK:
+                _COMPILED[key] = hit
+        if hit[1].device_bytes <= gather_bound(staging):
+            return hit
+        tried.append(hit[1])
+    raise GatherTooLarge(
+        f"the gather of a {staging:,}-byte save would use "
+        + ", ".join(f"{m.device_bytes:,} device bytes with impl={m.impl!r} (temp {m.temp:,})"
+                    for m in tried)
+        + f"; the bound is {gather_bound(staging):,} (2x staging + 1/4 + slack); nothing was "
+        "dispatched")
+
+
 TRANSFERS = ("device_put", "jit")
 
 
@@ -501,8 +587,10 @@ class SaveHandle:
     both in that order.
     """
 
-    def __init__(self, copy: HostCopy, pending):
+    def __init__(self, copy: HostCopy, pending, gather_memory: "GatherMemory | None" = None):
         self._copy = copy
+        #: device memory of this save's gather program (None for an empty save)
+        self.gather_memory = gather_memory
         self._pending = pending  # device staging array for the numpy fallback, else None
         self._done = copy.entries == () or pending is None and copy.data is None
 
@@ -580,12 +668,12 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
         pending = None
         if transfer == "jit" and kind != "numpy":  # one program: gather, then write to host
             sh = cache.buffers[0].sharding.with_memory_kind(kind)
-            data = _gather_to(sh)(cache.buffers, locs, layout=cache.layout, keys=plan.keys,
-                                  impl=impl)
+            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total, sh)
+            data = fn(cache.buffers, locs)
             staging = None
         else:
-            staging = _gather(cache.buffers, locs, layout=cache.layout, keys=plan.keys,
-                              impl=impl)
+            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total)
+            staging = fn(cache.buffers, locs)
         if staging is None:
             pass
         elif kind == "numpy":
@@ -599,25 +687,54 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
         raise
     copy = HostCopy(cache.layout, plan.entries, kind, plan.total,
                     _Lease(data, budget, plan.total), plan.masks, plan.meta)
-    return SaveHandle(copy, pending)
+    return SaveHandle(copy, pending, mem)
+
+
+# Device staging a batch save keeps in flight at most (bytes): before request i's gather is
+# queued, the oldest transfers are awaited until the staging of the requests still in flight plus
+# request i's fits (one request is always allowed, whatever its size).  Without a bound every
+# request of a batch is gathered at once while the transfers drain at PCIe speed, and the whole
+# batch's staging is alive on the device together.
+MAX_INFLIGHT_BYTES = 1 << 30
+
+
+def _check_inflight(max_inflight_bytes) -> int:
+    if max_inflight_bytes is None:
+        return MAX_INFLIGHT_BYTES
+    if isinstance(max_inflight_bytes, bool) or not isinstance(max_inflight_bytes,
+                                                              (int, np.integer)) \
+            or max_inflight_bytes < 0:
+        raise ValueError(f"max_inflight_bytes must be an int >= 0 or None, got "
+                         f"{max_inflight_bytes!r}")
+    return int(max_inflight_bytes)
+
+
+def _throttle(inflight: list, nbytes: int, limit: int) -> None:
+    """Waits for the oldest saves of ``inflight`` ([(handle, bytes)]) until ``nbytes`` more fit."""
+    while inflight and sum(b for _, b in inflight) + nbytes > limit:
+        h, _ = inflight.pop(0)
+        h.wait()
 
 
 def _start_plans(cache: Cache, plans: list[_SavePlan], budget, host_kind, impl, what: str,
-                 transfer: str = "device_put"):
+                 transfer: str = "device_put", max_inflight_bytes: int | None = None):
     """Charges the budget for every plan at once (all or nothing), then dispatches them all."""
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     budget = default_budget() if budget is None else budget
     device = next(iter(cache.buffers[0].devices()))
     kind = _host_kind(device, host_kind)
+    limit = _check_inflight(max_inflight_bytes)
     total = sum(pl.total for pl in plans)
     if total:
         budget.reserve(total, what)
-    handles = []
+    handles, inflight = [], []
     try:
         for pl in plans:
+            _throttle(inflight, pl.total, limit)
             handles.append(_dispatch_save(cache, pl, budget, kind, impl, reserved=True,
                                           transfer=transfer))
+            inflight.append((handles[-1], pl.total))
     except BaseException:
         budget.release(sum(pl.total for pl in plans[len(handles):]))
         for h in handles:
@@ -1012,7 +1129,8 @@ def _request_save_plan(cache: Cache, rl: dict, slot: int, T: int, scope: str) ->
 def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: str = "page",
                      pools=None, budget: HostBudget | None = None,
                      host_kind: str | None = None, impl: str = "auto",
-                     transfer: str = "device_put") -> list[SaveHandle]:
+                     transfer: str = "device_put",
+                     max_inflight_bytes: int | None = None) -> list[SaveHandle]:
     """Starts saving several requests' whole caches to host memory; returns at once.
 
     All translations are done first (one device round trip for the batch), the budget is charged
@@ -1030,6 +1148,12 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
       c128_state_scope: see ``request_locs``.
       pools: restrict to these pools (default: every pool of the cache).
       budget, host_kind, impl, transfer: as for ``start_save_locs``.
+      max_inflight_bytes: device staging kept in flight at most (default
+        ``MAX_INFLIGHT_BYTES``, 1 GiB): before a request's gather is queued, the oldest transfers
+        are awaited until its staging fits, so the call returns once at most this many bytes
+        are still being copied (one request always goes; 0 makes the batch synchronous).  Each
+        request's gather program uses at most ``gather_bound(staging)`` device bytes (checked on
+        the compiled program before it runs; ``SaveHandle.gather_memory`` reports it).
 
     Returns:
       One ``SaveHandle`` per request.  Release the requests' pages with ``finish_save_batch``
@@ -1037,9 +1161,11 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
 
     Raises:
       ValueError: bad requests / arguments.  HostBudgetExceeded: the batch does not fit (nothing
-      changed, nothing dispatched).
+      changed, nothing dispatched).  GatherTooLarge: a gather would need far more device memory
+      than its staging (the requests not yet dispatched are not charged).
     """
     _check_cache(cache)
+    limit = _check_inflight(max_inflight_bytes)
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     layout = cache.layout
@@ -1058,15 +1184,17 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
     total = sum(sizes)
     if total:  # the whole batch, all or nothing, before anything is dispatched
         budget.reserve(total, f"saving requests {slots} ({sum(lens):,} tokens)")
-    handles = []
+    handles, inflight = [], []
     try:  # plan + dispatch request by request: request i's copy overlaps request i+1's planning
         for i, (slot, T) in enumerate(zip(slots, lens)):
             plan = _request_save_plan(cache, tr.request(i), slot, T, c128_state_scope)
             if plan.total != sizes[i]:
                 raise RuntimeError(f"internal error: request {slot} needs {plan.total} host "
                                    f"bytes, {sizes[i]} were reserved")
+            _throttle(inflight, plan.total, limit)
             handles.append(_dispatch_save(cache, plan, budget, kind, impl, reserved=True,
                                           transfer=transfer))
+            inflight.append((handles[-1], plan.total))
     except BaseException:
         budget.release(sum(sizes[len(handles):]))
         for h in handles:
