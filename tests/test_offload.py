@@ -779,3 +779,80 @@ def test_allocator_bug_is_caught_before_dispatch():
         O.load(cache, bad, copy, a2, donate=True)
     assert_bytes_equal(cache, before)
     assert not copy.freed
+
+
+# ------------------------------------------------------------------------------------------------
+# Device staging: about the saved bytes; a batch keeps a bounded amount in flight
+
+
+def test_staging_is_about_the_saved_bytes():
+    """The device staging of a save is the saved bytes plus at most 1/8 bucket padding, and the
+    compiled gather (XLA's memory analysis, checked independently here) uses at most the staging
+    plus one more staging of temporaries -- never a copy of a cache buffer."""
+    layout = LAYOUTS["layer_major"]
+    cache = random_cache(layout, seed=21)
+    rng = np.random.default_rng(21)
+    pool_locs, useful = {}, 0
+    for p in layout.pools:
+        n = int(rng.integers(17, 70))
+        locs = rng.integers(0, p.capacity, n)  # a save reads any location in range
+        pool_locs[p.name] = locs.astype(np.int32)
+        fmt = p.spec.fmt
+        useful += p.spec.num_layers * n * (fmt.value_bytes + fmt.scale_bytes)  # independent
+    h = O.start_save_locs(cache, pool_locs, budget=O.HostBudget(1 << 30), impl="reference")
+    copy = h.wait()
+    mem = h.gather_memory
+    assert mem.staging == copy.nbytes
+    assert useful <= copy.nbytes <= useful + useful // 8
+    # independent memory analysis of the same program
+    locs = [jnp.asarray(O._pad(pool_locs[e.pool], e.padded)) for e in copy.entries]
+    keys = tuple((e.pool, e.layers) for e in copy.entries)
+    m = O._gather.lower(cache.buffers, locs, layout=layout, keys=keys,
+                        impl="reference").compile().memory_analysis()
+    assert (mem.output, mem.temp) == (m.output_size_in_bytes, m.temp_size_in_bytes)
+    assert m.output_size_in_bytes == copy.nbytes
+    biggest_buffer = max(int(np.prod(s)) for s in layout.buffer_shapes)
+    assert m.temp_size_in_bytes <= copy.nbytes + copy.nbytes // 4 + (1 << 16)
+    assert m.temp_size_in_bytes < biggest_buffer  # the cache is never copied or widened
+    assert mem.device_bytes <= O.gather_bound(copy.nbytes)
+    copy.free()
+
+
+def test_gather_too_large_refused_before_dispatch(monkeypatch):
+    layout = LAYOUTS["layer_major"]
+    cache = random_cache(layout, seed=22)
+    before = np_bufs(cache)
+    budget = O.HostBudget(1 << 30)
+    monkeypatch.setattr(O, "gather_bound", lambda staging: 0)
+    with pytest.raises(O.GatherTooLarge, match="device bytes"):
+        O.save_locs(cache, {"c4": np.array([40, 41, 90], np.int32)}, budget=budget,
+                    impl="reference")
+    assert budget.used == 0
+    assert_bytes_equal(cache, before)
+
+
+@pytest.mark.parametrize("limit", [0, None])
+def test_batch_save_bounds_staging_in_flight(monkeypatch, limit):
+    """max_inflight_bytes=0: every earlier save is awaited before the next gather is queued (one
+    staging alive at a time); the default (1 GiB) queues a small batch without waiting.  Both
+    give the same bytes."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=23)
+    ref = [O.save(cache, state, s, budget=O.HostBudget(1 << 30)) for s in slots]
+    waited, real_wait = [], O.SaveHandle.wait
+
+    def spy(self):
+        waited.append(self)
+        return real_wait(self)
+
+    monkeypatch.setattr(O.SaveHandle, "wait", spy)
+    hs = O.start_save_batch(cache, state, slots, budget=O.HostBudget(1 << 30),
+                            max_inflight_bytes=limit)
+    assert waited == (hs[:-1] if limit == 0 else [])
+    for h, r in zip(hs, ref):
+        assert np.array_equal(np.asarray(h.wait().data), np.asarray(r.data))
+    with pytest.raises(ValueError, match="max_inflight_bytes"):
+        O.start_save_batch(cache, state, slots, max_inflight_bytes=-1)
