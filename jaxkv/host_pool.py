@@ -278,10 +278,9 @@ def init_host_pool(layout: Layout | Cache, pool: str, num_pages: int, *,
 @functools.lru_cache(maxsize=None)
 def _noop_write_fn(shape: tuple, sharding, donate: bool):
     """A host-buffer write that changes nothing (one out-of-range row, dropped)."""
-    def f(buf):
-        rows = jax.device_put(jnp.full((1,), shape[0], jnp.int32), sharding)
-        return buf.at[rows].set(jnp.zeros((1, shape[1]), buf.dtype), mode="drop",
-                                unique_indices=True)
+    def f(buf):  # the same host-row update as the "xla" backup, on one dropped row
+        return _host_put(buf, jnp.full((1,), shape[0], jnp.int32),
+                         jnp.zeros((1, shape[1]), buf.dtype), sharding)
     return jax.jit(f, donate_argnums=(0,) if donate else (), out_shardings=sharding)
 
 
@@ -1011,6 +1010,9 @@ def contiguous_buf_infos(host: HostPool, per: str = "layer") -> tuple[list[int],
       starts at ``buffer_address + l * num_pages * page_bytes``), byte lengths, and the bytes of
       one item (a page).  Addresses stay valid while this state's buffer is alive; the in-place
       ``"xla"`` and ``"triton"`` updates keep the same allocation (check with ``buffer_address``).
+      Taking the address leaves no external reference behind.  Exception: an ``"xla"`` call on
+      a buffer that has an external reference (a live NumPy view of it, a NumPy array it
+      aliases) copies it (copy-on-write, ``RuntimeWarning``): re-register the new address then.
     """
     s = host.spec
     base = buffer_address(host)
