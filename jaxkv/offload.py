@@ -1313,7 +1313,8 @@ def _request_load_targets(layout: Layout, host_copy: HostCopy, rl: dict, slot: i
 
 
 def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = "auto",
-               donate: bool = False, free: bool = False) -> Cache:
+               donate: bool = False, free: bool = False,
+               max_inflight_bytes: int | None = None) -> Cache:
     """Restores saved requests into their new pages (SGLang's ``load_cpu_copy``, batched).
 
     The new locations are translated from each request's new full locations exactly as on save
@@ -1334,6 +1335,9 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
       host_copies: from ``save`` / ``finish_save_batch``, one per request.
       requests: the requests' *new* slots.
       impl, donate, free: as for ``load_locs``.
+      max_inflight_bytes: device staging of queued host-to-device copies at most (default
+        ``MAX_INFLIGHT_BYTES``): before a request's copy is queued, the loads queued so far are
+        awaited if their staging plus this one's would exceed it (one request always goes).
 
     Returns:
       The new cache.
@@ -1343,6 +1347,7 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
         wrong layout (nothing changed).
     """
     _check_cache(cache)
+    limit = _check_inflight(max_inflight_bytes)
     host_copies, requests = list(host_copies), list(requests)
     if len(host_copies) != len(requests):
         raise ValueError(f"{len(host_copies)} host copies but {len(requests)} requests")
@@ -1373,6 +1378,7 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
                          [lens[i] for i in idx], scope, names, target=True)
         for j, i in enumerate(idx):
             where[i] = (tr, j)
+    queued = 0
     for i, (c, s) in enumerate(zip(host_copies, slots)):
         if i not in where:  # empty request
             if free:
@@ -1381,7 +1387,11 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
         tr, j = where[i]
         targets, sources, reset = _request_load_targets(cache.layout, c, tr.request(j), s)
         plan = _load_plan(cache, c, targets, sources, reset)
+        if queued and queued + c.nbytes > limit:  # bound the device staging in flight
+            jax.block_until_ready(cache.buffers)
+            queued = 0
         cache = _dispatch_load(cache, c, plan, impl=impl, donate=donate, free=free)
+        queued += c.nbytes
     return cache
 
 
@@ -1394,7 +1404,8 @@ def load(cache: Cache, alloc_state, host_copy: HostCopy, request: int, **kw) -> 
 
 
 def resume_batch(cache: Cache, alloc_state, host_copies, *, impl: str = "auto",
-                 donate: bool = False, free: bool = True):
+                 donate: bool = False, free: bool = True,
+                 max_inflight_bytes: int | None = None):
     """Admits saved requests again (fresh, different pages; tail-only SWA) and loads them.
 
     Returns:
@@ -1402,6 +1413,7 @@ def resume_batch(cache: Cache, alloc_state, host_copies, *, impl: str = "auto",
       inputs unchanged and every slot -1 (the host copies are kept for a later try).
     """
     host_copies = list(host_copies)
+    _check_inflight(max_inflight_bytes)
     for c in host_copies:
         if not isinstance(c, HostCopy) or "length" not in c.meta:
             raise ValueError("host_copies must be request-level HostCopies (from save / "
@@ -1417,7 +1429,7 @@ def resume_batch(cache: Cache, alloc_state, host_copies, *, impl: str = "auto",
         return cache, alloc_state, [-1] * len(host_copies)
     slots = [int(x) for x in np.asarray(slots)]
     cache = load_batch(cache, new_state, host_copies, slots, impl=impl, donate=donate,
-                       free=free)
+                       free=free, max_inflight_bytes=max_inflight_bytes)
     return cache, new_state, slots
 
 
