@@ -20,6 +20,15 @@ every layer, without the size-bucket padding the copy also carries):
 
 Target (issue 5), H100: save and load >= 0.90 of the pinned copy and >= 4x the seed's path.
 
+Device memory: the run sizes itself to the device (``memory_stats()['bytes_limit']``): the
+number of requests is cut until twice the cache (cache + a batch-sized ceiling array) plus 4 GiB
+of headroom fit in 60% of the limit, and every measurement moves the batch as many rounds as
+needed for >= 4 GB.  The library bounds the rest: a batch save / load keeps at most
+``jaxkv.offload.MAX_INFLIGHT_BYTES`` (1 GiB) of staging in flight, and each request's gather
+program is checked (XLA memory analysis, before it runs) to need at most about twice its staging.
+DSv4-Flash, 16 x 65,536 tokens: cache 4.7 GB, ceiling array 4.3 GB, staging in flight <= 1.1 GB
+(+ ~0.3 GB gather temporaries): ~11 GB peak.
+
 Prediction (before any GPU run): the gather / scatter of a request (~267 MB at ~600-900 GB/s on
 the device, ~0.4 ms) is small against its PCIe transfer (~5 ms at ~52-55 GB/s), and with the
 batch queued back to back the device work of request i+1 overlaps the transfer of request i, so
@@ -62,9 +71,8 @@ def _median_time(fn, iters: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def build(num_requests: int, tokens: int, seed: int = 0):
-    """A DSv4-Flash layer-major cache holding ``num_requests`` requests of ``tokens`` tokens,
-    every byte random, and the allocator state that owns them."""
+def make_layout(num_requests: int, tokens: int):
+    """The DSv4-Flash layer-major layout sized for ``num_requests`` requests of ``tokens``."""
     geo = jaxkv.dsv4_flash()
     ps = geo.page_size
     nfull = num_requests * math.ceil(tokens / ps) + 2
@@ -72,11 +80,59 @@ def build(num_requests: int, tokens: int, seed: int = 0):
     pages = {"swa": nswa, "c4": nfull, "c128": nfull, "c4_indexer": nfull,
              "c4_state": nswa * geo.c4_ring + 1, "c4_indexer_state": nswa * geo.c4_ring + 1,
              "c128_state": max(nswa, num_requests) * geo.c128_ring + 1}
-    layout = jaxkv.layer_major(geo, pages)
+    return jaxkv.layer_major(geo, pages)
+
+
+def layout_bytes(layout) -> int:
+    return sum(math.prod(s) for s in layout.buffer_shapes)
+
+
+def _random_u8(key, shape):
+    """uint8 random bytes without a 4x uint32 temporary per byte: 32-bit words, bitcast."""
+    rows, cols = shape
+    words = jax.random.bits(key, (rows, -(-cols // 4)), jnp.uint32)
+    out = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(rows, -1)
+    return out if out.shape[1] == cols else out[:, :cols]
+
+
+_random_u8 = jax.jit(_random_u8, static_argnums=1)
+
+# Device bytes the run needs besides the cache and one batch-sized ceiling array: the saves' and
+# loads' staging in flight (jaxkv.offload.MAX_INFLIGHT_BYTES each way), the gather temporaries of
+# one request, the seed path's per-pool windows and allocator state; generous.
+HEADROOM = 4 << 30
+MIN_TOTAL_BYTES = 4e9  # issue 5: >= 4 GB moved per measurement (several rounds if needed)
+
+
+def device_bytes_limit(dev) -> int | None:
+    """The device's allocatable bytes (``memory_stats()['bytes_limit']``), None when unknown."""
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:
+        return None
+    lim = stats.get("bytes_limit")
+    return int(lim) if lim else None
+
+
+def fit_requests(want: int, tokens: int, limit: int | None, fraction: float = 0.6) -> int:
+    """Most requests (<= want, >= 1) whose cache, a batch-sized ceiling array (bounded by the
+    cache size) and HEADROOM fit in ``fraction`` of the device's ``limit`` bytes."""
+    if limit is None:
+        return want
+    r = want
+    while r > 1 and 2 * layout_bytes(make_layout(r, tokens)) + HEADROOM > fraction * limit:
+        r -= 1
+    return r
+
+
+def build(num_requests: int, tokens: int, seed: int = 0):
+    """A DSv4-Flash layer-major cache holding ``num_requests`` requests of ``tokens`` tokens,
+    every byte random, and the allocator state that owns them."""
+    layout = make_layout(num_requests, tokens)
     key = jax.random.key(seed)
     bufs = []
     for i, shape in enumerate(layout.buffer_shapes):
-        bufs.append(jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint8))
+        bufs.append(_random_u8(jax.random.fold_in(key, i), tuple(shape)))
     cache = jaxkv.Cache(tuple(bufs), layout)
     state = A.init_state(A.config_from_layout(layout, num_requests + 1, tokens))
     state, slots, status = A.admit(state, jnp.full((num_requests,), tokens, jnp.int32))
@@ -138,12 +194,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     args = p.parse_args(argv)
-    R = args.requests or (4 if args.quick else 16)
     T = args.tokens or (1024 if args.quick else 65536)
     iters = args.iters or (3 if args.quick else 5)
     dev = jax.devices()[0]
+    limit = device_bytes_limit(dev)
+    want = args.requests or (4 if args.quick else 16)
+    R = fit_requests(want, T, limit)
     print(f"device {dev.device_kind}; host kinds {O.host_kinds(dev)}; "
-          f"{R} requests x {T} tokens", flush=True)
+          f"device bytes_limit {'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}; "
+          f"{R} requests x {T} tokens" + (f" (shrunk from {want} to fit)" if R < want else ""),
+          flush=True)
 
     cache, state, slots = build(R, T)
     print(cache.layout.describe(), flush=True)
@@ -155,20 +215,31 @@ def main(argv=None) -> int:
         hs = O.start_save_batch(cache, state, slots, budget=budget, transfer=transfer)
         return [h.wait() for h in hs]
 
-    copies = save_all()
-    nbytes = sum(useful_bytes(c) for c in copies)
+    hs = O.start_save_batch(cache, state, slots, budget=budget)
+    copies = [h.wait() for h in hs]
+    nbytes1 = sum(useful_bytes(c) for c in copies)
     held = sum(c.nbytes for c in copies)
-    print(f"batch: {nbytes / 1e9:.3f} GB useful ({held / 1e9:.3f} GB held in {kind})", flush=True)
+    gm = max((h.gather_memory for h in hs if h.gather_memory), key=lambda m: m.device_bytes)
+    # every measurement moves the batch `rounds` times: >= 4 GB in total (quick: once)
+    rounds = 1 if args.quick else max(1, math.ceil(MIN_TOTAL_BYTES / nbytes1))
+    nbytes = rounds * nbytes1
+    print(f"batch: {nbytes1 / 1e9:.3f} GB useful ({held / 1e9:.3f} GB held in {kind}), "
+          f"x {rounds} round(s) = {nbytes / 1e9:.2f} GB per measurement; largest gather: "
+          f"staging {gm.staging / 1e6:.0f} MB, device {gm.device_bytes / 1e6:.0f} MB "
+          f"(temp {gm.temp / 1e6:.0f} MB, impl {gm.impl}); staging in flight <= "
+          f"{O.MAX_INFLIGHT_BYTES / 2**30:.1f} GiB", flush=True)
 
     def save_iter():
-        for c in save_all():
-            c.free()
+        for _ in range(rounds):
+            for c in save_all():
+                c.free()
 
     t_save = _median_time(save_iter, iters)
 
     def save_iter_jit():
-        for c in save_all("jit"):
-            c.free()
+        for _ in range(rounds):
+            for c in save_all("jit"):
+                c.free()
 
     t_save_jit = _median_time(save_iter_jit, iters)
 
@@ -176,7 +247,9 @@ def main(argv=None) -> int:
     box = [cache]
 
     def load_all():
-        c = O.load_batch(box[0], state, copies, slots, donate=True)
+        c = box[0]
+        for _ in range(rounds):
+            c = O.load_batch(c, state, copies, slots, donate=True)
         jax.block_until_ready(c.buffers)
         box[0] = c
 
@@ -200,56 +273,89 @@ def main(argv=None) -> int:
         locs_per_request.append(pl)
 
     def save_locs_all():
-        hs = [O.start_save_locs(cache, pl, budget=budget) for pl in locs_per_request]
-        return [h.wait() for h in hs]
+        # bounded like the batch: at most MAX_INFLIGHT_BYTES of staging queued
+        out, inflight, queued = [], [], 0
+        for pl in locs_per_request:
+            while inflight and queued > O.MAX_INFLIGHT_BYTES:
+                h = inflight.pop(0)
+                queued -= h.copy_in_flight.nbytes
+                h.wait()
+            h = O.start_save_locs(cache, pl, budget=budget)
+            inflight.append(h)
+            queued += h.copy_in_flight.nbytes
+            out.append(h)
+        return [h.wait() for h in out]
 
     lcopies = save_locs_all()
 
     def save_locs_iter():
-        for c in save_locs_all():
-            c.free()
+        for _ in range(rounds):
+            for c in save_locs_all():
+                c.free()
 
     t_save_locs = _median_time(save_locs_iter, iters)
 
     def load_locs_all():
         c = box[0]
-        for pl, copy in zip(locs_per_request, lcopies):
-            c = O.load_locs(c, copy, pl, donate=True)
+        for _ in range(rounds):
+            queued = 0
+            for pl, copy in zip(locs_per_request, lcopies):
+                if queued and queued + copy.nbytes > O.MAX_INFLIGHT_BYTES:
+                    jax.block_until_ready(c.buffers)
+                    queued = 0
+                c = O.load_locs(c, copy, pl, donate=True)
+                queued += copy.nbytes
         jax.block_until_ready(c.buffers)
         box[0] = c
 
     box[0] = cache
     t_load_locs = _median_time(load_locs_all, iters)
     cache = box[0]
-    lbytes = sum(useful_bytes(c) for c in lcopies)
+    lbytes = rounds * sum(useful_bytes(c) for c in lcopies)
     for c in lcopies:
         c.free()
 
     # ---- the seed's path
     dev_locs = [{k: jnp.asarray(v) for k, v in pl.items()} for pl in locs_per_request]
     host = seed_save(cache, dev_locs)
-    t_seed_save = _median_time(lambda: seed_save(cache, dev_locs), iters)
+
+    def seed_save_iter():
+        for _ in range(rounds):
+            seed_save(cache, dev_locs)
+
+    t_seed_save = _median_time(seed_save_iter, iters)
     box[0] = cache
 
     def seed_load_iter():
-        box[0] = seed_load(box[0], host, dev_locs)
+        for _ in range(rounds):
+            box[0] = seed_load(box[0], host, dev_locs)
 
     t_seed_load = _median_time(seed_load_iter, iters)
     cache = box[0]
     del host
 
-    # ---- ceilings: one pinned copy of the same bytes, each way
-    x = jax.random.bits(jax.random.key(1), (nbytes,), jnp.uint8)
+    # ---- ceilings: one pinned copy of the batch's bytes, each way, `rounds` times
+    x = _random_u8(jax.random.key(1), (1, nbytes1))[0]
     pinned = x.sharding.with_memory_kind(kind) if kind != "numpy" else None
     if pinned is not None:
         xh = jax.device_put(x, pinned)
-        t_d2h = _median_time(lambda: jax.block_until_ready(jax.device_put(x, pinned)), iters)
-        t_h2d = _median_time(lambda: jax.block_until_ready(jax.device_put(xh, x.sharding)), iters)
+
+        def d2h():
+            for _ in range(rounds):
+                jax.block_until_ready(jax.device_put(x, pinned))
+
+        def h2d():
+            for _ in range(rounds):
+                jax.block_until_ready(jax.device_put(xh, x.sharding))
+
+        t_d2h = _median_time(d2h, iters)
+        t_h2d = _median_time(h2d, iters)
         del xh
     else:
-        t_d2h = _median_time(lambda: np.asarray(x + 0), iters)
+        t_d2h = _median_time(lambda: [np.asarray(x + 0) for _ in range(rounds)], iters)
         xn = np.asarray(x)
-        t_h2d = _median_time(lambda: jax.block_until_ready(jax.device_put(xn)), iters)
+        t_h2d = _median_time(
+            lambda: [jax.block_until_ready(jax.device_put(xn)) for _ in range(rounds)], iters)
     del x
 
     gbs = lambda n, t: n / t / 1e9  # noqa: E731
@@ -271,8 +377,8 @@ def main(argv=None) -> int:
                    "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
         common.row("load, location level (precomputed locations)", gbs(lbytes, t_load_locs),
                    "GB/s", ceiling=h2d, baseline=seed_l, target=tgt),
-        common.row("save latency per request (request level)", 1e3 * t_save / R, "ms"),
-        common.row("load latency per request (request level)", 1e3 * t_load / R, "ms"),
+        common.row("save latency per request (request level)", 1e3 * t_save / (R * rounds), "ms"),
+        common.row("load latency per request (request level)", 1e3 * t_load / (R * rounds), "ms"),
     ]
     for r in rows:
         frac = f" ({r['ceiling_fraction']:.2f} of ceiling)" if r["ceiling_fraction"] else ""
