@@ -66,6 +66,14 @@ Host memory
   error instead of an allocation failure deep inside XLA.  Raise both together for larger host
   pools.
 
+Device memory
+  A save's device staging is its saved bytes plus the size-bucket padding (``HostCopy.nbytes``).
+  Each gather is compiled ahead of time and its device memory read from XLA's memory analysis
+  before it runs (``SaveHandle.gather_memory``): above ``gather_bound(staging)`` (about twice
+  the staging) ``impl="auto"`` falls back to the reference gather and an explicit impl raises
+  ``GatherTooLarge`` (nothing dispatched).  Batches keep at most ``MAX_INFLIGHT_BYTES`` (1 GiB;
+  ``max_inflight_bytes=``) of staging in flight, waiting for the oldest transfers first.
+
 Compilation
   Location counts are rounded up to size buckets (at most 1/8 padding, padded with ``-1``) so that
   requests of similar lengths share one compiled gather / scatter.
