@@ -136,8 +136,12 @@ def _rows(seed, rids, positions, pool: str, n_layers: int, width: int) -> jax.Ar
     return jnp.swapaxes(jax.vmap(one)(rids, positions), 0, 1)
 
 
-def _write_tokens(cache: Cache, seed, rids, positions, lc: A.Locs, pools) -> Cache:
-    """Writes every listed pool's data for tokens (rids, positions) at locations ``lc``."""
+def _write_tokens(cache: Cache, seed, rids, positions, lc: A.Locs, pools,
+                  skip=None) -> Cache:
+    """Writes every listed pool's data for tokens (rids, positions) at locations ``lc``.
+
+    ``skip`` (a traced bool scalar) turns off the writes of ``HANDOFF_POOLS``.
+    """
     geo = cache.geometry
     where = {"swa": (lc.swa, lc.swa_valid), "c4": (lc.c4, lc.c4_valid),
              "c4_indexer": (lc.c4, lc.c4_valid), "c128": (lc.c128, lc.c128_valid),
@@ -147,7 +151,10 @@ def _write_tokens(cache: Cache, seed, rids, positions, lc: A.Locs, pools) -> Cac
     for name in pools:
         p = cache.layout.pool(name)
         locs, ok = where[name]
-        locs = jnp.where(ok & (positions >= 0), locs, -1)
+        ok = ok & (positions >= 0)
+        if skip is not None and name in HANDOFF_POOLS:
+            ok = ok & ~skip
+        locs = jnp.where(ok, locs, -1)
         x = _rows(seed, rids, positions, name, p.spec.num_layers, p.spec.fmt.width)
         tokens = F.quantize(p.spec.fmt, x)
         cache = set_tokens(cache, name, None, locs, tokens)
@@ -168,19 +175,19 @@ def _ratios(geo: G.Geometry) -> dict:
 # of the same shapes (the reference run, the demo's test) share their compilations.
 
 @functools.partial(jax.jit, static_argnames=("seed", "pools"), donate_argnums=0)
-def _write(cache, state, rids, slots, positions, *, seed, pools):
-    """Writes the data of tokens (rids, positions) of request slots into every listed pool."""
+def _write(cache, state, rids, slots, positions, skip, *, seed, pools):
+    """Writes the data of tokens (rids, positions) of request slots into every listed pool
+    (``skip``: a bool scalar that turns off the ``HANDOFF_POOLS`` writes)."""
     lc = A.translate(state, slots, positions, **_ratios(cache.geometry))
-    return _write_tokens(cache, seed, rids, positions, lc, pools)
+    return _write_tokens(cache, seed, rids, positions, lc, pools, skip)
 
 
-@functools.partial(jax.jit, static_argnames=("seed",), donate_argnums=(0, 1))
-def _handoff(p_cache, cache, p_alloc, alloc, rids, p_slots, slots, pos, *, seed):
-    """Prefill writes the prompt (packed cache); its full-attention group moves to the decode
-    cache; the decode node writes the prompt's SWA tail and compressor states."""
+@functools.partial(jax.jit, donate_argnums=1)
+def _handoff(p_cache, cache, p_alloc, alloc, p_slots, slots, pos):
+    """Moves a prompt's full-attention group (C4, C128, C4 indexer) from the prefill node's
+    packed cache into the decode cache's newly allocated pages."""
     ratios = _ratios(cache.geometry)
     src = A.translate(p_alloc, p_slots, pos, **ratios)
-    p_cache = _write_tokens(p_cache, seed, rids, pos, src, HANDOFF_POOLS)
     dst = A.translate(alloc, slots, pos, **ratios)
     for name in HANDOFF_POOLS:
         c128 = name == "c128"
@@ -188,9 +195,23 @@ def _handoff(p_cache, cache, p_alloc, alloc, rids, p_slots, slots, pos, *, seed)
         sl = jnp.where(sv, src.c128 if c128 else src.c4, -1)
         dl = jnp.where(sv, dst.c128 if c128 else dst.c4, -1)
         cache = pages.copy_tokens(p_cache, cache, name, sl, dl)
-    cache = _write_tokens(cache, seed, rids, pos, dst, ("swa",) + STATE_POOLS)
     counts = jnp.stack([jnp.sum(src.c4_valid), jnp.sum(src.c128_valid)])
-    return p_cache, cache, counts
+    return cache, counts
+
+
+@functools.partial(jax.jit, static_argnames=("seed", "heads", "geo"))
+def _queries_jit(seed, rid, pos, heads, geo):
+    return _queries(seed, rid, pos, heads, geo)
+
+
+def _queries(seed, rid, pos, heads, geo):
+    """[1, h, W] queries, [1, Hi, Di] indexer queries and [1, Hi] indexer weights of a token."""
+    rid, pos = jnp.asarray(rid, jnp.int32), jnp.asarray(pos, jnp.int32)
+    q = jnp.swapaxes(_rows(seed, rid[None], pos[None], "q", heads, geo.mla.width), 0, 1)
+    iq = jnp.swapaxes(_rows(seed, rid[None], pos[None], "index_q", geo.indexer_heads,
+                            geo.indexer_dim), 0, 1)
+    iw = _rows(seed, rid[None], pos[None], "index_w", 1, geo.indexer_heads)[0]
+    return q, iq, iw
 
 
 @functools.partial(jax.jit, static_argnames=("seed", "heads", "topk", "layers"))
@@ -203,11 +224,7 @@ def _attend(cache, state, rid, slot, pos, *, seed, heads, topk, layers):
     lc = A.translate(state, slot, jnp.arange(P * ps, dtype=jnp.int32), **_ratios(geo))
     swa_page = jnp.where(lc.swa_valid, lc.swa // state.cfg.swa_page, -1)
     sbt = jnp.max(swa_page.reshape(P, ps), axis=1)[None]
-    # [1, h, W] queries, [1, Hi, Di] indexer queries, [1, Hi] indexer weights
-    q = jnp.swapaxes(_rows(seed, rid[None], pos[None], "q", heads, geo.mla.width), 0, 1)
-    iq = jnp.swapaxes(_rows(seed, rid[None], pos[None], "index_q", geo.indexer_heads,
-                            geo.indexer_dim), 0, 1)
-    iw = _rows(seed, rid[None], pos[None], "index_w", 1, geo.indexer_heads)[0]
+    q, iq, iw = _queries(seed, rid, pos, heads, geo)
     outs = []
     for layer in layers:
         o, lse = attention.sparse_decode(q, cache, layer, seq_lens=(pos + 1)[None],
@@ -260,15 +277,24 @@ class Server:
         if int(np.asarray(status)[0]) != A.OK:
             return -1
         slot = int(np.asarray(slots)[0])
-        T = cfg.prompt[1]
+        B = cfg.max_running
+        T = -(-cfg.prompt[1] // B) * B  # whole chunks of the decode batch: one compiled write
         pos = np.where(np.arange(T) < length, np.arange(T), -1).astype(np.int32)
+        rids = np.full(T, rid, np.int32)
         p_alloc, p_slots, p_status = A.admit(self.p_alloc, np.asarray([length], np.int32))
         assert int(np.asarray(p_status)[0]) == A.OK, "the prefill cache holds one prompt"
-        p_slot = int(np.asarray(p_slots)[0])
+        p_slot = np.full(T, int(np.asarray(p_slots)[0]), np.int32)
+        d_slot = np.full(T, slot, np.int32)
+        # 1. the prefill node writes the prompt into its packed cache
+        for c in range(0, T, B):
+            self.p_cache = _write(self.p_cache, p_alloc, rids[c:c + B], p_slot[c:c + B],
+                                  pos[c:c + B], np.bool_(False), seed=cfg.seed,
+                                  pools=HANDOFF_POOLS)
+        # 2. handoff of the full-attention group into the decode cache's new pages
+        jax.block_until_ready(self.p_cache.buffers)
         t0 = time.perf_counter()
-        self.p_cache, self.cache, counts = _handoff(
-            self.p_cache, self.cache, p_alloc, new, np.full(T, rid, np.int32),
-            np.full(T, p_slot, np.int32), np.full(T, slot, np.int32), pos, seed=cfg.seed)
+        self.cache, counts = _handoff(self.p_cache, self.cache, p_alloc, new, p_slot, d_slot,
+                                      pos)
         counts = np.asarray(counts)  # waits for the handoff
         moved = 0
         for name in HANDOFF_POOLS:
@@ -277,6 +303,11 @@ class Server:
                 p.spec.num_layers
         self.stats.add("prefill handoff (device copy)", moved, time.perf_counter() - t0)
         self.p_alloc, _ = A.release(p_alloc, p_slots)
+        # 3. the decode node writes the prompt's SWA tail and compressor states (the same
+        #    compiled write as a decode step, with the handed-off pools skipped)
+        for c in range(0, T, B):
+            self.cache = _write(self.cache, new, rids[c:c + B], d_slot[c:c + B], pos[c:c + B],
+                                np.bool_(True), seed=cfg.seed, pools=TOKEN_POOLS + STATE_POOLS)
         self.alloc = new
         return slot
 
@@ -325,8 +356,8 @@ class Server:
             pos[i] = lens[slots[i]] - 1
             rid_arr[i] = r
         wslots = np.where(pos >= 0, slots, -1).astype(np.int32)
-        self.cache = _write(self.cache, self.alloc, rid_arr, wslots, pos, seed=self.cfg.seed,
-                            pools=TOKEN_POOLS + STATE_POOLS)
+        self.cache = _write(self.cache, self.alloc, rid_arr, wslots, pos, np.bool_(False),
+                            seed=self.cfg.seed, pools=TOKEN_POOLS + STATE_POOLS)
         for i, r in grown:
             outs = _attend(self.cache, self.alloc, np.int32(r), np.int32(slots[i]),
                            np.int32(pos[i]), seed=self.cfg.seed, heads=self.cfg.heads,
@@ -457,3 +488,62 @@ def plot(stats: Stats, cfg: SimConfig, path: str, full_pages: int, swa_pages: in
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP: the same requests on a cache sharded over N devices
+
+
+def run_dcp(cfg: SimConfig, n: int, *, interleave: int | str = 1, progress=None,
+            devices=None) -> dict:
+    """Serves the requests of ``cfg`` on a DCP cache over ``n`` devices; returns the outputs.
+
+    Every request's tokens (the same data as ``run``) are written through
+    ``jaxkv.dcp.set_tokens_dcp`` — each rank keeps the tokens it owns — and each decode position's
+    attention is computed with ``jaxkv.dcp.decode`` (Q all-gather, local attention, LSE merge,
+    reduce-scatter).  Requests get fixed virtual blocks (no memory pressure: this run checks the
+    sharded math, ``run`` checks retracts); compress-state pools, replicated under DCP and not
+    read by attention, are not written.
+    """
+    from jaxkv import dcp as D
+    geo = cfg.geo
+    if cfg.heads % n:
+        raise ValueError(f"heads ({cfg.heads}) must be a multiple of the DCP size {n}")
+    mesh = D.make_mesh(n, devices=devices)
+    ps = geo.page_size
+    per_req = -(-cfg.max_len // (ps * n))  # virtual blocks of ps * n positions
+    pages = {p.name: cfg.requests * per_req + 1 for p in geo.pools() if p.kind == "token"}
+    for p in geo.pools():
+        if p.kind == "state":
+            pages[p.name] = 2
+    dc = D.init_dcp_cache(geo, pages, mesh, interleave=interleave)
+    rng = np.random.default_rng(cfg.seed)
+    prompts = rng.integers(cfg.prompt[0], cfg.prompt[1] + 1, cfg.requests)
+    T = cfg.max_len
+    layers = (geo.c4_layers[0], geo.c128_layers[0])
+    outputs = {}
+    total = cfg.requests * cfg.decode
+    for rid in range(cfg.requests):
+        length = int(prompts[rid]) + cfg.decode
+        bt = (1 + rid * per_req + np.arange(per_req, dtype=np.int32))[None]
+        pos = np.where(np.arange(T) < length, np.arange(T), -1).astype(np.int32)
+        rids = np.full(T, rid, np.int32)
+        for name in TOKEN_POOLS:
+            spec = dc.layout.pool(name).spec
+            r = spec.ratio
+            pp = np.where((pos >= 0) & ((pos + 1) % r == 0), pos // r, -1) if r > 1 else pos
+            locs = np.asarray(D.global_locs(dc, name, pp[None], bt))[0]
+            x = _rows(cfg.seed, rids, pos, name, spec.num_layers, spec.fmt.width)
+            dc = D.set_tokens_dcp(dc, name, None, locs, F.quantize(spec.fmt, x))
+        for p in range(int(prompts[rid]), length):
+            q, iq, iw = _queries_jit(cfg.seed, np.int32(rid), np.int32(p), cfg.heads, geo)
+            outs = []
+            for layer in layers:
+                o, lse = D.decode(dc, q, layer, seq_lens=np.asarray([p + 1], np.int32),
+                                  block_table=bt, swa_block_table=bt, index_q=iq, index_w=iw,
+                                  topk=cfg.topk)
+                outs.append((np.asarray(o)[0], np.asarray(lse)[0]))
+            outputs[(rid, p)] = outs
+            if progress:
+                progress(len(outputs), total)
+    return outputs
