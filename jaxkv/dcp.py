@@ -544,6 +544,17 @@ def reshard(src: DCPCache, dst: DCPCache, pool: str, src_locs: jax.Array, dst_lo
     return set_tokens_dcp(dst, pool, None, dl, F.from_parts(fmt, value, scale), impl=impl)
 
 
+def _np_paged_locs(pos: np.ndarray, table, block: int, pool: str, which: str) -> np.ndarray:
+    """Host version of ``attention.paged_locs`` that refuses uncovered positions: int32[B*T]."""
+    table = np.asarray(table, np.int64)
+    ok = pos >= 0
+    j = np.where(ok, pos // block, 0)
+    if (j >= table.shape[1]).any() or (np.take_along_axis(table, j, 1)[ok] < 0).any():
+        raise ValueError(f"{which} block table does not cover every position of pool {pool!r}")
+    locs = np.take_along_axis(table, j, 1) * block + np.where(ok, pos, 0) % block
+    return np.where(ok, locs, -1).astype(np.int32).reshape(-1)
+
+
 def reshard_request(src: DCPCache, dst: DCPCache, *, seq_lens, src_block_table, dst_block_table,
                     src_swa_block_table=None, dst_swa_block_table=None,
                     impl: str = "auto") -> DCPCache:
@@ -577,11 +588,9 @@ def reshard_request(src: DCPCache, dst: DCPCache, *, seq_lens, src_block_table, 
             raise ValueError(f"block tables for pool {pool!r} are required")
         T = max(int((hi - lo).max(initial=0)), 1)
         pos = lo[:, None] + np.arange(T)[None, :]
-        pos = np.where(pos < hi[:, None], pos, -1).astype(np.int32)
-        sl = np.asarray(global_locs(src, pool, pos, sbt)).reshape(-1)
-        dl = np.asarray(global_locs(dst, pool, pos, dbt)).reshape(-1)
-        if (sl[pos.reshape(-1) >= 0] < 0).any() or (dl[pos.reshape(-1) >= 0] < 0).any():
-            raise ValueError(f"a block table does not cover every position of pool {pool!r}")
+        pos = np.where(pos < hi[:, None], pos, -1)
+        sl = _np_paged_locs(pos, sbt, src.layout.pool(pool).tokens_per_page * src.n, pool, "src")
+        dl = _np_paged_locs(pos, dbt, dst.layout.pool(pool).tokens_per_page * dst.n, pool, "dst")
         dst = reshard(src, dst, pool, sl, dl, impl=impl)
     return dst
 
