@@ -130,8 +130,8 @@ def capacity_rows(mesh, quick):
             c = dcp.kv_capacity(geo, mem, n)
             how = "this mesh's N" if n == n_mesh else "computed"
             rows.append(common.row(
-                f"{name} context tokens/GPU at DCP{n} ({how}; if all {mem / 2**30:.0f} GiB held KV, "
-                f"replicated indexer {c['bytes_per_token_replicated']:.0f} B/token)",
+                f"{name} context tokens/GPU at DCP{n} ({how}; if all {mem / 2**30:.0f} GiB "
+                f"held KV, replicated indexer {c['bytes_per_token_replicated']:.0f} B/token)",
                 float(c["tokens"]), "tokens", baseline=float(one["tokens"])))
     # a real DCP cache on this mesh: per-device bytes == capacity(), indexer replicated
     geo = jaxkv.tiny(3, page_size=16, v32=True) if quick else jaxkv.dsv32()

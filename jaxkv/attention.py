@@ -38,7 +38,7 @@ Paged addressing
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

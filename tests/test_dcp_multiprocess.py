@@ -86,7 +86,6 @@ def _worker(rank: int, port: int, out: str):
     except Exception as e:  # noqa: BLE001
         print(f"SKIP: jax.distributed.initialize failed ({type(e).__name__}: {e})", flush=True)
         return 0
-    import jax.numpy as jnp
     import numpy as np
     from jax.experimental import multihost_utils
 
