@@ -13,6 +13,13 @@ reads one element written from iteration ``i``'s result, so nothing is hoisted o
 numbers are device time per merge, not Python dispatch.  Target: merge <= 1.15 x the bare
 reduce-scatter (``baseline_ratio >= 1/1.15``).
 
+Prediction (written before any GPU run): at T <= ~16 the bare reduce-scatter is latency-bound
+(~10-20 us), and ``merge_rs`` adds a second collective (the LSE all-gather, also latency-bound), so
+expect ~1.5-2x there, missing the 1.15x target; at T = 256 (64 MiB/rank) the scaling pass
+(read + write of the partials at HBM speed) costs ~1/4-1/3 of the reduce-scatter over NVLink: ~1.3x.
+``merge_a2a`` needs no pass before its collective and merges 1/N of the bytes after it; if XLA
+issues the two all-to-alls back to back it should sit closest to the bare reduce-scatter.
+
 Capacity: context tokens per device for DSv4-Flash/Pro and V3.2 under DCP N (replicated indexer
 included), measured as N = the mesh size and computed for N = 2, 4, 8; and the per-device bytes of
 a real DCP cache allocated on the mesh (shards checked against ``dcp.capacity``).
