@@ -4,6 +4,7 @@
 #   tests      every gpu-marked test (pytest -m gpu)
 #   kernels alloc offload host_pool interop transfer dcp    that benchmark suite
 #   demo       python -m jaxkv.demo --preset gpu
+#   dcp@N      DCP gpu tests + benchmark on the first N GPUs (results/dcpN/)
 #
 # Needs jax-triton carried as a wheel in .whl/ (BUILD.md).  Results, logs and a summary go to
 # $OUT/gpu.tgz (re-packed after every part, so a run cut short still returns what it did).
@@ -33,6 +34,11 @@ for part in "$@"; do
   case $part in
     tests) run tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 300 tests/ ;;
     demo) run demo 300 python3 -m jaxkv.demo --preset gpu --quiet --plot $R/results/demo-gpu.png ;;
+    dcp@*)  # DCP on the first N GPUs: its gpu tests and its benchmark, results under dcpN/
+      n=${part#dcp@}; vis=$(seq -s, 0 $((n - 1)))
+      mkdir -p $R/results/dcp$n
+      CUDA_VISIBLE_DEVICES=$vis run "dcp$n-tests" 300 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
+      CUDA_VISIBLE_DEVICES=$vis run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n ;;
     *) run "bench-$part" 400 python3 -m benchmarks.$part --out $R/results ;;
   esac
 done
