@@ -37,8 +37,10 @@ for part in "$@"; do
     dcp@*)  # DCP on the first N GPUs: its gpu tests and its benchmark, results under dcpN/
       n=${part#dcp@}; vis=$(seq -s, 0 $((n - 1)))
       mkdir -p $R/results/dcp$n
-      CUDA_VISIBLE_DEVICES=$vis run "dcp$n-tests" 300 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
-      CUDA_VISIBLE_DEVICES=$vis run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n ;;
+      export CUDA_VISIBLE_DEVICES=$vis
+      run "dcp$n-tests" 300 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
+      run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n
+      unset CUDA_VISIBLE_DEVICES ;;
     *) run "bench-$part" 400 python3 -m benchmarks.$part --out $R/results ;;
   esac
 done
