@@ -317,7 +317,8 @@ def _call_donating(make, donate: bool, args: tuple, what: str, *, warn: bool = T
     if donate:
         try:
             return make(True)(*args)
-        except jax.errors.JaxRuntimeError as e:
+        except (jax.errors.JaxRuntimeError, ValueError) as e:
+            # jax 0.10 raises JaxRuntimeError, jax 0.11 (GPU) a ValueError with the same text
             if _EXTERNAL_REF not in str(e) or args[0].is_deleted():
                 raise
             if warn:
@@ -482,16 +483,35 @@ def _triton_usable(host: HostPool, cache: Cache, pool: str) -> bool:
     return all(int(x) % 4 == 0 for x in sizes)
 
 
+_XLA_ON_GPU = ("the xla method is not supported on GPU by XLA 0.11 for a host-memory pool "
+               "(its host-memory gather/scatter fails to compile or gives wrong bytes): use "
+               "method='triton' (the default, method='auto')")
+
+
+def _xla_refused(host: HostPool | None) -> bool:
+    """Whether the ``"xla"`` method is refused: GPU backend and a pool in host memory."""
+    kind = host.spec.memory_kind if host is not None else "pinned_host"
+    return jax.default_backend() == "gpu" and kind in HOST_MEMORY_KINDS
+
+
 def _resolve_method(method: str, host: HostPool | None = None, cache: Cache | None = None,
                     pool: str | None = None) -> str:
+    """The host-write method to use.  Raises ``ValueError`` for ``"xla"`` on GPU with a
+    host-memory pool (``_XLA_ON_GPU``), and for ``"auto"`` there when ``"triton"`` cannot run."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    m = _AUTO_METHOD.get(jax.default_backend(), "xla")
-    if m == "triton" and (host is None or not _triton_usable(host, cache, pool)):
-        m = "xla"
-    return m
+    if method == "auto":
+        method = _AUTO_METHOD.get(jax.default_backend(), "xla")
+        if method == "triton" and (host is None or not _triton_usable(host, cache, pool)):
+            if host is not None and not _xla_refused(host):
+                return "xla"      # e.g. a pool in device memory: plain device ops
+            raise ValueError("method='auto' on GPU needs the 'triton' method (the xla method is "
+                             "not supported on GPU by XLA 0.11 for a host-memory pool), which "
+                             "cannot run here: it needs jax-triton, a pinned_host pool and byte "
+                             "sizes/offsets that are multiples of 4")
+    if method == "xla" and _xla_refused(host):
+        raise ValueError(f"method='xla': {_XLA_ON_GPU}")
+    return method
 
 
 def _check_call(host: HostPool, cache: Cache, pool: str, layer, impl: str, method: str):
@@ -698,32 +718,51 @@ def _dev_addressing(cache: Cache, pool: str, layers):
 
 def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, host_addr, out,
                       DEV_ROW: tl.constexpr, HOST_ROW: tl.constexpr, W: tl.constexpr,
-                      BLOCK: tl.constexpr, ALIGN: tl.constexpr, TO_HOST: tl.constexpr):
-    """Copies window ``i`` of ``W`` 4-byte words between the device buffer (byte offset
-    ``dev_row[i] * DEV_ROW + dev_col[i]``) and host memory at ``host_addr`` (byte offset
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, ALIGN: tl.constexpr,
+                      TO_HOST: tl.constexpr):
+    """Copies windows of ``W`` 4-byte words between the device buffer (window ``i`` at byte
+    offset ``dev_row[i] * DEV_ROW + dev_col[i]``) and host memory at ``host_addr`` (byte offset
     ``host_row[i] * HOST_ROW + host_col[i]``).  Rows < 0 mark padding windows (skipped).
     ``TO_HOST``: device -> host (``out`` is a dummy), else host -> device (``out`` aliases
-    ``dev_in``).  Grid: (windows, cdiv(W, BLOCK))."""
+    ``dev_in``).  Grid: ``(num_windows / ROWS, cdiv(W, BLOCK))`` (``_grid``): program ``(i, j)``
+    copies words ``[j * BLOCK, (j + 1) * BLOCK)`` of windows ``i * ROWS .. i * ROWS + ROWS - 1``
+    as one ``[ROWS, BLOCK]`` tile (many small token windows per program; whole-page windows take
+    ``ROWS = 1``).  The index arrays are padded to a multiple of ``ROWS`` (row -1)."""
     i = tl.program_id(0)
     j = tl.program_id(1)
-    dr = tl.load(dev_row + i).to(tl.int64)
-    dc = tl.load(dev_col + i).to(tl.int64)
-    hr = tl.load(host_row + i).to(tl.int64)
-    hc = tl.load(host_col + i).to(tl.int64)
+    w = i * ROWS + tl.arange(0, ROWS)
+    dr = tl.load(dev_row + w).to(tl.int64)
+    dc = tl.load(dev_col + w).to(tl.int64)
+    hr = tl.load(host_row + w).to(tl.int64)
+    hc = tl.load(host_col + w).to(tl.int64)
     ok = (dr >= 0) & (hr >= 0)
-    dbase = tl.multiple_of((dr * DEV_ROW + dc) // 4, ALIGN)
-    hbase = tl.multiple_of((hr * HOST_ROW + hc) // 4, ALIGN)
+    dbase = tl.multiple_of(tl.where(ok, (dr * DEV_ROW + dc) // 4, 0), ALIGN)
+    hbase = tl.multiple_of(tl.where(ok, (hr * HOST_ROW + hc) // 4, 0), ALIGN)
     offs = j * BLOCK + tl.arange(0, BLOCK)
-    m = (offs < W) & ok
+    m = ok[:, None] & (offs < W)[None, :]
     host = host_addr.to(tl.pointer_type(tl.uint32))
     if TO_HOST:
         src = dev_in.to(tl.pointer_type(tl.uint32))
-        x = tl.load(src + dbase + offs, mask=m)
-        tl.store(host + hbase + offs, x, mask=m)
+        x = tl.load(src + dbase[:, None] + offs[None, :], mask=m)
+        tl.store(host + hbase[:, None] + offs[None, :], x, mask=m)
     else:
         dst = out.to(tl.pointer_type(tl.uint32))
-        x = tl.load(host + hbase + offs, mask=m)
-        tl.store(dst + dbase + offs, x, mask=m)
+        x = tl.load(host + hbase[:, None] + offs[None, :], mask=m)
+        tl.store(dst + dbase[:, None] + offs[None, :], x, mask=m)
+
+
+def _grid(num_windows: int, meta: dict) -> tuple[int, int]:
+    """Launch grid of the window-copy kernel (``num_windows`` already a multiple of ROWS)."""
+    return (-(-num_windows // meta["ROWS"]), -(-meta["W"] // meta["BLOCK"]))
+
+
+def _pad_windows(arrays: tuple, rows: int) -> tuple:
+    """The four int32 window arrays padded with -1 to a multiple of ``rows``."""
+    n = arrays[0].size
+    m = -(-max(n, 1) // rows) * rows
+    if m == n:
+        return arrays
+    return tuple(np.concatenate([a, np.full(m - n, -1, np.int32)]) for a in arrays)
 
 
 @functools.lru_cache(maxsize=None)
@@ -752,6 +791,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Words (4 B) per program of the window-copy kernel: a [ROWS, BLOCK] tile of 16 KB, 8 warps.
+# Whole C4 pages (37,440 B = 9,360 words): BLOCK 2,048, 2 pages x 5 chunks (91 % of the lanes
+# busy); token values (576 B = 144 words): BLOCK 256, 16 tokens per program; 8-B scale slots:
+# 2,048 per program.  (The first version ran one 4-KB program per window chunk: one program per
+# token value and one per 8-B scale slot -- 11M tiny programs for 256K tokens x 21 layers.)
+_TILE_WORDS = 4096
+
+
 def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr: int,
                   offsets: Sequence[int]) -> dict:
     """constexpr parameters of the window-copy kernel (every byte size/offset must be a multiple
@@ -763,9 +810,10 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
     g = math.gcd(*[int(x) for x in sizes if x] or [16], 16)
     align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else (2 if g % 8 == 0 else 1)
     words = width // 4
-    block = min(1024, _pow2(words))
+    block = min(_TILE_WORDS // 2, _pow2(words))
+    rows = max(1, _TILE_WORDS // block)
     return dict(DEV_ROW=dev_row_bytes, HOST_ROW=host_row_bytes, W=words, BLOCK=block,
-                ALIGN=align)
+                ROWS=rows, ALIGN=align)
 
 
 @functools.lru_cache(maxsize=None)
@@ -773,14 +821,14 @@ def _triton_copy_fn(to_host: bool, host_addr: int, meta: tuple, donate: bool):
     jt = _jax_triton()
     kernel = _copy_windows_kernel()
     meta = dict(meta)
-    chunks = -(-meta["W"] // meta["BLOCK"])
-    nw = 4 if meta["BLOCK"] >= 512 else (2 if meta["BLOCK"] >= 128 else 1)
+    tile = meta["ROWS"] * meta["BLOCK"]
+    nw = max(1, min(8, tile // 512))
 
     def f(dev_buf, dev_row, dev_col, host_row, host_col):
         out = (jax.ShapeDtypeStruct((1,), jnp.int32) if to_host
                else jax.ShapeDtypeStruct(dev_buf.shape, dev_buf.dtype))
         return jt.triton_call(dev_buf, dev_row, dev_col, host_row, host_col, int(host_addr),
-                              kernel=kernel, out_shape=out, grid=(dev_row.shape[0], chunks),
+                              kernel=kernel, out_shape=out, grid=_grid(dev_row.shape[0], meta),
                               input_output_aliases={} if to_host else {0: 0}, num_warps=nw,
                               num_stages=1, TO_HOST=to_host, **meta)
     return jax.jit(f, donate_argnums=(0,) if (donate and not to_host) else ())
@@ -841,12 +889,18 @@ def _triton_run(host: HostPool, cache: Cache, pool: str, plan: _Plan, to_host: b
     for width, cols, arrays in _windows(host, cache, pool, plan):
         meta = window_params(width, dev.shape[1], host.spec.page_bytes, addr, cols)
         make = functools.partial(_triton_copy_fn, to_host, addr, tuple(sorted(meta.items())))
+        arrays = _pad_windows(arrays, meta["ROWS"])
         res = _call_donating(make, donate and not to_host, (dev, *(jnp.asarray(a) for a in arrays)),
                              "load_to_device")
         if not to_host:
-            dev = res
-        outs.append(res)
-    jax.block_until_ready(outs)            # XLA does not see the host accesses: finish them
+            dev = res          # the next window kernel updates (and may donate) this one
+        else:
+            outs.append(res)
+    # XLA does not see the host accesses: finish them before returning.  Loads chain their
+    # window kernels (value, then scale) through the device buffer, and the second one may have
+    # donated the first one's result: wait on the last result only (waiting on a donated
+    # buffer raises "BlockHostUntilReady() called on deleted or donated buffer").
+    jax.block_until_ready(outs if to_host else dev)
     return b, dev
 
 

@@ -430,7 +430,8 @@ def _interpret(h, cache, pool, hidx, didx, to_host, layer=None):
     addr = hp.buffer_address(h)
     for width, cols, arrays in hp._windows(h, cache, pool, plan):
         meta = hp.window_params(width, dev.shape[1], h.spec.page_bytes, addr, cols)
-        grid = (arrays[0].size, -(-meta["W"] // meta["BLOCK"]))
+        arrays = hp._pad_windows(arrays, meta["ROWS"])
+        grid = hp._grid(arrays[0].size, meta)
         out = torch.zeros(1, dtype=torch.int32) if to_host else dev
         kernel[grid](dev, *(torch.from_numpy(a) for a in arrays), addr, out, TO_HOST=to_host,
                      **meta)
@@ -479,6 +480,78 @@ def test_triton_window_kernel_interpreted(geo_name, pool, aligned):
             row = pl[l].row_base + dp_ * pl[l].row_step
             want_dev[row, pl[l].col:pl[l].col + s.page_bytes] = hostp[l, j]
     np.testing.assert_array_equal(dev_after, want_dev)
+
+
+def _fake_triton_copy_fn(to_host, host_addr, meta, donate):
+    """``hp._triton_copy_fn`` on CPU: the real kernel under Triton's interpreter, on a torch copy
+    of the device buffer, and the result returned through a jit that donates the input when
+    asked (as the GPU version's ``input_output_aliases`` + ``donate_argnums`` does)."""
+    torch = pytest.importorskip("torch")
+    kernel = hp._copy_windows_kernel(interpret=True)
+    meta = dict(meta)
+    put = jax.jit(lambda d, n: d.at[:].set(n), donate_argnums=(0,) if donate else ())
+
+    def call(dev_buf, *arrays):
+        dev = torch.from_numpy(np.asarray(dev_buf).copy())
+        out = torch.zeros(1, dtype=torch.int32) if to_host else dev
+        kernel[hp._grid(arrays[0].shape[0], meta)](
+            dev, *(torch.from_numpy(np.array(a)) for a in arrays), host_addr, out,
+            TO_HOST=to_host, **meta)
+        return jnp.zeros((1,), jnp.int32) if to_host else put(dev_buf, jnp.asarray(dev.numpy()))
+    return call
+
+
+@pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("v32", "kv")])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, pool, aligned):
+    """backup_from_device / load_to_device with method="triton", the kernel interpreted on CPU:
+    bytes against the numpy reference, and a donating token load (two window kernels, value then
+    scale, the second donating the first one's result) returns a usable cache -- the second H100
+    run failed there with "BlockHostUntilReady() called on deleted or donated buffer"."""
+    monkeypatch.setattr(hp, "_jax_triton", lambda: None)
+    monkeypatch.setattr(hp, "_triton_copy_fn", _fake_triton_copy_fn)
+    _, cache, h, poison = _setup(geo_name, pool, seed=79)
+    s = h.spec
+    if s.memory_kind != "pinned_host":
+        pytest.skip("no pinned_host memory on this backend")
+    tpp = s.tokens_per_page
+    rng = np.random.default_rng(83)
+    cap = cache.layout.pool(pool).capacity
+    n = 2 * tpp if aligned else 2 * tpp - 3
+    h, slots = hp.alloc(h, n)
+    if aligned:
+        src = (rng.permutation(cache.layout.pool(pool).num_pages)[:2, None] * tpp
+               + np.arange(tpp)).ravel()
+    else:
+        src = rng.choice(cap, n, replace=False)
+    hidx = slots[:n] if aligned else rng.permutation(slots)[:n]
+    addr = hp.buffer_address(h)
+    d = _dev_pages(cache, pool)
+    h = hp.backup_from_device(h, cache, pool, hidx, src, method="triton")
+    assert hp.buffer_address(h) == addr                      # written in place
+    want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
+    if aligned:
+        want[:, hidx[::tpp] // tpp] = d[:, src[::tpp] // tpp]
+    else:
+        _ref_copy(want, d, hidx, src, s, range(s.num_layers))
+    np.testing.assert_array_equal(_host_pages(h), want)
+    # donating loads, twice in a row (the second one donates the first one's result)
+    c = jaxkv.Cache(tuple(jnp.array(x, copy=True) for x in cache.buffers), cache.layout)
+    wd = d.copy()
+    for k in range(2):
+        dst = rng.choice(cap, n, replace=False)
+        if aligned:
+            dst = (rng.permutation(cache.layout.pool(pool).num_pages)[:2, None] * tpp
+                   + np.arange(tpp)).ravel()
+            wd[:, dst[::tpp] // tpp] = want[:, hidx[::tpp] // tpp]
+        else:
+            _ref_copy(wd, want, dst, hidx, s, range(s.num_layers))
+        b = cache.layout.pool(pool).placements[0].buffer
+        old = c.buffers[b]
+        c = hp.load_to_device(h, c, pool, hidx, dst, method="triton")
+        assert old.is_deleted()
+        np.testing.assert_array_equal(_dev_pages(c, pool), wd)
+    np.testing.assert_array_equal(_dev_pages(cache, pool), d)  # the original was never donated
 
 
 @pytest.mark.gpu
