@@ -298,13 +298,15 @@ def main(argv=None) -> int:
     def load_locs_all():
         c = box[0]
         for _ in range(rounds):
-            queued = 0
+            # bounded like load_batch: a sliding window of at most MAX_INFLIGHT_BYTES of
+            # host-to-device copies (awaiting the oldest staging; the pipeline is never drained)
+            window = O._LoadWindow(O.MAX_INFLIGHT_BYTES)
             for pl, copy in zip(locs_per_request, lcopies):
-                if queued and queued + copy.nbytes > O.MAX_INFLIGHT_BYTES:
-                    jax.block_until_ready(c.buffers)
-                    queued = 0
-                c = O.load_locs(c, copy, pl, donate=True)
-                queued += copy.nbytes
+                plan = O._load_plan(c, copy, pl, None, None)
+                window.before(copy.nbytes)
+                c = O._dispatch_load(c, copy, plan, impl="auto", donate=True, free=False,
+                                     stagings=window.stagings())
+                window.after(copy.nbytes)
         jax.block_until_ready(c.buffers)
         box[0] = c
 

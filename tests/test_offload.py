@@ -897,3 +897,69 @@ def test_gpu_gather_memory_flash_sized(impl):
             v0 = a.col_base[layer] + t * a.value_bytes
             assert np.array_equal(got[layer, i, :a.value_bytes],
                                   host_buf[row, v0:v0 + a.value_bytes])
+
+
+def test_batch_planning_syncs_do_not_grow_with_the_batch(monkeypatch):
+    """start_save_batch / load_batch fetch the batch's translation from the device once: the
+    number of device->host fetches (jax.device_get, np.asarray of a jax.Array) is the same for a
+    batch of 1 and of 3 requests (no sync inside the per-request loop, which would serialise each
+    request's planning behind the previous request's transfer).  Bytes still round-trip."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=31)
+    ref = [O.save(cache, state, s, budget=O.HostBudget(1 << 30)) for s in slots]  # compiles
+    out_ref = O.load_batch(cache, state, ref, slots)
+    calls = []
+    real_get = jax.device_get
+    array_type = type(jnp.zeros(1))
+    real_array = array_type.__array__
+
+    def get_spy(x):
+        calls.append("device_get")
+        return real_get(x)
+
+    def array_spy(self, *a, **k):
+        calls.append("__array__")
+        return real_array(self, *a, **k)
+
+    monkeypatch.setattr(jax, "device_get", get_spy)
+    monkeypatch.setattr(array_type, "__array__", array_spy)
+    counts = {}
+    for batch in (slots[:1], slots):
+        del calls[:]
+        hs = O.start_save_batch(cache, state, batch, budget=O.HostBudget(1 << 30))
+        save_calls = len(calls)
+        copies = [h.wait() for h in hs]
+        del calls[:]
+        out = O.load_batch(cache, state, copies, batch)
+        counts[len(batch)] = (save_calls, len(calls))
+        monkeypatch.setattr(array_type, "__array__", real_array)
+        for c, r in zip(copies, ref):
+            assert np.array_equal(np.asarray(c.data), np.asarray(r.data))
+        if len(batch) == len(slots):
+            assert_bytes_equal(out, np_bufs(out_ref))
+        monkeypatch.setattr(array_type, "__array__", array_spy)
+    assert counts[1] == counts[3], counts
+    assert counts[3][0] >= 1  # the spies do see the one translation fetch
+
+
+@pytest.mark.parametrize("limit", [0, 1, None])
+def test_load_batch_window_gives_the_same_bytes(limit):
+    """load_batch's sliding window of host-to-device copies (max_inflight_bytes: 0 and 1 await
+    every earlier copy, None queues the whole small batch) restores the same bytes."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=37)
+    copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
+                                                   budget=O.HostBudget(1 << 30))]
+    target = random_cache(layout, seed=38)
+    ref = np_bufs(target)
+    for c, s in zip(copies, slots):  # reference: one request at a time, no window
+        ref_cache = O.load(jaxkv.Cache(tuple(jnp.asarray(b) for b in ref), layout), state, c, s)
+        ref = np_bufs(ref_cache)
+    out = O.load_batch(target, state, copies, slots, max_inflight_bytes=limit)
+    assert_bytes_equal(out, ref)
