@@ -67,35 +67,52 @@ Two copy paths (``backup_from_device`` / ``load_to_device``)
 Methods (how the host side is written)
   * ``"xla"``: one ``jax.jit`` per operation with the host buffer donated and ``out_shardings`` on
     the pinned-host sharding; the device->host transfer is ``jax.device_put`` inside the jit and
-    the row update is an XLA scatter on the host-memory operand (``mode="drop"``).  Portable (CPU
-    and GPU).
+    the row update is an XLA scatter on the host-memory operand (``mode="drop"``).  CPU only (and
+    pools in device memory): on GPU, XLA 0.11 fails to compile its host-memory gather
+    (``INTERNAL: ... Bitcast cannot have different memory spaces of output (0) and operand (5)``),
+    its token load gave wrong bytes and its row update runs as host compute (second H100 run), so
+    ``method="xla"`` with a host-memory pool on GPU raises ``ValueError`` up front ("the xla method
+    is not supported on GPU by XLA 0.11 ...: use method='triton'"), before anything is donated.
   * ``"triton"`` (GPU, needs jax-triton): a Triton kernel launched through jax-triton reads the
     device pool and writes the pinned host pages through their device-visible address (CUDA UVA:
     pinned host memory has the same address on the device), so a page is one pass over PCIe and a
     token is written without reading its page back; the reverse for loads.  XLA does not see these
-    host writes, so the call blocks until the kernel is done before returning the new state.
-  ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU, where it passed the
-  GPU tests of every pool and writes in place without donation (XLA compiles the ``"xla"``
-  method's host-side row update as host compute), falling back to ``"xla"`` where ``"triton"``
-  cannot run (no jax-triton, a pool not in ``pinned_host``, sizes not multiples of 4 bytes).
-  ``benchmarks/host_pool.py`` measures both; revisit the choice with its numbers.
+    host accesses, so the call blocks until the kernels are done before returning the new state.
+    One kernel launch per window kind (whole pages; or token values, then 8-B scale slots), each
+    program copying a ``[ROWS, BLOCK]`` tile of 16 KB (``_TILE_WORDS``): 16 token values or 2
+    page chunks per program, 16-B accesses where every window start is 16-B aligned.
+  ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU (it passed the GPU
+  tests of every pool in both H100 runs and writes in place without donation, so registered
+  addresses always stay valid).  On GPU, where ``"triton"`` cannot run (no jax-triton, sizes not
+  multiples of 4 bytes) ``"auto"`` raises ``ValueError``; a pool placed in device memory uses
+  ``"xla"`` (plain device ops).
 
-Cost of each option (predictions written before the GPU run, against the pinned copy ceiling
-``C`` ~ 50 GB/s on an H100; ``benchmarks/results/host_pool-<gpu>.md`` has the measurements):
-  * page path, ``"xla"``: a device gather of the pages (device bandwidth, ~2 % of the time), one
-    device->host transfer of exactly the payload, and the row update of the host buffer, which
-    XLA runs as a host computation (a CPU copy of the payload) unless it turns it into a direct
-    DMA: between ~0.2 C (an extra single-threaded host copy) and ~0.95 C.
-  * page path, ``"triton"``: one pass, SM stores of whole 16-B words to the pinned pages over
-    PCIe (what SGLang's transfer kernels do): ~0.9 C for writes; loads are zero-copy PCIe reads,
-    ~0.8 C.
-  * token path, ``"xla"``: device->host of the covered pages (~1.0x the payload for contiguous
-    host slots) after a small host->device read-back (partly covered pages, padding windows) and
-    a device merge: ~0.8 C if XLA's host-side row update is a DMA, less if it is a host copy.
-  * token path, ``"triton"``: payload only (576-B values, 16-B aligned; 8-B scale words are
-    small PCIe writes, 1.4 % of the bytes): ~0.8 C.
+Cost of each option, against the pinned copy ceiling ``C`` (``jax.device_put`` between memory
+kinds: 53.2 GB/s D2H, 52.5 GB/s H2D on the H100 of the second run;
+``benchmarks/results/host_pool-<gpu>.md`` has the measurements):
+  * page path, ``"triton"``, first kernel (one 4-KB program per page chunk): 0.84 C backup,
+    0.82 C load, measured.  The copy engine that sets ``C`` moves large DMA bursts; a kernel
+    moves data with SM stores (posted PCIe writes of at most 128 B) and, for loads, zero-copy
+    SM reads (128-B read requests, a PCIe round trip each, latency-bound per SM).  The 16-KB
+    tiles of the current kernel add bytes in flight per program but do not change the request
+    size: prediction 0.84-0.88 C both ways, i.e. the 0.90 target is probably out of reach for any
+    SM-driven copy.  Reaching it needs the copy engine: gather the pages into a device staging
+    buffer (HBM, ~2 % of the time) and ``cudaMemcpyAsync`` each run of consecutive host rows
+    (``alloc`` hands out the lowest free pages, so runs are long) -- not possible through XLA
+    (no in-place writes into part of a host buffer), possible through the CUDA runtime on the
+    buffer address; not implemented (could not be checked without a GPU in this session).
+  * token path, ``"triton"``: payload only (576-B values, 16-B aligned; 8-B scale slots, 1.4 %
+    of the bytes).  The first kernel measured 0.17 C (8.8 GB/s): one program per 576-B value and
+    one per 8-B scale slot, 11M programs for 256K tokens x 21 layers, each doing four dependent
+    index loads before its copy: launch- and latency-bound, not PCIe-bound.  The tiled kernel
+    runs 16 values (9 KB) or 2,048 scale slots per program (~0.35M + 2.7K programs): prediction
+    0.5-0.7 C for backup (contiguous host slots: the writes of a tile land in one host page;
+    device reads are random 576-B rows, fine for HBM), a bit less for loads (zero-copy reads).
+  * ``"xla"`` (CPU; on GPU for reference only): page path measured 0.27 C for loads before it was
+    refused; its backups did not run.
   Host-side planning (validation, index arrays) of a page-aligned call works on pages, not
-  tokens: ~0.2 ms for 5,500 pages x 21 layers.
+  tokens: measured 10 ms for 5,500 pages x 21 layers (0.1 s of transfer: ~10 % of a 4.3-GB call,
+  included in the measured rates).
 
 Indices must be concrete (numpy / Python / committed jax arrays): these functions plan transfers
 on the host and are not meant to be traced.  Index arrays are padded to size buckets (at most
@@ -553,7 +570,10 @@ class _Plan:
     """Host-side plan of one transfer: pages or tokens, host rows and padded index arrays."""
 
     def __init__(self, host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[int, ...],
-                 dest: str):
+                 dest: str, staging: bool = True):
+        """``staging=False``: only what the ``"triton"`` method needs (validation, padded
+        ``dev_locs`` / ``host_slots`` or pages), not the ``"xla"`` method's staging-page arrays
+        (a ``np.unique`` over the tokens and per-layer row arrays: ~20 ms for 256K tokens)."""
         s = host.spec
         tpp = s.tokens_per_page
         hpages, dpages = _whole_pages(h, tpp), _whole_pages(d, tpp)
@@ -588,6 +608,12 @@ class _Plan:
             ordered = np.full(n, -1, np.int64)
             ordered[:hpages.size] = hpages
             self.n_partial, self.n_full = n, 0
+        elif not staging:
+            nt = _bucket(h.size)
+            self.dev_locs = _pad(d, nt, -1)
+            self.host_slots = _pad(h, nt, -1)
+            self.n_pages = self.n_host_pages = 0
+            return
         else:
             host_pages, inv, counts = np.unique(hp_all, return_inverse=True, return_counts=True)
             inv = inv.reshape(-1)
@@ -716,26 +742,30 @@ def _dev_addressing(cache: Cache, pool: str, layers):
 # The "triton" method: a kernel reads/writes pinned host memory through its device-visible address
 
 
-def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, host_addr, out,
+def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, lay, host_addr, out,
                       DEV_ROW: tl.constexpr, HOST_ROW: tl.constexpr, W: tl.constexpr,
                       BLOCK: tl.constexpr, ROWS: tl.constexpr, ALIGN: tl.constexpr,
-                      TO_HOST: tl.constexpr):
-    """Copies windows of ``W`` 4-byte words between the device buffer (window ``i`` at byte
-    offset ``dev_row[i] * DEV_ROW + dev_col[i]``) and host memory at ``host_addr`` (byte offset
-    ``host_row[i] * HOST_ROW + host_col[i]``).  Rows < 0 mark padding windows (skipped).
-    ``TO_HOST``: device -> host (``out`` is a dummy), else host -> device (``out`` aliases
-    ``dev_in``).  Grid: ``(num_windows / ROWS, cdiv(W, BLOCK))`` (``_grid``): program ``(i, j)``
-    copies words ``[j * BLOCK, (j + 1) * BLOCK)`` of windows ``i * ROWS .. i * ROWS + ROWS - 1``
-    as one ``[ROWS, BLOCK]`` tile (many small token windows per program; whole-page windows take
-    ``ROWS = 1``).  The index arrays are padded to a multiple of ``ROWS`` (row -1)."""
+                      NL: tl.constexpr, TO_HOST: tl.constexpr):
+    """Copies windows of ``W`` 4-byte words between the device buffer and host memory at
+    ``host_addr``, for each of ``NL`` layers: window ``i`` of layer ``l`` is at device byte offset
+    ``(dev_row[i] + lay[3l]) * DEV_ROW + dev_col[i] + lay[3l+1]`` and host byte offset
+    ``(host_row[i] + lay[3l+2]) * HOST_ROW + host_col[i]`` (int32 index arrays: per window, not per
+    window and layer).  Rows < 0 mark padding windows (skipped).  ``TO_HOST``: device -> host
+    (``out`` is a dummy), else host -> device (``out`` aliases ``dev_in``).  Grid:
+    ``(num_windows / ROWS, cdiv(W, BLOCK), NL)`` (``_grid``): program ``(i, j, l)`` copies words
+    ``[j * BLOCK, (j + 1) * BLOCK)`` of windows ``i * ROWS .. i * ROWS + ROWS - 1`` of layer ``l``
+    as one ``[ROWS, BLOCK]`` tile.  The window arrays are padded to a multiple of ``ROWS``."""
     i = tl.program_id(0)
     j = tl.program_id(1)
+    l = tl.program_id(2)
     w = i * ROWS + tl.arange(0, ROWS)
-    dr = tl.load(dev_row + w).to(tl.int64)
-    dc = tl.load(dev_col + w).to(tl.int64)
-    hr = tl.load(host_row + w).to(tl.int64)
+    dr0 = tl.load(dev_row + w)
+    hr0 = tl.load(host_row + w)
+    ok = (dr0 >= 0) & (hr0 >= 0)
+    dr = dr0.to(tl.int64) + tl.load(lay + 3 * l).to(tl.int64)
+    dc = tl.load(dev_col + w).to(tl.int64) + tl.load(lay + 3 * l + 1).to(tl.int64)
+    hr = hr0.to(tl.int64) + tl.load(lay + 3 * l + 2).to(tl.int64)
     hc = tl.load(host_col + w).to(tl.int64)
-    ok = (dr >= 0) & (hr >= 0)
     dbase = tl.multiple_of(tl.where(ok, (dr * DEV_ROW + dc) // 4, 0), ALIGN)
     hbase = tl.multiple_of(tl.where(ok, (hr * HOST_ROW + hc) // 4, 0), ALIGN)
     offs = j * BLOCK + tl.arange(0, BLOCK)
@@ -751,18 +781,20 @@ def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, host_addr, o
         tl.store(dst + dbase[:, None] + offs[None, :], x, mask=m)
 
 
-def _grid(num_windows: int, meta: dict) -> tuple[int, int]:
+def _grid(num_windows: int, meta: dict) -> tuple[int, int, int]:
     """Launch grid of the window-copy kernel (``num_windows`` already a multiple of ROWS)."""
-    return (-(-num_windows // meta["ROWS"]), -(-meta["W"] // meta["BLOCK"]))
+    return (-(-num_windows // meta["ROWS"]), -(-meta["W"] // meta["BLOCK"]), meta["NL"])
 
 
 def _pad_windows(arrays: tuple, rows: int) -> tuple:
-    """The four int32 window arrays padded with -1 to a multiple of ``rows``."""
+    """The four int32 window arrays padded with -1 to a multiple of ``rows`` (the per-layer
+    array, last, unchanged)."""
     n = arrays[0].size
     m = -(-max(n, 1) // rows) * rows
     if m == n:
         return arrays
-    return tuple(np.concatenate([a, np.full(m - n, -1, np.int32)]) for a in arrays)
+    return tuple(np.concatenate([a, np.full(m - n, -1, np.int32)]) for a in arrays[:4]) + \
+        tuple(arrays[4:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -800,7 +832,7 @@ _TILE_WORDS = 4096
 
 
 def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr: int,
-                  offsets: Sequence[int]) -> dict:
+                  offsets: Sequence[int], num_layers: int = 1) -> dict:
     """constexpr parameters of the window-copy kernel (every byte size/offset must be a multiple
     of 4; ``ALIGN`` is the word alignment, up to 4 words = 16 B, that every window start has)."""
     sizes = [width, dev_row_bytes, host_row_bytes, *offsets]
@@ -813,7 +845,7 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
     block = min(_TILE_WORDS // 2, _pow2(words))
     rows = max(1, _TILE_WORDS // block)
     return dict(DEV_ROW=dev_row_bytes, HOST_ROW=host_row_bytes, W=words, BLOCK=block,
-                ROWS=rows, ALIGN=align)
+                ROWS=rows, ALIGN=align, NL=int(num_layers))
 
 
 @functools.lru_cache(maxsize=None)
@@ -824,10 +856,10 @@ def _triton_copy_fn(to_host: bool, host_addr: int, meta: tuple, donate: bool):
     tile = meta["ROWS"] * meta["BLOCK"]
     nw = max(1, min(8, tile // 512))
 
-    def f(dev_buf, dev_row, dev_col, host_row, host_col):
+    def f(dev_buf, dev_row, dev_col, host_row, host_col, lay):
         out = (jax.ShapeDtypeStruct((1,), jnp.int32) if to_host
                else jax.ShapeDtypeStruct(dev_buf.shape, dev_buf.dtype))
-        return jt.triton_call(dev_buf, dev_row, dev_col, host_row, host_col, int(host_addr),
+        return jt.triton_call(dev_buf, dev_row, dev_col, host_row, host_col, lay, int(host_addr),
                               kernel=kernel, out_shape=out, grid=_grid(dev_row.shape[0], meta),
                               input_output_aliases={} if to_host else {0: 0}, num_warps=nw,
                               num_stages=1, TO_HOST=to_host, **meta)
@@ -835,43 +867,49 @@ def _triton_copy_fn(to_host: bool, host_addr: int, meta: tuple, donate: bool):
 
 
 def _windows(host: HostPool, cache: Cache, pool: str, plan: _Plan):
-    """Per-window int32 (dev_row, dev_col, host_row, host_col) arrays and widths.
+    """Per-window int32 ``(dev_row, dev_col, host_row, host_col)`` arrays (one entry per page or
+    token, shared by all layers) and the per-layer int32 ``lay`` = ``[row_base, col, host row
+    offset]`` x layers, as the window-copy kernel takes them.
 
-    Returns a list of ``(width_bytes, col_offsets, (dev_row, dev_col, host_row, host_col))``:
+    Returns a list of ``(width_bytes, col_offsets, (dev_row, dev_col, host_row, host_col, lay))``:
     one entry for whole pages, or two (value, scale) for tokens.  Padding windows have row -1.
+    (The first version built these arrays per window *and layer*: 8 x 5.5M int32 for 256K tokens
+    x 21 layers, ~0.4 s of host time per call, which bounded the token path to 0.17 of the
+    ceiling on the H100.)
     """
     s = host.spec
     tpp, V, S = s.tokens_per_page, s.value_bytes, s.scale_stride
     p = cache.layout.pool(pool)
     pl = [p.placements[l] for l in plan.layers]
-    rb = np.array([x.row_base for x in pl], np.int64)[:, None]
-    cb = np.array([x.col for x in pl], np.int64)[:, None]
     step = pl[0].row_step
-    lay = np.asarray(plan.layers, np.int64)[:, None]
+    lay = np.array([(x.row_base, x.col, l * s.num_pages) for x, l in zip(pl, plan.layers)],
+                   np.int64).reshape(-1)
+    if lay.max(initial=0) >= 2**31:
+        raise ValueError("method='triton': cache rows beyond int32")
+    lay = lay.astype(np.int32)
+    cols = tuple(int(x.col) for x in pl)
 
-    def pack(dr, dc, hr, hc):
-        return tuple(np.ascontiguousarray(np.broadcast_to(a, dr.shape)).reshape(-1)
-                     .astype(np.int32) for a in (dr, dc, hr, hc))
+    def i32(a):
+        return np.ascontiguousarray(a, dtype=np.int32)
 
     if plan.page_aligned:
-        dp = plan.dev_pages[None, :].astype(np.int64)
+        dp = plan.dev_pages.astype(np.int64)
         hpg = np.full(plan.n_pages, -1, np.int64)
         hpg[:plan.n_host_pages] = plan.host_pages
-        dr = np.where(dp >= 0, rb + dp * step, -1)
-        hr = np.where(hpg[None, :] >= 0, lay * s.num_pages + hpg[None, :], -1)
-        return [(s.page_bytes, tuple(int(c) for c in cb[:, 0]), pack(dr, cb, hr, 0))]
-    d = plan.dev_locs[None, :].astype(np.int64)
-    valid = d >= 0
-    dpage, dt = np.where(valid, d // tpp, 0), np.where(valid, d % tpp, 0)
-    hslot = plan.host_slots[None, :].astype(np.int64)
-    hvalid = hslot >= 0
-    hpage, ht = np.where(hvalid, hslot // tpp, 0), np.where(hvalid, hslot % tpp, 0)
-    dr = np.where(valid & hvalid, rb + dpage * step, -1)
-    hr = np.where(valid & hvalid, lay * s.num_pages + hpage, -1)
-    cols = tuple(int(c) for c in cb[:, 0]) + (tpp * V,)
-    out = [(V, cols, pack(dr, cb + dt * V, hr, ht * V))]
+        ok = (dp >= 0) & (hpg >= 0)
+        dr, hr = np.where(ok, dp * step, -1), np.where(ok, hpg, -1)
+        zeros = np.zeros(dr.size, np.int32)
+        return [(s.page_bytes, cols, (i32(dr), zeros, i32(hr), zeros, lay))]
+    d = plan.dev_locs.astype(np.int64)
+    hslot = plan.host_slots.astype(np.int64)
+    ok = (d >= 0) & (hslot >= 0)
+    dpage, dt = np.where(ok, d // tpp, 0), np.where(ok, d % tpp, 0)
+    hpage, ht = np.where(ok, hslot // tpp, 0), np.where(ok, hslot % tpp, 0)
+    dr, hr = i32(np.where(ok, dpage * step, -1)), i32(np.where(ok, hpage, -1))
+    cols = cols + (tpp * V,)
+    out = [(V, cols, (dr, i32(dt * V), hr, i32(ht * V), lay))]
     if S:
-        out.append((S, cols, pack(dr, cb + tpp * V + dt * S, hr, tpp * V + ht * S)))
+        out.append((S, cols, (dr, i32(tpp * V + dt * S), hr, i32(tpp * V + ht * S), lay)))
     return out
 
 
@@ -887,7 +925,8 @@ def _triton_run(host: HostPool, cache: Cache, pool: str, plan: _Plan, to_host: b
     dev = cache.buffers[b]
     outs = []
     for width, cols, arrays in _windows(host, cache, pool, plan):
-        meta = window_params(width, dev.shape[1], host.spec.page_bytes, addr, cols)
+        meta = window_params(width, dev.shape[1], host.spec.page_bytes, addr, cols,
+                             len(plan.layers))
         make = functools.partial(_triton_copy_fn, to_host, addr, tuple(sorted(meta.items())))
         arrays = _pad_windows(arrays, meta["ROWS"])
         res = _call_donating(make, donate and not to_host, (dev, *(jnp.asarray(a) for a in arrays)),
@@ -954,7 +993,7 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
     if idx is None:
         return host
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
-    plan = _Plan(host, p, idx[0], idx[1], layers, dest="host")
+    plan = _Plan(host, p, idx[0], idx[1], layers, dest="host", staging=method != "triton")
     if method == "triton":
         return _triton_backup(host, cache, pool, plan)
     s = host.spec
@@ -997,7 +1036,7 @@ def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device
     if idx is None:
         return cache
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
-    plan = _Plan(host, p, idx[0], idx[1], layers, dest="device")
+    plan = _Plan(host, p, idx[0], idx[1], layers, dest="device", staging=method != "triton")
     if method == "triton":
         return _triton_load(host, cache, pool, plan, donate)
     s = host.spec

@@ -427,12 +427,12 @@ def _interpret(h, cache, pool, hidx, didx, to_host, layer=None):
     p = cache.layout.pool(pool)
     layers = tuple(range(h.spec.num_layers)) if layer is None else (layer,)
     plan = hp._Plan(h, p, np.asarray(hidx, np.int64), np.asarray(didx, np.int64), layers,
-                    dest="host" if to_host else "device")
+                    dest="host" if to_host else "device", staging=False)
     b = p.placements[0].buffer
     dev = torch.from_numpy(np.asarray(cache.buffers[b]).copy())
     addr = hp.buffer_address(h)
     for width, cols, arrays in hp._windows(h, cache, pool, plan):
-        meta = hp.window_params(width, dev.shape[1], h.spec.page_bytes, addr, cols)
+        meta = hp.window_params(width, dev.shape[1], h.spec.page_bytes, addr, cols, len(layers))
         arrays = hp._pad_windows(arrays, meta["ROWS"])
         grid = hp._grid(arrays[0].size, meta)
         out = torch.zeros(1, dtype=torch.int32) if to_host else dev
