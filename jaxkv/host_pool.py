@@ -89,30 +89,29 @@ Methods (how the host side is written)
 
 Cost of each option, against the pinned copy ceiling ``C`` (``jax.device_put`` between memory
 kinds: 53.2 GB/s D2H, 52.5 GB/s H2D on the H100 of the second run;
-``benchmarks/results/host_pool-<gpu>.md`` has the measurements):
-  * page path, ``"triton"``, first kernel (one 4-KB program per page chunk): 0.84 C backup,
-    0.82 C load, measured.  The copy engine that sets ``C`` moves large DMA bursts; a kernel
-    moves data with SM stores (posted PCIe writes of at most 128 B) and, for loads, zero-copy
-    SM reads (128-B read requests, a PCIe round trip each, latency-bound per SM).  The 16-KB
-    tiles of the current kernel add bytes in flight per program but do not change the request
-    size: prediction 0.84-0.88 C both ways, i.e. the 0.90 target is probably out of reach for any
-    SM-driven copy.  Reaching it needs the copy engine: gather the pages into a device staging
-    buffer (HBM, ~2 % of the time) and ``cudaMemcpyAsync`` each run of consecutive host rows
-    (``alloc`` hands out the lowest free pages, so runs are long) -- not possible through XLA
-    (no in-place writes into part of a host buffer), possible through the CUDA runtime on the
-    buffer address; not implemented (could not be checked without a GPU in this session).
+``benchmarks/results/host_pool-<gpu>.md`` has the measurements; rates are end to end, host-side
+planning included):
+  * page path, ``"triton"``: second run 0.84 C backup, 0.82 C load (97 ms per 4.32-GB call), of
+    which ~10 ms was host-side planning (the "host-side plan" row) plus per-layer index arrays:
+    the kernel itself ran at ~0.93 C.  Now the window arrays are per page, shared by the 21
+    layers (the kernel adds the layer offsets), and a program copies a 16-KB tile.  Prediction
+    0.86-0.92 C both ways: the 0.90 target is borderline; what remains is the ~10-ms plan
+    (validation of 352K slots; it could work on page numbers directly) and the SM-driven copy
+    itself (posted 128-B PCIe writes; zero-copy 128-B reads for loads) versus the copy engine's
+    large DMA bursts.  The sure way past 0.90: gather pages on the device into a staging buffer
+    and ``cudaMemcpyAsync`` each run of consecutive host rows (copy engine); not possible
+    through XLA (no in-place write into part of a host buffer), possible through the CUDA
+    runtime on the buffer address; not implemented (no GPU in this session to check it).
   * token path, ``"triton"``: payload only (576-B values, 16-B aligned; 8-B scale slots, 1.4 %
-    of the bytes).  The first kernel measured 0.17 C (8.8 GB/s): one program per 576-B value and
-    one per 8-B scale slot, 11M programs for 256K tokens x 21 layers, each doing four dependent
-    index loads before its copy: launch- and latency-bound, not PCIe-bound.  The tiled kernel
-    runs 16 values (9 KB) or 2,048 scale slots per program (~0.35M + 2.7K programs): prediction
-    0.5-0.7 C for backup (contiguous host slots: the writes of a tile land in one host page;
-    device reads are random 576-B rows, fine for HBM), a bit less for loads (zero-copy reads).
-  * ``"xla"`` (CPU; on GPU for reference only): page path measured 0.27 C for loads before it was
-    refused; its backups did not run.
-  Host-side planning (validation, index arrays) of a page-aligned call works on pages, not
-  tokens: measured 10 ms for 5,500 pages x 21 layers (0.1 s of transfer: ~10 % of a 4.3-GB call,
-  included in the measured rates).
+    of the bytes).  Second run 0.17 C (8.8 GB/s, 365 ms per call) -- not the kernel: building
+    the per-(layer, token) window arrays took ~0.4 s of host time (8 x 5.5M int32, measured on
+    the CPU box), and the kernel ran one program per 576-B value and one per 8-B scale slot.
+    Now: per-token arrays (~20 ms of planning for 256K tokens) and 16 values / 2,048 scale slots
+    per program.  Prediction for the 256K random tokens: backup 0.55-0.75 C (~65 ms of
+    transfer + ~20 ms of planning; contiguous host slots, so a tile's writes land in one host
+    page), load 0.5-0.7 C (zero-copy reads).
+  * ``"xla"`` (CPU; refused on GPU): its page load measured 0.27 C in the second run (row update
+    as host compute); its backups did not compile there.
 
 Indices must be concrete (numpy / Python / committed jax arrays): these functions plan transfers
 on the host and are not meant to be traced.  Index arrays are padded to size buckets (at most
