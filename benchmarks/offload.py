@@ -38,6 +38,13 @@ work per request (numpy translation/validation, a few ms on a slow host) if it i
 behind the transfers — the location-level rows (translations precomputed) isolate it — and
 whether ``device_put`` to ``pinned_host`` runs on its own stream (``transfer='jit'`` is the
 alternative).  CPU ``--quick`` numbers mean nothing (there "host" and "device" are one memory).
+
+H100 run 1 gave request level 18.7 (save) / 25.6 (load) GB/s against 50.2 / 43.2 at location
+level: a device->host fetch of each request's translation sat inside the per-request loop (so no
+planning overlapped a transfer), and loads drained the pipeline every 1 GiB.  Both removed (one
+fetch per batch; a sliding window of in-flight copies, also used by the location-level load loop
+below).  Prediction for the rerun: request-level save ~46-50 GB/s, load ~44-48 GB/s; location
+level load ~46-49 (benchmarks/NOTES.md, "Offload").
 """
 from __future__ import annotations
 

@@ -1145,17 +1145,26 @@ class _Translated:
                 raise ValueError(f"the allocator maps a token of request {slots[i]} to a "
                                  f"{names[j]!r} location {what}; nothing was dispatched")
 
-    def request(self, i: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{pool: (locs int32[T], valid bool[T])}`` of the i-th request (host only: no sync)."""
+    def request(self, i: int, share: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{pool: (locs int32[T], valid bool[T])}`` of the i-th request (host only: no sync).
+
+        ``share=False``: every pool gets its own arrays (public ``request_locs``: callers may
+        modify them).  ``share=True`` (internal planning): pools with the same locations share
+        one read-only ``(locs, valid)`` pair, so the planning derives each column once."""
         T = self.lengths[i]
         row = self.locs[i][:, :T]
         cols = {}
         for c in set(self.column):
-            cols[c] = row[c]
+            locs = np.array(row[c], np.int32)
+            valid = locs >= 0
+            if share:
+                locs.flags.writeable = False
+                valid.flags.writeable = False
+            cols[c] = (locs, valid)
         out = {}
-        for k, n in enumerate(self.names):  # own arrays per pool (callers may modify them)
-            locs = np.array(cols[self.column[k]], np.int32)
-            out[n] = (locs, locs >= 0)
+        for k, n in enumerate(self.names):
+            locs, valid = cols[self.column[k]]
+            out[n] = (locs, valid) if share else (locs.copy(), valid.copy())
         return out
 
 
@@ -1193,16 +1202,27 @@ def request_locs(layout: Layout, alloc_state, request: int, *,
 
 def _request_save_plan(cache: Cache, rl: dict, slot: int, T: int, scope: str) -> _SavePlan:
     pool_locs, masks, index = {}, {}, {}
+    done = {}  # pools with the same (shared) locations are derived once
     for name, (locs, valid) in rl.items():
         masks[name] = valid
-        if cache.layout.pool(name).spec.kind == "state":
+        is_state = cache.layout.pool(name).spec.kind == "state"
+        key = (id(locs), id(valid), is_state)
+        if key in done:
+            pool_locs[name], idx = done[key]
+            if is_state:
+                index[name] = idx
+            continue
+        idx = None
+        if is_state:
             uniq, inv = np.unique(locs[valid], return_inverse=True)
             idx = np.full(T, -1, np.int32)
             idx[valid] = inv.reshape(-1)
+            idx.flags.writeable = False
             index[name] = idx
             pool_locs[name] = uniq.astype(np.int32)
         else:
             pool_locs[name] = locs[valid]
+        done[key] = (pool_locs[name], idx)
     keys, locs, entries, total = _prepare(cache, pool_locs)
     meta = {"length": T, "slot": slot, "c128_state_scope": scope, "state_index": index,
             "pools": tuple(rl)}
@@ -1270,7 +1290,8 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
     handles, inflight = [], []
     try:  # plan + dispatch request by request: request i's copy overlaps request i+1's planning
         for i, (slot, T) in enumerate(zip(slots, lens)):
-            plan = _request_save_plan(cache, tr.request(i), slot, T, c128_state_scope)
+            plan = _request_save_plan(cache, tr.request(i, share=True), slot, T,
+                                      c128_state_scope)
             if plan.total != sizes[i]:
                 raise RuntimeError(f"internal error: request {slot} needs {plan.total} host "
                                    f"bytes, {sizes[i]} were reserved")
@@ -1469,7 +1490,8 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
                 c.free()
             continue
         tr, j = where[i]
-        targets, sources, reset = _request_load_targets(cache.layout, c, tr.request(j), s)
+        targets, sources, reset = _request_load_targets(cache.layout, c,
+                                                         tr.request(j, share=True), s)
         plan = _load_plan(cache, c, targets, sources, reset)
         nbytes = c.nbytes
         window.before(nbytes)
