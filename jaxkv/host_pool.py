@@ -770,13 +770,18 @@ def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, lay, host_ad
     offs = j * BLOCK + tl.arange(0, BLOCK)
     m = ok[:, None] & (offs < W)[None, :]
     host = host_addr.to(tl.pointer_type(tl.uint32))
+    # The compiler cannot know the alignment of a pointer made from an integer: without this
+    # hint every host access is a 4-B access (checked in the PTX); with it, 16-B (ALIGN = 4) ones.
+    # (host_addr is 16-B aligned whenever ALIGN > 1: window_params.)
+    hptr = tl.max_contiguous(tl.multiple_of(host + hbase[:, None] + offs[None, :],
+                                            [1, 4 * ALIGN]), [1, ALIGN])
     if TO_HOST:
         src = dev_in.to(tl.pointer_type(tl.uint32))
         x = tl.load(src + dbase[:, None] + offs[None, :], mask=m)
-        tl.store(host + hbase[:, None] + offs[None, :], x, mask=m)
+        tl.store(hptr, x, mask=m)
     else:
         dst = out.to(tl.pointer_type(tl.uint32))
-        x = tl.load(host + hbase[:, None] + offs[None, :], mask=m)
+        x = tl.load(hptr, mask=m)
         tl.store(dst + dbase[:, None] + offs[None, :], x, mask=m)
 
 
@@ -839,7 +844,8 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
         raise ValueError(f"method='triton' copies 4-byte words; sizes/offsets {sizes} are not all "
                          "multiples of 4 (use method='xla')")
     g = math.gcd(*[int(x) for x in sizes if x] or [16], 16)
-    align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else (2 if g % 8 == 0 else 1)
+    align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else \
+        (2 if (g % 8 == 0 and host_addr % 8 == 0) else 1)
     words = width // 4
     block = min(_TILE_WORDS // 2, _pow2(words))
     rows = max(1, _TILE_WORDS // block)
