@@ -242,9 +242,15 @@ def main(argv=None):
     tlocs = rng.choice(dev_pages * tpp, n_tokens, replace=False)
     # planning cost alone (validation + index arrays) of one page-aligned call
     p = cache.layout.pool(POOL)
+    # (the "triton" method's plan on GPU, the "xla" one's elsewhere)
     t_plan = _median(lambda: hp._Plan(host, p, hslots.astype(np.int64), dslots.astype(np.int64),
-                                      tuple(range(s.num_layers)), "host"), iters)
+                                      tuple(range(s.num_layers)), "host", staging=not gpu), iters)
     rows.append(common.row("host-side plan of a page-aligned call (ms)", t_plan * 1e3, "ms"))
+    t_tplan = _median(lambda: hp._Plan(host, p, tslots.astype(np.int64), tlocs.astype(np.int64),
+                                       tuple(range(s.num_layers)), "host", staging=not gpu),
+                      iters)
+    rows.append(common.row(f"host-side plan of a {n_tokens // 1024}K-token call (ms)",
+                           t_tplan * 1e3, "ms"))
 
     for m in methods:
         try:
