@@ -80,7 +80,10 @@ Methods (how the host side is written)
     host accesses, so the call blocks until the kernels are done before returning the new state.
     One kernel launch per window kind (whole pages; or token values, then 8-B scale slots), each
     program copying a ``[ROWS, BLOCK]`` tile of 16 KB (``_TILE_WORDS``): 16 token values or 2
-    page chunks per program, 16-B accesses where every window start is 16-B aligned.
+    page chunks per program, 16-B accesses where every window start is 16-B aligned (device side
+    and, through an alignment hint on the pointer made from the host address, host side: the
+    kernel of the first two H100 runs had no hint and stored 4 B per host access -- PTX
+    ``st.global.b32``, checked by compiling for sm_90 in the tests).
   ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU (it passed the GPU
   tests of every pool in both H100 runs and writes in place without donation, so registered
   addresses always stay valid).  On GPU, where ``"triton"`` cannot run (no jax-triton, sizes not
