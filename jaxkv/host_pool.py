@@ -846,6 +846,9 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
     if any(int(x) % 4 for x in sizes):
         raise ValueError(f"method='triton' copies 4-byte words; sizes/offsets {sizes} are not all "
                          "multiples of 4 (use method='xla')")
+    if int(host_addr) % 4:
+        raise ValueError(f"method='triton' needs a 4-byte aligned host buffer, got address "
+                         f"{host_addr:#x}")
     g = math.gcd(*[int(x) for x in sizes if x] or [16], 16)
     align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else \
         (2 if (g % 8 == 0 and host_addr % 8 == 0) else 1)

@@ -391,7 +391,8 @@ def test_contiguous_buf_infos_are_real_addresses():
     s = h.spec
     ptrs, lens, items = hp.contiguous_buf_infos(h)
     assert ptrs[0] == h.buffer.unsafe_buffer_pointer()
-    assert lens == [s.num_pages * s.page_bytes] * s.num_layers and items == [s.page_bytes] * s.num_layers
+    assert lens == [s.num_pages * s.page_bytes] * s.num_layers
+    assert items == [s.page_bytes] * s.num_layers
     assert h.buffer.sharding.memory_kind == s.memory_kind
     if jax.default_backend() == "cpu":  # host memory is directly readable: check the bytes
         for l, (p, n) in enumerate(zip(ptrs, lens)):
