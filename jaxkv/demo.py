@@ -165,11 +165,11 @@ def simulate(args) -> bool:
         speed = f"{rate:8.3f} GB/s after the first call" if rate else \
             "(one call: its time is mostly compilation)"
         print(f"    {path:<30} {nbytes / 1e6:10.3f} MB  {speed}")
-    if args.dcp > 1:
-        n = args.dcp
+    n = args.dcp if args.dcp is not None else min(2, len(jax.devices()))
+    if n > 1:
         if len(jax.devices()) < n:
             checks.append((f"DCP over {n} devices", False,
-                           f"only {len(jax.devices())} device(s) present"))
+                           f"--dcp {n} asked for, only {len(jax.devices())} device(s) present"))
         else:
             bar = Progress(f"DCP over {n} devices", not args.quiet)
             t1 = time.perf_counter()
@@ -201,9 +201,10 @@ def main(argv=None) -> int:
                          "DeepSeek-V4-Flash sized for an H100")
     ap.add_argument("--requests", type=int, help="requests to serve (preset default)")
     ap.add_argument("--decode", type=int, help="decode tokens per request (preset default)")
-    ap.add_argument("--dcp", type=int, default=2,
+    ap.add_argument("--dcp", type=int, default=None,
                     help="also serve the requests on a cache sharded over N devices and check "
-                         "its attention (default 2; 1 = off; CPU runs simulate 4 devices)")
+                         "its attention (default: 2 when 2+ devices are present — CPU runs "
+                         "simulate 4 — else off; 1 = off)")
     ap.add_argument("--interleave", default=1,
                     type=lambda v: v if v == "page" else int(v),
                     help="DCP interleave: tokens per owner run, or 'page' (default 1)")

@@ -84,8 +84,8 @@ def cpu_preset(**kw) -> SimConfig:
 
 def gpu_preset(**kw) -> SimConfig:
     """DeepSeek-V4-Flash geometry, sized for an H100."""
-    base = dict(requests=64, prompt=(512, 2048), decode=64, max_running=48, full_pages=300,
-                swa_pages=120, heads=16, topk=512)
+    base = dict(requests=64, prompt=(512, 2048), decode=64, max_running=48, full_pages=160,
+                swa_pages=80, heads=16, topk=512)
     base.update(kw)
     return SimConfig(geo=G.dsv4_flash(), **base)
 
