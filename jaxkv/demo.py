@@ -14,6 +14,7 @@ Exit code 0 only when every check passes.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -68,6 +69,30 @@ def _report_capacity(geo, budget_gb, swa_ratio, out) -> None:
             f"full tokens = {c.ratio:.2f}x SGLang's")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _round_trip_one(lay, key):
+    """Writes random tokens into every pool of a fresh cache of ``lay``; returns what was
+    written and what reads back, per pool (one compiled program per layout)."""
+    cache = jaxkv.init_cache(lay.geometry, lay)
+    written = []
+    for i, p in enumerate(lay.pools):
+        layers = p.groups[0]
+        key, k1, k2 = jax.random.split(key, 3)
+        n = min(16, p.capacity - 2)
+        if lay.kind == "packed":
+            # A block belongs to one KV-cache group at a time: give each pool its own block.
+            n = min(n, p.tokens_per_page)
+            locs = (i + 1) * p.tokens_per_page + jax.random.choice(
+                k1, p.tokens_per_page, (n,), replace=False).astype(jnp.int32)
+        else:
+            locs = jax.random.choice(k1, p.capacity - 1, (n,), replace=False).astype(jnp.int32)
+        tok = F.random_tokens(p.spec.fmt, k2, (len(layers), n))
+        cache = jaxkv.set_tokens(cache, p.name, layers, locs, tok)
+        written.append((layers, locs, tok))
+    return [(tok, jaxkv.get_tokens(cache, p.name, layers, locs))
+            for p, (layers, locs, tok) in zip(lay.pools, written)]
+
+
 def round_trip(out=print, seed: int = 0) -> bool:
     """Writes random tokens into every pool of a tiny cache (both layouts) and reads them back."""
     out("\n== Round trip through every pool of a small cache")
@@ -75,32 +100,14 @@ def round_trip(out=print, seed: int = 0) -> bool:
     key = jax.random.key(seed)
     for lay in (jaxkv.layer_major(G.tiny(), 8), jaxkv.packed(G.tiny(), 8),
                 jaxkv.layer_major(G.tiny(3, v32=True), 8)):
-        cache = jaxkv.init_cache(lay.geometry, lay)
-        written = []
-        for i, p in enumerate(lay.pools):
-            layers = p.groups[0]
-            key, k1, k2 = jax.random.split(key, 3)
-            n = min(16, p.capacity - 2)
-            if lay.kind == "packed":
-                # A block belongs to one KV-cache group at a time: give each pool its own block.
-                n = min(n, p.tokens_per_page)
-                locs = (i + 1) * p.tokens_per_page + jax.random.choice(
-                    k1, p.tokens_per_page, (n,), replace=False).astype(jnp.int32)
-            else:
-                locs = jax.random.choice(k1, p.capacity - 1, (n,), replace=False).astype(
-                    jnp.int32)
-            tok = F.random_tokens(p.spec.fmt, k2, (len(layers), n))
-            cache = jaxkv.set_tokens(cache, p.name, layers, locs, tok)
-            written.append((p.name, layers, locs, tok))
-        bad = []
-        for name, layers, locs, tok in written:
-            back = jaxkv.get_tokens(cache, name, layers, locs)
-            same = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-                       for a, b in zip(back, tok))
-            if not same:
-                bad.append(name)
+        key, sub = jax.random.split(key)
+        pairs = _round_trip_one(lay, sub)
+        bad = [p.name for p, (tok, back) in zip(lay.pools, pairs)
+               if not all(np.array_equal(np.asarray(a).view(np.uint8),
+                                         np.asarray(b).view(np.uint8))
+                          for a, b in zip(back, tok))]
         ok &= not bad
-        out(f"  {lay.kind:<11} {lay.geometry.name:<9} {len(written)} pools: "
+        out(f"  {lay.kind:<11} {lay.geometry.name:<9} {len(pairs)} pools: "
             + ("bit-exact" if not bad else f"MISMATCH in {bad}"))
     return ok
 
