@@ -42,6 +42,19 @@ def time_jax(fn: Callable, *args, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
+def time_call(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()``, which must itself wait for its result (host copies,
+    ``block_until_ready`` inside), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def time_jax_loop(step: Callable, state, *, iters: int = 20, warmup: int = 3):
     """Median seconds per call of ``state = step(state)`` (for donated, in-place updates).
 

@@ -32,10 +32,7 @@ Targets (issue 6): page-aligned backup and load >= 0.90 of the pinned copy; toke
 """
 from __future__ import annotations
 
-import math
-import statistics
 import sys
-import time
 import traceback
 import warnings
 
@@ -51,16 +48,6 @@ from benchmarks import common
 
 POOL = "c4"
 
-
-def _median(fn, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def build(device_pages: int, host_pages: int, seed: int = 0):
@@ -89,9 +76,9 @@ def ceilings(nbytes: int, iters: int):
     hs = jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)
     ds = jax.sharding.SingleDeviceSharding(dev, memory_kind=dev.default_memory().kind)
     x = jax.random.bits(jax.random.key(1), (nbytes // 4,), jnp.uint32)
-    t_d2h = _median(lambda: jax.block_until_ready(jax.device_put(x, hs)), iters)
+    t_d2h = common.time_call(lambda: jax.block_until_ready(jax.device_put(x, hs)), iters)
     xh = jax.block_until_ready(jax.device_put(x, hs))
-    t_h2d = _median(lambda: jax.block_until_ready(jax.device_put(xh, ds)), iters)
+    t_h2d = common.time_call(lambda: jax.block_until_ready(jax.device_put(xh, ds)), iters)
     del xh
     return nbytes / t_d2h / 1e9, nbytes / t_h2d / 1e9
 
@@ -216,7 +203,7 @@ def main(argv=None):
         data = np.asarray(jax.device_get(gather(cache.buffers[b], jnp.asarray(dpages, jnp.int32))))
         np_pool[:, hp_np] = data
     try:
-        t_base = _median(baseline, max(2, iters // 2))
+        t_base = common.time_call(baseline, max(2, iters // 2))
         base = page_bytes_total / t_base / 1e9
         rows.append(common.row("baseline: gather + pageable device_get + numpy rows", base,
                                "GB/s", ceiling=d2h))
@@ -243,10 +230,10 @@ def main(argv=None):
     # planning cost alone (validation + index arrays) of one page-aligned call
     p = cache.layout.pool(POOL)
     # (the "triton" method's plan on GPU, the "xla" one's elsewhere)
-    t_plan = _median(lambda: hp._Plan(host, p, hslots.astype(np.int64), dslots.astype(np.int64),
+    t_plan = common.time_call(lambda: hp._Plan(host, p, hslots.astype(np.int64), dslots.astype(np.int64),
                                       tuple(range(s.num_layers)), "host", staging=not gpu), iters)
     rows.append(common.row("host-side plan of a page-aligned call (ms)", t_plan * 1e3, "ms"))
-    t_tplan = _median(lambda: hp._Plan(host, p, tslots.astype(np.int64), tlocs.astype(np.int64),
+    t_tplan = common.time_call(lambda: hp._Plan(host, p, tslots.astype(np.int64), tlocs.astype(np.int64),
                                        tuple(range(s.num_layers)), "host", staging=not gpu),
                       iters)
     rows.append(common.row(f"host-side plan of a {n_tokens // 1024}K-token call (ms)",
@@ -269,7 +256,7 @@ def main(argv=None):
                     warnings.simplefilter("always", RuntimeWarning)
                     fn()                               # compile + first run
                     verify()
-                    t = _median(fn, iters, warmup=1)
+                    t = common.time_call(fn, iters, warmup=1)
                 for w in caught:
                     if issubclass(w.category, RuntimeWarning):
                         errors.append(f"{name}: warning (not an error): {w.message}")

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +64,6 @@ from jaxkv.kernels import dispatch
 
 from benchmarks import common
 
-
-def _median_time(fn, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def make_layout(num_requests: int, tokens: int):
@@ -241,14 +229,14 @@ def main(argv=None) -> int:
             for c in save_all():
                 c.free()
 
-    t_save = _median_time(save_iter, iters)
+    t_save = common.time_call(save_iter, iters)
 
     def save_iter_jit():
         for _ in range(rounds):
             for c in save_all("jit"):
                 c.free()
 
-    t_save_jit = _median_time(save_iter_jit, iters)
+    t_save_jit = common.time_call(save_iter_jit, iters)
 
     # ---- ours, request level: load (donated, in place)
     box = [cache]
@@ -260,7 +248,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(c.buffers)
         box[0] = c
 
-    t_load = _median_time(load_all, iters)
+    t_load = common.time_call(load_all, iters)
     cache = box[0]
     # bit-exactness spot check: re-saving after the loads gives the same bytes
     again = O.save(cache, state, slots[0], budget=budget)
@@ -300,7 +288,7 @@ def main(argv=None) -> int:
             for c in save_locs_all():
                 c.free()
 
-    t_save_locs = _median_time(save_locs_iter, iters)
+    t_save_locs = common.time_call(save_locs_iter, iters)
 
     def load_locs_all():
         c = box[0]
@@ -318,7 +306,7 @@ def main(argv=None) -> int:
         box[0] = c
 
     box[0] = cache
-    t_load_locs = _median_time(load_locs_all, iters)
+    t_load_locs = common.time_call(load_locs_all, iters)
     cache = box[0]
     lbytes = rounds * sum(useful_bytes(c) for c in lcopies)
     for c in lcopies:
@@ -332,14 +320,14 @@ def main(argv=None) -> int:
         for _ in range(rounds):
             seed_save(cache, dev_locs)
 
-    t_seed_save = _median_time(seed_save_iter, iters)
+    t_seed_save = common.time_call(seed_save_iter, iters)
     box[0] = cache
 
     def seed_load_iter():
         for _ in range(rounds):
             box[0] = seed_load(box[0], host, dev_locs)
 
-    t_seed_load = _median_time(seed_load_iter, iters)
+    t_seed_load = common.time_call(seed_load_iter, iters)
     cache = box[0]
     del host
 
@@ -357,13 +345,13 @@ def main(argv=None) -> int:
             for _ in range(rounds):
                 jax.block_until_ready(jax.device_put(xh, x.sharding))
 
-        t_d2h = _median_time(d2h, iters)
-        t_h2d = _median_time(h2d, iters)
+        t_d2h = common.time_call(d2h, iters)
+        t_h2d = common.time_call(h2d, iters)
         del xh
     else:
-        t_d2h = _median_time(lambda: [np.asarray(x + 0) for _ in range(rounds)], iters)
+        t_d2h = common.time_call(lambda: [np.asarray(x + 0) for _ in range(rounds)], iters)
         xn = np.asarray(x)
-        t_h2d = _median_time(
+        t_h2d = common.time_call(
             lambda: [jax.block_until_ready(jax.device_put(xn)) for _ in range(rounds)], iters)
     del x
 
