@@ -894,3 +894,91 @@ def test_xla_method_refused_on_gpu(monkeypatch):
     assert hp._resolve_method("auto", h2, cache, "c4") == "xla"
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The "triton" method's plan (_fast_plan): device-side checks, same decisions and errors as the
+# numpy _Plan
+
+
+def _fast_cases(s, cap_dev, rng):
+    """(host, device) index pairs: valid pages, valid tokens, and one of each error kind."""
+    tpp = s.tokens_per_page
+    pages = (rng.permutation(4)[:, None] * tpp + np.arange(tpp)).ravel()
+    toks = rng.permutation(4 * tpp)[:2 * tpp - 3]
+    dev = rng.choice(cap_dev, 4 * tpp, replace=False)
+    return {
+        "pages": (pages, (rng.permutation(cap_dev // tpp)[:4, None] * tpp
+                          + np.arange(tpp)).ravel()),
+        "tokens": (toks, dev[:toks.size]),
+        "pages_not_aligned_dev": (pages, dev),               # count a multiple, device random
+        "shifted": (pages + 1 if tpp > 1 else pages, dev),   # runs not starting at a page
+        "host_oob": (np.r_[toks[:-1], s.capacity], dev[:toks.size]),
+        "neg": (np.r_[-1, toks[1:]], dev[:toks.size]),
+        "dev_oob": (toks, np.r_[dev[:toks.size - 1], cap_dev]),
+        "dup_host": (np.r_[toks[:-1], toks[0]], dev[:toks.size]),
+        "dup_dev": (toks, np.r_[dev[:toks.size - 1], dev[0]]),
+        "dup_page": (np.r_[pages[:tpp], pages[:tpp]], dev[:2 * tpp]),
+        "unalloc": (np.r_[toks[:-1], 9 * tpp], dev[:toks.size]),
+    }
+
+
+@pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("dsv4", "c4_indexer"),
+                                           ("v32", "kv")])
+@pytest.mark.parametrize("dest", ["host", "device"])
+def test_fast_plan_matches_numpy_plan(geo_name, pool, dest):
+    """Every case: either both plans raise the same ValueError text, or both take the same path
+    and give the same kernel windows (pages: host-built; tokens: derived on the device)."""
+    _, cache, h, _ = _setup(geo_name, pool, seed=101)
+    h, _ = hp.alloc(h, 4 * h.spec.tokens_per_page)
+    p = cache.layout.pool(pool)
+    layers = tuple(range(h.spec.num_layers))
+    rng = np.random.default_rng(103)
+    for name, (hi, di) in _fast_cases(h.spec, p.capacity, rng).items():
+        hi, di = np.asarray(hi, np.int32), np.asarray(di, np.int64)
+        try:
+            ref = hp._Plan(h, p, hi, di, layers, dest, staging=False)
+        except ValueError as e:
+            with pytest.raises(ValueError) as got:
+                hp._fast_plan(h, p, hi, di, layers, dest)
+            assert str(got.value) == str(e), name
+            continue
+        fast = hp._fast_plan(h, p, hi, di, layers, dest)
+        assert fast.page_aligned == ref.page_aligned, name
+        want = hp._windows(h, cache, pool, ref)
+        if fast.page_aligned:
+            got = hp._windows(h, cache, pool, fast)
+            for (w1, c1, a1), (w2, c2, a2) in zip(want, got):
+                assert (w1, c1) == (w2, c2)
+                for x, y in zip(a1, a2):
+                    np.testing.assert_array_equal(x, y)
+            continue
+        s = h.spec
+        kinds = [w for w, _, _ in want]
+        rows = (16, 2048)[:len(kinds)]
+        got = hp._token_windows_fn(s.tokens_per_page, s.value_bytes, s.scale_stride,
+                                   p.placements[0].row_step, rows)(fast.h_dev, fast.d_dev)
+        for (w, _, arrays), r, dev_arrays in zip(want, rows, got):
+            padded = hp._pad_windows(arrays, r)
+            assert all(a.shape[0] % r == 0 for a in dev_arrays)
+            keep = np.asarray(dev_arrays[0]) >= 0
+            assert keep.sum() == hi.size
+            ref_keep = padded[0] >= 0
+            for x, y in zip(padded[:4], dev_arrays):
+                np.testing.assert_array_equal(np.asarray(y)[keep], x[ref_keep])
+
+
+@pytest.mark.parametrize("case,match", [("dup_host", "duplicate"), ("unalloc", "not allocated"),
+                                        ("host_oob", "host_indices"), ("neg", "host_indices"),
+                                        ("dev_oob", "device_indices")])
+def test_triton_method_validation_errors_leave_state_unchanged(case, match):
+    """method="triton" validates through _fast_plan before anything runs (on this CPU box the
+    method itself then cannot run: that is a different ValueError, after validation)."""
+    _, cache, h, poison = _setup("dsv4", "c4")
+    h, _ = hp.alloc(h, 4 * h.spec.tokens_per_page)
+    hi, di = _fast_cases(h.spec, cache.layout.pool("c4").capacity,
+                         np.random.default_rng(5))[case]
+    with pytest.raises(ValueError, match=match):
+        hp.backup_from_device(h, cache, "c4", hi, di, method="triton")
+    assert not h.buffer.is_deleted()
+    np.testing.assert_array_equal(np.asarray(h.buffer), poison)
