@@ -84,27 +84,46 @@ class OwnershipError(ValueError):
 # Registries: JAX buffers viewed by torch, and JAX arrays that alias torch memory.
 
 _lock = threading.RLock()  # re-entrant: weakref callbacks may fire during GC under the lock
-_exported: dict[int, list[weakref.ref]] = {}   # JAX buffer pointer -> weakrefs to torch tensors
-_imported: dict[int, list[weakref.ref]] = {}   # torch pointer -> weakrefs to the JAX arrays
+# pointer -> weak references to the objects on the other side.  No callback per reference (a
+# callback per exchange cost ~2-3 us): dead references are pruned lazily -- an entry's list when
+# its length reaches a power of two >= 8, and every table every ``_SWEEP_EVERY`` records -- so the
+# tables stay bounded, and every query ignores dead references.
+_exported: dict[int, list] = {}  # JAX buffer pointer -> the torch tensors viewing it
+_imported: dict[int, list] = {}  # torch pointer -> the JAX arrays aliasing it
+_SWEEP_EVERY = 1024
+_since_sweep = [0]
 
 
-def _live(refs: list[weakref.ref]) -> list:
+def _live(refs) -> list:
     return [o for o in (r() for r in list(refs)) if o is not None]
 
 
-def _record(table: dict, ptr: int, obj) -> None:
-    """Records a weak reference; the entry disappears when ``obj`` dies (no unbounded growth)."""
-    def forget(ref, table=table, ptr=ptr):
-        with _lock:
-            refs = table.get(ptr)
-            if refs is not None:
-                refs[:] = [r for r in refs if r is not ref and r() is not None]
+def _sweep() -> None:
+    """Drops dead references and empty entries from both tables."""
+    with _lock:
+        for table in (_exported, _imported):
+            for ptr, refs in list(table.items()):
+                refs[:] = [r for r in refs if r() is not None]
                 if not refs:
                     del table[ptr]
+        _since_sweep[0] = 0
 
-    ref = weakref.ref(obj, forget)
+
+def _record(table: dict, ptr: int, obj) -> None:
+    """Records a weak reference to ``obj`` under ``ptr`` (pruned lazily once ``obj`` dies)."""
+    ref = weakref.ref(obj)
     with _lock:
-        table.setdefault(ptr, []).append(ref)
+        refs = table.get(ptr)
+        if refs is None:
+            table[ptr] = [ref]
+        else:
+            k = len(refs)
+            if k >= 8 and not k & (k - 1):  # amortised O(1): prune at 8, 16, 32, ...
+                refs[:] = [r for r in refs if r() is not None]
+            refs.append(ref)
+        _since_sweep[0] += 1
+        if _since_sweep[0] >= _SWEEP_EVERY:
+            _sweep()
 
 
 def buffer_pointer(array: jax.Array) -> int:
@@ -121,13 +140,13 @@ def _array_pointers(array: jax.Array) -> list[int]:
 def is_viewed_by_torch(array: jax.Array) -> bool:
     """True while a torch tensor made by ``to_torch`` from this array's buffer is alive."""
     with _lock:
-        return any(_live(_exported.get(p, [])) for p in _array_pointers(array))
+        return any(_live(_exported.get(p, ())) for p in _array_pointers(array))
 
 
 def is_torch_owned(array: jax.Array) -> bool:
     """True when ``array`` aliases torch memory (made by ``from_torch``) and that array is alive."""
     with _lock:
-        return any(_live(_imported.get(p, [])) for p in _array_pointers(array))
+        return any(_live(_imported.get(p, ())) for p in _array_pointers(array))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,20 +164,100 @@ def _check_jax_array(array, arg: str = "array") -> None:
                          "use the array the call returned")
 
 
-def _export_one(array: jax.Array) -> torch.Tensor:
+# Fast export path.  ``torch.from_dlpack(array)`` spends most of its time in Python: JAX's
+# ``__dlpack_device__`` / ``__dlpack__`` (platform strings, ``addressable_data(0)``, version
+# dispatch) and torch's stream lookup (a ``torch.cuda.Stream`` object per call).  The fast path
+# makes the same two C++ calls those layers end in -- jaxlib's ``buffer_to_dlpack_managed_tensor``
+# with torch's current stream (so JAX makes that stream wait for the array's producer: the DLPack
+# handshake is unchanged) and ``torch._C._from_dlpack`` -- with the torch device index cached per
+# JAX device.  Internal API: used only when it imports, and checked on first use against the
+# array (pointer, shape, element size); any failure falls back to ``torch.from_dlpack``, which
+# then reports the error.
+_EXPORT = {"enabled": True, "checked": False}
+_EXPORT_DEV: dict = {}  # jax device -> torch CUDA index, -1 for CPU, None where unsupported
+
+
+def _export_api():
+    api = _EXPORT.get("api")
+    if api is None:
+        try:
+            from jax._src.lib import _jax
+            api = (_jax.buffer_to_dlpack_managed_tensor, torch._C._from_dlpack,
+                   getattr(torch._C, "_cuda_getCurrentRawStream", None))
+        except (ImportError, AttributeError):
+            _EXPORT["enabled"] = False
+            return None
+        _EXPORT["api"] = api
+    return api
+
+
+def _export_index(device) -> int | None:
     try:
-        t = torch.from_dlpack(array)
-    except (BufferError, RuntimeError, TypeError) as e:
-        if array.dtype == jnp.float8_e4m3fn:
-            raise ValueError(
-                "this JAX/torch pair cannot exchange float8_e4m3fn through DLPack, and JAX cannot "
-                "alias an fp8 buffer as uint8 without a copy: exchange the cache's uint8 buffers "
-                "instead, or bitcast inside jit (jax.lax.bitcast_convert_type)") from e
-        raise ValueError(f"DLPack export of a {array.dtype} array failed: {e}") from e
-    if array.size and t.data_ptr() != int(array.unsafe_buffer_pointer()):
+        return _EXPORT_DEV[device]
+    except KeyError:
+        pass
+    idx = None
+    try:
+        if device.platform == "cpu":
+            idx = -1
+        elif device.platform == "gpu" and "cuda" in device.client.platform_version:
+            idx = int(device.local_hardware_id)
+    except Exception:  # noqa: BLE001 - unknown device kinds take the public path
+        idx = None
+    _EXPORT_DEV[device] = idx
+    return idx
+
+
+def _torch_stream(idx: int) -> int:
+    """torch's current stream on ``cuda:idx`` in DLPack's convention (1 = the legacy default)."""
+    raw = _EXPORT["api"][2]
+    s = raw(idx) if raw is not None else torch.cuda.current_stream(idx).cuda_stream
+    return 1 if s == 0 else s
+
+
+def _fast_export(array: jax.Array, device):
+    """``torch.from_dlpack(array)`` without the Python layers, or None (use the public path)."""
+    if not _EXPORT["enabled"]:
+        return None
+    api = _export_api()
+    if api is None:
+        return None
+    idx = _export_index(device)
+    if idx is None:
+        return None
+    if idx >= 0 and array.sharding.memory_kind not in (None, "device"):
+        return None  # pinned-host arrays: the public path knows their DLPack device type
+    try:
+        t = api[1](api[0](array, stream=_torch_stream(idx) if idx >= 0 else None))
+    except Exception:  # noqa: BLE001 - the public path reports the error properly
+        return None
+    if not _EXPORT["checked"]:  # first use: must look exactly like the public path's result
+        if (tuple(t.shape) != tuple(array.shape) or t.element_size() != array.dtype.itemsize
+                or (array.size and t.data_ptr() != int(array.unsafe_buffer_pointer()))):
+            _EXPORT["enabled"] = False
+            return None
+        _EXPORT["checked"] = True
+    return t
+
+
+def _export_one(array: jax.Array, device=None) -> torch.Tensor:
+    t = _fast_export(array, device) if device is not None else None
+    if t is None:
+        try:
+            t = torch.from_dlpack(array)
+        except (BufferError, RuntimeError, TypeError) as e:
+            if array.dtype == jnp.float8_e4m3fn:
+                raise ValueError(
+                    "this JAX/torch pair cannot exchange float8_e4m3fn through DLPack, and JAX "
+                    "cannot alias an fp8 buffer as uint8 without a copy: exchange the cache's "
+                    "uint8 buffers instead, or bitcast inside jit "
+                    "(jax.lax.bitcast_convert_type)") from e
+            raise ValueError(f"DLPack export of a {array.dtype} array failed: {e}") from e
+    ptr = int(array.unsafe_buffer_pointer())
+    if array.size and t.data_ptr() != ptr:
         raise RuntimeError("DLPack export copied the array (pointers differ); refusing a silent "
                            "copy")
-    _record(_exported, int(array.unsafe_buffer_pointer()), t)
+    _record(_exported, ptr, t)
     return t
 
 
@@ -180,12 +279,13 @@ def to_torch(array: jax.Array) -> torch.Tensor:
         ``to_torch_shards``); a dtype DLPack cannot carry.
     """
     _check_jax_array(array)
-    ndev = len(array.sharding.device_set)
-    if ndev > 1:
-        raise ValueError(f"array is spread over {ndev} devices (sharding {array.sharding}); "
-                         "DLPack describes one buffer: use to_torch_shards(array) for one tensor "
-                         "per shard")
-    return _export_one(array)
+    devices = array.sharding.device_set
+    if len(devices) > 1:
+        raise ValueError(f"array is spread over {len(devices)} devices (sharding "
+                         f"{array.sharding}); DLPack describes one buffer: use "
+                         "to_torch_shards(array) for one tensor per shard")
+    (device,) = devices
+    return _export_one(array, device)
 
 
 def to_torch_shards(array: jax.Array) -> list[torch.Tensor]:
@@ -197,7 +297,7 @@ def to_torch_shards(array: jax.Array) -> list[torch.Tensor]:
       arrays give one tensor per device, all with the same values.
     """
     _check_jax_array(array)
-    return [_export_one(s.data) for s in array.addressable_shards]
+    return [_export_one(s.data, s.device) for s in array.addressable_shards]
 
 
 def torch_views(cache) -> tuple[torch.Tensor, ...]:
@@ -223,18 +323,23 @@ def _x64_enabled() -> bool:
     return jax.dtypes.canonicalize_dtype(np.int64) == np.dtype(np.int64)
 
 
-# Fast import path: ``jax.dlpack.from_dlpack`` spends ~60 us per call in Python on CPU (device
-# lookup, a stream query that raises UNIMPLEMENTED, dtype canonicalisation).  The fast path caches
-# the device and stream per DLPack device and calls the same jaxlib entry point directly.  It is
-# internal API, so it is used only when it imports and passes a self-check, else the public API.
+# Fast import path.  ``jax.dlpack.from_dlpack`` spends ~60 us per call in Python on CPU (device
+# lookup, a stream query that raises UNIMPLEMENTED, dtype canonicalisation), and torch's
+# ``Tensor.__dlpack__(stream=...)`` builds a ``torch.cuda.ExternalStream`` and a fresh
+# ``torch.cuda.Event`` per call on CUDA.  The fast path caches, per DLPack device: the JAX device,
+# JAX's stream for external ready events, a torch ``ExternalStream`` wrapping it and one reusable
+# event; per call it does torch's handshake itself (record the event on torch's current stream,
+# make JAX's stream wait on it -- ``cudaStreamWaitEvent`` captures the event's state at the call,
+# so reusing the event is safe; a lock keeps record+wait pairs from interleaving across threads),
+# then ``torch._C._to_dlpack`` and jaxlib's ``dlpack_managed_tensor_to_buffer`` (the entry point
+# ``jax.dlpack.from_dlpack`` ends in).  Internal API, so it is used only when it imports and
+# passes a self-check on first use, else the public API.
 _FAST = {"enabled": True, "checked": False}
 _DEVICES: dict = {}
+_handshake_lock = threading.Lock()
 
 
-def _fast_import(src: torch.Tensor):
-    """jaxlib's ``dlpack_managed_tensor_to_buffer`` with cached device/stream, or None."""
-    if not _FAST["enabled"]:
-        return None
+def _import_api():
     api = _FAST.get("api")
     if api is None:
         try:
@@ -244,26 +349,52 @@ def _fast_import(src: torch.Tensor):
             _FAST["enabled"] = False
             return None
         api = _FAST["api"] = (xla_bridge, _jax.dlpack_managed_tensor_to_buffer,
-                              jaxlib_extension_version >= 467)
-    xla_bridge, to_buffer, five_args = api
+                              jaxlib_extension_version >= 467,
+                              getattr(torch._C, "_cuda_getDevice", None))
+    return api
+
+
+def _import_device(idx: int, src: torch.Tensor, xla_bridge):
+    """(jax device, JAX stream or None, DLPack device type, torch ExternalStream, torch Event)."""
+    hit = _DEVICES.get(idx)
+    if hit is None:
+        dl_type, dev_id = (int(x) for x in src.__dlpack_device__())
+        platform = {1: "cpu", 2: "cuda"}[dl_type]
+        device = xla_bridge.get_backend(platform).device_from_local_hardware_id(dev_id)
+        stream = ext = event = None
+        if dl_type == 2:
+            try:
+                stream = device.get_stream_for_external_ready_events()
+            except Exception:  # noqa: BLE001 - UNIMPLEMENTED on some backends
+                stream = None
+            if stream is not None:
+                ext = torch.cuda.ExternalStream(stream, device=torch.device("cuda", idx))
+                event = torch.cuda.Event()
+        hit = _DEVICES[idx] = (device, stream, dl_type, ext, event)
+    return hit
+
+
+def _fast_import(src: torch.Tensor):
+    """jaxlib's ``dlpack_managed_tensor_to_buffer`` with cached device/stream, or None."""
+    if not _FAST["enabled"]:
+        return None
+    api = _import_api()
+    if api is None:
+        return None
+    xla_bridge, to_buffer, five_args, get_device = api
     try:
         idx = src.get_device()  # -1 on CPU
         if idx < 0 and src.is_pinned():
             return None  # pinned host memory: the public API knows its DLPack device type
-        hit = _DEVICES.get(idx)
-        if hit is None:
-            dl_type, dev_id = (int(x) for x in src.__dlpack_device__())
-            platform = {1: "cpu", 2: "cuda"}[dl_type]
-            device = xla_bridge.get_backend(platform).device_from_local_hardware_id(dev_id)
-            stream = None
-            if dl_type == 2:
-                try:
-                    stream = device.get_stream_for_external_ready_events()
-                except Exception:  # noqa: BLE001 - UNIMPLEMENTED on some backends
-                    stream = None
-            hit = _DEVICES[idx] = (device, stream, dl_type)
-        device, stream, dl_type = hit
-        cap = src.__dlpack__(stream=stream)
+        device, stream, dl_type, ext, event = _import_device(idx, src, xla_bridge)
+        if idx >= 0:
+            current = get_device() if get_device is not None else torch.cuda.current_device()
+            if current != idx or ext is None:
+                return None  # torch's own rules (and errors) for other devices / no stream
+            with _handshake_lock:  # what Tensor.__dlpack__(stream) does, with cached objects
+                event.record()  # torch's current stream
+                ext.wait_event(event)
+        cap = torch._C._to_dlpack(src)
         if five_args:
             out = to_buffer(cap, device, stream, False, dl_type)
         else:
@@ -312,6 +443,9 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
         raise ValueError(f"fp8 must be 'auto', 'native' or 'uint8', got {fp8!r}")
     if tensor.requires_grad:
         raise ValueError("tensor requires grad: pass tensor.detach() (zero-copy)")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor has layout {tensor.layout}; only dense (torch.strided) tensors "
+                         "can be exchanged: call tensor.to_dense() first (a copy)")
     if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensor must be on a cpu or cuda device, got {tensor.device}")
     if not tensor.is_contiguous():
@@ -389,8 +523,8 @@ def donate_safe(tree: Any, arg: str = "cache") -> Any:
                                  "previous call returned")
         with _lock:
             ptrs = _array_pointers(leaf)
-            views = sum(len(_live(_exported.get(p, []))) for p in ptrs)
-            owned = any(_live(_imported.get(p, [])) for p in ptrs)
+            views = sum(len(_live(_exported.get(p, ()))) for p in ptrs)
+            owned = any(_live(_imported.get(p, ())) for p in ptrs)
         if views:
             raise OwnershipError(
                 f"{where} cannot be donated: {views} torch tensor(s) made by "

@@ -50,10 +50,15 @@ def _bits(x) -> np.ndarray:
 # DLPack exchange
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("jdt,tdt", _DTYPES)
-def test_to_torch_zero_copy_and_bit_exact(jdt, tdt):
+def test_to_torch_zero_copy_and_bit_exact(jdt, tdt, fast, monkeypatch):
+    from jaxkv.interop import dlpack
+    monkeypatch.setitem(dlpack._EXPORT, "enabled", fast)
     x = _random_jax((6, 40), jdt)
     t = I.to_torch(x)
+    if fast:  # the fast path was taken and passed its self-check
+        assert dlpack._EXPORT["checked"] and dlpack._EXPORT["enabled"]
     assert t.dtype == tdt and tuple(t.shape) == (6, 40)
     assert t.data_ptr() == x.unsafe_buffer_pointer()
     assert np.array_equal(_bits(t), _bits(x))
@@ -228,16 +233,38 @@ def test_registry_forgets_dead_views():
     x = jnp.asarray(_random_bytes((64,)))
     ptr = x.unsafe_buffer_pointer()
     ts = [I.to_torch(x) for _ in range(3)]
-    assert len(dlpack._exported[ptr]) == 3
+    assert len(dlpack._exported[ptr]) == 3 and I.is_viewed_by_torch(x)
     del ts
     gc.collect()
+    assert not I.is_viewed_by_torch(x)  # queries ignore dead references at once
+    dlpack._sweep()
     assert ptr not in dlpack._exported
     t = torch.from_numpy(_random_bytes((64,))).clone()
     y = I.from_torch(t)
-    assert t.data_ptr() in dlpack._imported
+    assert t.data_ptr() in dlpack._imported and I.is_torch_owned(y)
     del y
     gc.collect()
+    dlpack._sweep()
     assert t.data_ptr() not in dlpack._imported
+
+
+def test_registry_stays_bounded():
+    """Dead references are pruned lazily: many short-lived exchanges keep the tables small."""
+    from jaxkv.interop import dlpack
+    x = jnp.asarray(_random_bytes((64,)))
+    keep = I.to_torch(x)  # one live view survives every pruning
+    t = torch.from_numpy(_random_bytes((64,))).clone()
+    for _ in range(3 * dlpack._SWEEP_EVERY + 5):
+        I.to_torch(x)
+        I.from_torch(t)
+    assert len(dlpack._exported[x.unsafe_buffer_pointer()]) <= 2 * 8 + 1
+    assert len(dlpack._imported.get(t.data_ptr(), ())) <= 2 * 8
+    assert sum(map(len, dlpack._exported.values())) <= dlpack._SWEEP_EVERY + 8
+    assert I.is_viewed_by_torch(x) and keep.data_ptr() == x.unsafe_buffer_pointer()
+    del keep
+    gc.collect()
+    assert not I.is_viewed_by_torch(x)
+    I.donate_safe(x)
 
 
 def test_donate_safe_torch_owned():
