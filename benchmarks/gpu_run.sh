@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 SRC=$PWD
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/jax_triton*.whl || exit 1
 # jaxkv.kernels / jaxkv.interop live in kernels/ and interop/: run from a copy in installed shape.
 W=/tmp/w; rm -rf $W; mkdir -p $W
 cp -r jaxkv tests benchmarks pyproject.toml $W/ && cp -r kernels $W/jaxkv/kernels && cp -r interop $W/jaxkv/interop
@@ -41,6 +41,11 @@ for part in "$@"; do
       run "dcp$n-tests" 300 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
       run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n
       unset CUDA_VISIBLE_DEVICES ;;
+    transfer)  # NIXL wheels carried in .whl/ (nixl, nixl_cu13); DRAM then VRAM caches, UCX on lo
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site $SRC/.whl/nixl*.whl \
+        || echo "transfer: nixl wheels failed to install" | tee -a $R/summary.txt
+      run bench-transfer-dram 240 python3 -m benchmarks.transfer --mem dram --out $R/results
+      run bench-transfer-vram 240 env UCX_PROTO_INFO=y python3 -m benchmarks.transfer --mem vram --out $R/results ;;
     *) run "bench-$part" 400 python3 -m benchmarks.$part --out $R/results ;;
   esac
 done

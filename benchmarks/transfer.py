@@ -154,6 +154,20 @@ def _memcpy_gbps(nbytes: int, mem: str, iters: int = 10) -> float:
     return nbytes / statistics.median(ts[2:]) / 1e9
 
 
+def _recv(conn, timeout: float, what: str):
+    """``conn.recv()`` bounded by ``timeout`` seconds (the benchmark must never hang)."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"decode process: no {what} within {timeout} s")
+    return conn.recv()
+
+
+def _ucx_settings(progress_thread: bool) -> str:
+    env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+    env.setdefault("UCX_TLS", "(default)")
+    return (", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+            + f", NIXL progress thread {'on' if progress_thread else 'off'}")
+
+
 def main(argv=None):
     p = common.parser("transfer")
     p.add_argument("--mem", choices=["auto", "dram", "vram"], default="auto",
@@ -164,8 +178,30 @@ def main(argv=None):
     args = p.parse_args(argv)
     from jaxkv.interop import transfer as T
     mem = args.mem
+    has_gpu = jax.devices()[0].platform == "gpu"
     if mem == "auto":
-        mem = "vram" if jax.devices()[0].platform == "gpu" else "dram"
+        mem = "vram" if has_gpu else "dram"
+    # on a GPU machine both memories are measured: transfer-dram-<gpu>.*, transfer-vram-<gpu>.*
+    suite = f"transfer-{mem}" if has_gpu else "transfer"
+    try:
+        rows = _run(args, mem, T)
+    except Exception as e:  # e.g. UCX without CUDA transports: say why, write no numbers
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"{suite}-{common.gpu_name()}-skipped.txt")
+        with open(path, "w") as f:
+            f.write(f"{mem} transfer benchmark failed: {type(e).__name__}: {e}\n"
+                    f"settings: {_ucx_settings(args.progress_thread)}\n")
+        print(open(path).read())
+        raise
+    title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback; "
+             f"{_ucx_settings(args.progress_thread)}")
+    stem = common.write_results(rows, args.out, suite, title=title)
+    with open(stem + ".md") as f:
+        print(f.read())
+    return rows
+
+
+def _run(args, mem, T):
     num_blocks = 24 if args.quick else 96
     sizes = [4, 16] if args.quick else [4, 16, 64]
     iters = 5 if args.quick else args.iters
@@ -181,44 +217,51 @@ def main(argv=None):
         agent = T.Agent("prefill", progress_thread=args.progress_thread)
         regs = {k: agent.register(_random_cache(lay, i, _device(mem)))
                 for i, (k, lay) in enumerate(lays.items())}
-        if not conn.poll(300):
-            raise RuntimeError("decode process did not start")
-        md, remotes = conn.recv()
+        md, remotes = _recv(conn, 300, "metadata")
         agent.add_peer(md)
         rng = np.random.default_rng(0)
         results = {}
-        use_cma = mem == "dram" and hasattr(os, "getpid")
+        use_cma = mem == "dram"
+
+        def pick(k):
+            return [int(x) for x in rng.choice(np.arange(1, num_blocks), k, replace=False)]
+
         for k in sizes:
             for kind in ("packed", "layer_major"):
                 reg, remote = regs[kind], remotes[kind]
                 pools = None if kind == "packed" else G0
-                ts, tc, descs, nbytes = [], [], None, None
+                ts, tc, tb, descs, nbytes = [], [], [], None, None
                 for it in range(iters + 3):
-                    src = [int(x) for x in rng.choice(np.arange(1, num_blocks), k, replace=False)]
-                    dst = [int(x) for x in rng.choice(np.arange(1, num_blocks), k, replace=False)]
+                    src, dst = pick(k), pick(k)
                     t0 = time.perf_counter()
                     x = reg.write(remote, src, dst, b"r%d" % it, pools=pools)
-                    x.wait(60.0)
+                    x.wait(10.0)
                     t = time.perf_counter() - t0
-                    if it >= 3:
-                        ts.append(t)
                     descs, nbytes = x.descriptors, x.nbytes
-                    if use_cma and it >= 3:
+                    if it < 3:
+                        continue
+                    ts.append(t)
+                    # request building alone (block ids -> checked descriptor indices, Python)
+                    t0 = time.perf_counter()
+                    T._pair(reg.layout, src, remote.layout, dst, pools)
+                    tb.append(time.perf_counter() - t0)
+                    if use_cma:  # raw copy of *other* random blocks: as cache-cold as the write
+                        cs, cd = pick(k), pick(k)
                         tc.append(_cma_seconds(
-                            proc.pid, reg.descriptors(src, pools),
-                            T.block_descriptors(remote.layout, dst, pools,
+                            proc.pid, reg.descriptors(cs, pools),
+                            T.block_descriptors(remote.layout, cd, pools,
                                                 regions=remote.regions)))
-                # sanity: the last request arrived bit-exact
-                if use_cma:  # the raw copy above wrote the same bytes: redo the transfer
-                    reg.write(remote, src, dst, b"check", pools=pools).wait(60.0)
+                # sanity: the last request arrived bit-exact (rewrite it: raw copies came after)
+                reg.write(remote, src, dst, b"check", pools=pools).wait(10.0)
                 conn.send(("descs_bytes", (kind, dst, pools)))
-                got = conn.recv()
+                got = _recv(conn, 120, "bytes")
                 if got != _src_bytes(reg, src, pools):
                     raise AssertionError(f"{kind}: transferred bytes differ")
                 results[(kind, k)] = (statistics.median(ts), descs, nbytes,
-                                      statistics.median(tc) if tc else None)
-            tp, dp, bp, cp = results[("packed", k)]
-            tl, dl, bl, cl = results[("layer_major", k)]
+                                      statistics.median(tc) if tc else None,
+                                      statistics.median(tb))
+            tp, dp, bp, cp, bdp = results[("packed", k)]
+            tl, dl, bl, cl, bdl = results[("layer_major", k)]
             # ceiling: the best single copy of these bytes (cross-process cma of whole blocks on
             # DRAM; an in-process device copy on VRAM)
             ceil = bp / cp / 1e9 if cp else _memcpy_gbps(bp, mem)
@@ -237,6 +280,10 @@ def main(argv=None):
                                        higher_is_better=False))
                 rows.append(common.row(f"raw cma, layer-major descriptors: {k} blocks, time",
                                        cl * 1e6, "us", higher_is_better=False))
+            rows.append(common.row(f"packed: {k}-block request build (Python), time", bdp * 1e6,
+                                   "us", baseline=bdl * 1e6, higher_is_better=False))
+            rows.append(common.row(f"layer-major: {k}-block request build (Python), time",
+                                   bdl * 1e6, "us", higher_is_better=False))
             rows.append(common.row(f"packed: {k}-block request, descriptors", dp, "count",
                                    baseline=dl, higher_is_better=False))
             rows.append(common.row(f"layer-major: {k}-block request, descriptors", dl, "count"))
@@ -250,6 +297,7 @@ def main(argv=None):
                                len(regs["layer_major"].regions), "count"))
         rows.append(common.row("host load average (1 min) during the run", os.getloadavg()[0],
                                "load"))
+        rows.append(common.row("host cores", os.cpu_count(), "count"))
         agent.close()
     finally:
         try:
@@ -261,11 +309,6 @@ def main(argv=None):
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback, progress "
-             f"thread {'on' if args.progress_thread else 'off'}")
-    stem = common.write_results(rows, args.out, "transfer", title=title)
-    with open(stem + ".md") as f:
-        print(f.read())
     return rows
 
 

@@ -17,6 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import jaxkv  # noqa: E402
 from jaxkv import formats as F  # noqa: E402
@@ -128,6 +130,49 @@ def test_bad_blocks_are_value_errors(kind, blocks, pools, match):
     _, lays = _layouts()
     with pytest.raises(ValueError, match=match):
         T.descriptor_count(lays[kind], blocks, pools)
+
+
+_ID_LISTS = st.one_of(
+    st.lists(st.integers(-2, NUM_BLOCKS + 1), max_size=6),
+    st.lists(st.sampled_from([1, 2, 3, True, 2.0, np.int16(2), np.uint8(3)]), max_size=4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=_ID_LISTS, as_array=st.booleans(), kind=st.sampled_from(["packed", "lm"]))
+def test_request_building_matches_a_plain_python_reference(ids, as_array, kind):
+    """The vectorized id checks and index building against a loop written here: the same ids
+    are accepted (as a list or an ndarray), the same are refused, and the descriptor order is
+    pools, then layers, then the given pages."""
+    _, lays = _layouts()
+    layout = lays[kind]
+    blocks = np.asarray(ids) if as_array and ids else ids
+    n = NUM_BLOCKS if kind == "packed" else NUM_PAGES
+    # reference: every id a real int (not bool/float), in range, not reserved, no repeats
+    reserved = {0, n - 1}  # page/block 0; the last holds the state sentinels (both layouts here)
+    vals = np.asarray(blocks).tolist() if isinstance(blocks, np.ndarray) else list(blocks)
+    elems = list(blocks)
+    ok_type = all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_))
+                  for b in elems)
+    if isinstance(blocks, np.ndarray):
+        ok_type = blocks.dtype.kind in "iu"
+    valid = (ok_type and all(0 <= v < n and v not in reserved for v in vals)
+             and len(set(vals)) == len(vals))
+    if not valid:
+        with pytest.raises(ValueError):
+            T.descriptor_count(layout, blocks)
+        return
+    if kind == "packed":
+        expect = [int(v) for v in vals]
+    else:
+        expect, base = [], 0
+        for p in layout.pools:
+            for layer in range(p.spec.num_layers):
+                expect.extend(base + layer * p.num_pages + int(v) for v in vals)
+            base += p.spec.num_layers * p.num_pages
+    norm = T._normalize_blocks(layout, blocks, None, "blocks")
+    got = T._desc_indices(layout, norm)
+    assert got.dtype == np.int32 and got.tolist() == expect
+    assert T.descriptor_count(layout, blocks) == len(expect)
 
 
 def test_layer_major_token_pools_may_use_the_last_page():
