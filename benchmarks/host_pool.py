@@ -227,17 +227,41 @@ def main(argv=None):
     host, hslots, tslots = allocated(host)
     hpages = hslots[::tpp] // tpp
     tlocs = rng.choice(dev_pages * tpp, n_tokens, replace=False)
-    # planning cost alone (validation + index arrays) of one page-aligned call
+    # ---- host-side planning alone (ms per call), before and after moving it to the device
     p = cache.layout.pool(POOL)
-    # (the "triton" method's plan on GPU, the "xla" one's elsewhere)
-    t_plan = common.time_call(lambda: hp._Plan(host, p, hslots.astype(np.int64), dslots.astype(np.int64),
-                                      tuple(range(s.num_layers)), "host", staging=not gpu), iters)
-    rows.append(common.row("host-side plan of a page-aligned call (ms)", t_plan * 1e3, "ms"))
-    t_tplan = common.time_call(lambda: hp._Plan(host, p, tslots.astype(np.int64), tlocs.astype(np.int64),
-                                       tuple(range(s.num_layers)), "host", staging=not gpu),
-                      iters)
-    rows.append(common.row(f"host-side plan of a {n_tokens // 1024}K-token call (ms)",
-                           t_tplan * 1e3, "ms"))
+    layers = tuple(range(s.num_layers))
+
+    def numpy_plan(h_, d_):
+        """The numpy plan + window arrays (what the "triton" method did before this run)."""
+        plan = hp._Plan(host, p, h_, d_, layers, "host", staging=False)
+        return hp._windows(host, cache, POOL, plan)
+
+    def fast_plan(h_, d_):
+        """The "triton" method's plan now: host range checks, one upload, the checks as one
+        device program, token windows derived on the device; on GPU everything the call does
+        before its kernels (``_triton_plan``), waited for."""
+        plan = hp._fast_plan(host, p, h_, d_, layers, "host")
+        if gpu:
+            _, _, calls = hp._triton_plan(host, cache, POOL, plan)
+            jax.block_until_ready([a for _, arrs in calls for a in arrs])
+        elif not plan.page_aligned:
+            jax.block_until_ready(hp._token_windows_fn(tpp, s.value_bytes, s.scale_stride, 1,
+                                                       (16, 2048))(plan.h_dev, plan.d_dev))
+        return plan
+
+    for label, h_, d_ in (("page-aligned", hslots, dslots),
+                          (f"{n_tokens // 1024}K-token", tslots, tlocs)):
+        for kind, fn in (("numpy, before", numpy_plan), ("device checks, now", fast_plan)):
+            try:
+                ms = common.time_call(lambda: fn(h_, d_), iters) * 1e3
+                rows.append(common.row(f"host-side plan of a {label} call [{kind}] (ms)", ms,
+                                       "ms"))
+                print(f"plan {label} [{kind}]: {ms:.2f} ms", flush=True)
+            except Exception as e:
+                errors.append(f"plan {label} [{kind}]: {type(e).__name__}: {e}\n"
+                              + traceback.format_exc())
+                print(f"FAILED plan {label} [{kind}]: {type(e).__name__}: {str(e)[:300]}",
+                      flush=True)
 
     for m in methods:
         try:
@@ -249,6 +273,7 @@ def main(argv=None):
         state = {"host": host}
 
         def run(name, fn, nbytes, ceiling, target, verify):
+            """Times ``fn`` (after one checked call); returns the median seconds or None."""
             target = None if target is None else {"ceiling_fraction": target}
             try:
                 state["host"] = _usable(state["host"], fresh_host)
@@ -265,22 +290,61 @@ def main(argv=None):
                 rows.append(common.row(name, v, "GB/s", ceiling=ceiling, baseline=base,
                                        target=target))
                 frac = f" ({v / ceiling:.2f} of ceiling)" if ceiling else ""
-                print(f"{name}: {v:.1f} GB/s{frac}", flush=True)
+                print(f"{name}: {v:.1f} GB/s{frac} ({t * 1e3:.1f} ms per call)", flush=True)
+                return t
             except Exception as e:  # report, keep measuring the other methods
                 msg = f"{name}: {type(e).__name__}: {e}"
                 errors.append(msg + "\n" + traceback.format_exc())
                 print("FAILED " + msg[:300], flush=True)
                 rows.append(common.row(name + " (FAILED)", 0.0, "GB/s", ceiling=ceiling,
                                        target=target))
+                return None
+
+        def kernel_only(what, h_, d_, to_host, nbytes, ceiling, t_e2e, verify):
+            """The same transfer with its plan made once, outside the timing (``_triton_plan``:
+            window arrays on the device): the kernels alone, and end to end minus that."""
+            if m != "triton" or not gpu:
+                return
+            try:
+                plan = hp._fast_plan(state["host"], p, h_, d_, layers,
+                                     "host" if to_host else "device")
+                bb, addr, calls = hp._triton_plan(state["host"], cache, POOL, plan)
+                kst = {"cache": cache}
+
+                def go():
+                    c = kst["cache"]
+                    dev = hp._triton_kernels(c, bb, addr, calls, to_host,
+                                             donate=c is not cache)
+                    if not to_host:
+                        bufs = list(c.buffers)
+                        bufs[bb] = dev
+                        kst["cache"] = jaxkv.Cache(tuple(bufs), c.layout)
+                go()
+                verify(kst["cache"])
+                tk = common.time_call(go, iters, warmup=1)
+                v = nbytes / tk / 1e9
+                rows.append(common.row(f"kernels only (plan precomputed) {what} [{m}]", v,
+                                       "GB/s", ceiling=ceiling))
+                print(f"kernels only {what}: {v:.1f} GB/s ({tk * 1e3:.1f} ms)", flush=True)
+                if t_e2e is not None:
+                    rows.append(common.row(f"end to end minus kernels only, {what} [{m}] (ms)",
+                                           (t_e2e - tk) * 1e3, "ms"))
+                del kst
+            except Exception as e:
+                msg = f"kernels only {what} [{m}]: {type(e).__name__}: {e}"
+                errors.append(msg + "\n" + traceback.format_exc())
+                print("FAILED " + msg[:300], flush=True)
 
         def backup_pages():
             state["host"] = hp.backup_from_device(state["host"], cache, POOL, hslots, dslots,
                                                   method=m)
             jax.block_until_ready(state["host"].buffer)
 
-        run(f"backup pages [{m}] {page_bytes_total / 1e9:.1f} GB", backup_pages,
-            page_bytes_total, d2h, 0.90,
-            lambda: _verify_pages(state["host"], cache, b, hpages, dpages, rng))
+        t = run(f"backup pages [{m}] {page_bytes_total / 1e9:.1f} GB", backup_pages,
+                page_bytes_total, d2h, 0.90,
+                lambda: _verify_pages(state["host"], cache, b, hpages, dpages, rng))
+        kernel_only("backup pages", hslots, dslots, True, page_bytes_total, d2h, t,
+                    lambda c: _verify_pages(state["host"], cache, b, hpages, dpages, rng))
 
         # load the same host pages into other (random) device pages
         dst_pages = rng.permutation(dev_pages)[:n_pages]
@@ -296,8 +360,10 @@ def main(argv=None):
         def verify_load():
             _verify_pages(state["host"], cstate["cache"], b, hpages, dst_pages, rng)
 
-        run(f"load pages [{m}] {page_bytes_total / 1e9:.1f} GB", load_pages, page_bytes_total,
-            h2d, 0.90, verify_load)
+        t = run(f"load pages [{m}] {page_bytes_total / 1e9:.1f} GB", load_pages,
+                page_bytes_total, h2d, 0.90, verify_load)
+        kernel_only("load pages", hslots, dst_slots, False, page_bytes_total, h2d, t,
+                    lambda c: _verify_pages(state["host"], c, b, hpages, dst_pages, rng))
         del cstate
 
         def backup_tokens():
@@ -305,9 +371,11 @@ def main(argv=None):
                                                   method=m)
             jax.block_until_ready(state["host"].buffer)
 
-        run(f"backup tokens [{m}] {n_tokens // 1024}K random", backup_tokens,
-            token_bytes_total, d2h, 0.70,
-            lambda: _verify_tokens(state["host"], cache, b, tslots, tlocs, rng))
+        t = run(f"backup tokens [{m}] {n_tokens // 1024}K random", backup_tokens,
+                token_bytes_total, d2h, 0.70,
+                lambda: _verify_tokens(state["host"], cache, b, tslots, tlocs, rng))
+        kernel_only("backup tokens", tslots, tlocs, True, token_bytes_total, d2h, t,
+                    lambda c: _verify_tokens(state["host"], cache, b, tslots, tlocs, rng))
 
         tdst = rng.choice(dev_pages * tpp, n_tokens, replace=False)
         cstate = {"cache": cache}
@@ -318,9 +386,9 @@ def main(argv=None):
                                                 donate=c is not cache)
             jax.block_until_ready(cstate["cache"].buffers)
 
-        def verify_load_tokens():
+        def verify_load_tokens(c=None):
             # host slot tslots[j] holds device token tlocs[j]; it must now be at tdst[j]
-            c = cstate["cache"]
+            c = cstate["cache"] if c is None else c
             for j in rng.choice(n_tokens, 16, replace=False):
                 for l in (0, s.num_layers - 1):
                     dp, dt = divmod(int(tdst[j]), tpp)
@@ -332,8 +400,10 @@ def main(argv=None):
                                            bb[tpp * V + st * S:tpp * V + (st + 1) * S])):
                         raise AssertionError(f"loaded token {j} differs")
 
-        run(f"load tokens [{m}] {n_tokens // 1024}K random", load_tokens, token_bytes_total,
-            h2d, None, verify_load_tokens)
+        t = run(f"load tokens [{m}] {n_tokens // 1024}K random", load_tokens,
+                token_bytes_total, h2d, None, verify_load_tokens)
+        kernel_only("load tokens", tslots, tdst, False, token_bytes_total, h2d, t,
+                    verify_load_tokens)
         del cstate
         host = state["host"]
         try:

@@ -701,22 +701,30 @@ def _in_range(a: np.ndarray, cap: int) -> bool:
     return a.size == 0 or (int(a.min()) >= 0 and int(a.max()) < cap)
 
 
+# Index count from which the "triton" plan checks on the device (below it the numpy ``_Plan`` is
+# cheaper than a device dispatch + read-back: ~0.25 ms for 4K tokens on the CPU box, ~23 ns per
+# index, against a fixed ~0.3-0.5 ms for upload + program + read-back).
+_DEVICE_PLAN_MIN = 1 << 15
+
+
 def _fast_plan(host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[int, ...],
-               dest: str):
+               dest: str, min_device: int | None = None):
     """The ``"triton"`` method's plan, with the same validation and errors as ``_Plan``.
 
     Host side: range checks by min/max, the two index arrays padded to a size bucket (int32,
     -1 padding) and uploaded in one ``device_put``; the duplicate / allocation / whole-page checks
     run as one jitted device program (``_validate_fn``, one small read-back).  Any failed check
     re-runs the numpy ``_Plan``, which raises the exact error (so messages are unchanged); pools
-    whose slots do not fit int32 use the numpy plan.  Page-aligned transfers then take their
+    whose slots do not fit int32, and calls of fewer than ``min_device`` (default
+    ``_DEVICE_PLAN_MIN``) indices, use the numpy plan.  Page-aligned transfers then take their
     (``tpp`` times fewer) pages on the host; token transfers keep their indices on the device.
     Measured on the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window
     arrays) / ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
     s = host.spec
     tpp = s.tokens_per_page
     lim = 2**31 - 2 * tpp
-    if s.capacity >= lim or p.capacity >= lim or not (
+    small = h.size < (_DEVICE_PLAN_MIN if min_device is None else min_device)
+    if small or s.capacity >= lim or p.capacity >= lim or not (
             _in_range(h, s.capacity) and _in_range(d, p.capacity)):
         return _Plan(host, p, h, d, layers, dest, staging=False)  # raises on a range error
     count = h.size

@@ -544,11 +544,16 @@ def _fake_triton_copy_fn(to_host, host_addr, meta, donate):
 
 @pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("v32", "kv")])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, pool, aligned):
+@pytest.mark.parametrize("device_plan", [True, False])
+def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, pool, aligned,
+                                                       device_plan):
     """backup_from_device / load_to_device with method="triton", the kernel interpreted on CPU:
     bytes against the numpy reference, and a donating token load (two window kernels, value then
     scale, the second donating the first one's result) returns a usable cache -- the second H100
-    run failed there with "BlockHostUntilReady() called on deleted or donated buffer"."""
+    run failed there with "BlockHostUntilReady() called on deleted or donated buffer".
+    ``device_plan``: the plan's checks and token windows on the device (large calls) or the
+    numpy plan (small calls, ``_DEVICE_PLAN_MIN``)."""
+    monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0 if device_plan else 1 << 30)
     monkeypatch.setattr(hp, "_jax_triton", lambda: None)
     monkeypatch.setattr(hp, "_triton_copy_fn", _fake_triton_copy_fn)
     _, cache, h, poison = _setup(geo_name, pool, seed=79)
@@ -611,12 +616,17 @@ def _assert_xla_refused_on_gpu(h, cache, pool, hidx, didx):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["xla", "triton", "auto"])
+@pytest.mark.parametrize("method", ["xla", "triton", "auto", "triton+device_plan"])
 @pytest.mark.parametrize("geo_name,pool", POOLS)
-def test_gpu_methods_round_trip(method, geo_name, pool):
+def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
     """On the GPU machine: the "triton" method (and "auto", which is "triton" there) against the
     numpy reference, loads with and without donation; "xla" is refused with a clear error (XLA
-    0.11 cannot compile its host-memory gather on GPU: second H100 run)."""
+    0.11 cannot compile its host-memory gather on GPU: second H100 run).
+    ``"triton+device_plan"``: "triton" with the plan's checks and token window arrays on the
+    device (``_DEVICE_PLAN_MIN`` = 0; by default only calls of >= 32K indices take that path)."""
+    if method == "triton+device_plan":
+        monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0)
+        method = "triton"
     _, cache, h, poison = _setup(geo_name, pool, seed=31)
     s = h.spec
     assert s.memory_kind == "pinned_host"
@@ -940,11 +950,11 @@ def test_fast_plan_matches_numpy_plan(geo_name, pool, dest):
             ref = hp._Plan(h, p, hi, di, layers, dest, staging=False)
         except ValueError as e:
             with pytest.raises(ValueError) as got:
-                hp._fast_plan(h, p, hi, di, layers, dest)
+                hp._fast_plan(h, p, hi, di, layers, dest, min_device=0)
             assert str(got.value) == str(e), name
             continue
-        fast = hp._fast_plan(h, p, hi, di, layers, dest)
-        assert fast.page_aligned == ref.page_aligned, name
+        fast = hp._fast_plan(h, p, hi, di, layers, dest, min_device=0)
+        assert getattr(fast, "fast", False) and fast.page_aligned == ref.page_aligned, name
         want = hp._windows(h, cache, pool, ref)
         if fast.page_aligned:
             got = hp._windows(h, cache, pool, fast)
@@ -971,13 +981,16 @@ def test_fast_plan_matches_numpy_plan(geo_name, pool, dest):
 @pytest.mark.parametrize("case,match", [("dup_host", "duplicate"), ("unalloc", "not allocated"),
                                         ("host_oob", "host_indices"), ("neg", "host_indices"),
                                         ("dev_oob", "device_indices")])
-def test_triton_method_validation_errors_leave_state_unchanged(case, match):
+def test_triton_method_validation_errors_leave_state_unchanged(monkeypatch, case, match):
     """method="triton" validates through _fast_plan before anything runs (on this CPU box the
     method itself then cannot run: that is a different ValueError, after validation)."""
     _, cache, h, poison = _setup("dsv4", "c4")
     h, _ = hp.alloc(h, 4 * h.spec.tokens_per_page)
     hi, di = _fast_cases(h.spec, cache.layout.pool("c4").capacity,
                          np.random.default_rng(5))[case]
+    with pytest.raises(ValueError, match=match):
+        hp.backup_from_device(h, cache, "c4", hi, di, method="triton")
+    monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0)       # the device checks, same errors
     with pytest.raises(ValueError, match=match):
         hp.backup_from_device(h, cache, "c4", hi, di, method="triton")
     assert not h.buffer.is_deleted()
