@@ -483,21 +483,65 @@ class DSV4TorchPool:
             out[p.name] = (to_torch(loc), to_torch(valid))
         for p, rows in zip(state, states):
             out[p.name] = (torch.where(out["swa"][1], to_torch(rows), -1), out["swa"][1])
-        for p in self.layout.pools:  # locations must exist in the pools (sizing error)
-            loc, _ = out[p.name]
-            cap = p.capacity if p.sentinel is None else p.sentinel
-            if loc.numel() and int(loc.max()) >= cap:
-                raise ValueError(f"pool {p.name!r} is too small for these indices: location "
-                                 f"{int(loc.max())} >= {cap}"
-                                 f"{'' if p.sentinel is None else ' (the sentinel row)'}")
+        # locations must exist in the pools (a sizing error): one host sync for every pool
+        pools = [p for p in self.layout.pools if out[p.name][0].numel()]
+        if pools:
+            top = torch.stack([out[p.name][0].max().to(torch.int64) for p in pools]).tolist()
+            for p, hi in zip(pools, top):
+                cap = p.capacity if p.sentinel is None else p.sentinel
+                if hi >= cap:
+                    raise ValueError(f"pool {p.name!r} is too small for these indices: location "
+                                     f"{hi} >= {cap}"
+                                     f"{'' if p.sentinel is None else ' (the sentinel row)'}")
         return out
 
     def _side_stream(self):
-        """A CUDA stream for host copies, so they overlap the kernels of the next pool."""
+        """A CUDA stream for host copies, so they overlap the kernels of the next chunk."""
         s = getattr(self, "_copy_stream", None)
         if s is None:
             s = self._copy_stream = torch.cuda.Stream(self.device)
         return s
+
+    def _chunks(self, a: TokenAddressing, m: int):
+        """Layer ranges ``[(l0, l1)]`` of ~``COPY_CHUNK_BYTES`` each (the pipelining unit)."""
+        per_layer = max(1, m * (a.value_bytes + a.scale_bytes))
+        step = max(1, self.COPY_CHUNK_BYTES // per_layer)
+        return [(l0, min(l0 + step, a.num_layers)) for l0 in range(0, a.num_layers, step)]
+
+    #: bytes per pipelined chunk of ``get_cpu_copy`` / ``load_cpu_copy`` (whole layers, >= 1)
+    COPY_CHUNK_BYTES = 64 << 20
+
+    def _plan_save(self, full: torch.Tensor):
+        """``[(pool, buffer, addressing, uniq int32[m], slot int32[N], m)]`` for ``get_cpu_copy``.
+
+        Per pool, the distinct valid locations (ascending) and, per position, which of them it
+        reads (-1: invalid).  Computed on the device with sorts (no ``torch.unique`` /
+        ``nonzero``, which synchronise once each): two host syncs in all (the capacity check of
+        ``_all_locs`` and one for every pool's count).
+        """
+        n = int(full.shape[0])
+        empty = torch.zeros(0, dtype=torch.int32, device=self.device)
+        if not n:
+            return [(p, *self._addr[p.name], empty, empty, 0) for p in self.layout.pools]
+        locs = self._all_locs(full)
+        big = torch.iinfo(torch.int32).max  # sorts after every real location (< capacity)
+        per_pool, counts = [], []
+        for p in self.layout.pools:
+            loc, valid = locs[p.name]
+            key, perm = torch.sort(torch.where(valid, loc, torch.full_like(loc, big)))
+            new = torch.ones(n, dtype=torch.bool, device=self.device)
+            new[1:] = key[1:] != key[:-1]
+            gid = torch.cumsum(new, 0) - 1  # group id of each sorted entry (int64)
+            real = key != big
+            counts.append((new & real).sum())
+            uniq = torch.zeros(n, dtype=torch.int32, device=self.device)
+            uniq.scatter_(0, gid, torch.where(real, key, torch.zeros_like(key)))
+            slot = torch.empty(n, dtype=torch.int32, device=self.device)
+            slot.scatter_(0, perm, torch.where(real, gid, torch.full_like(gid, -1)).to(torch.int32))
+            per_pool.append((p, uniq, slot))
+        ms = torch.stack(counts).tolist()  # the one sync for every pool's count
+        return [(p, *self._addr[p.name], uniq[:m], slot, m)
+                for (p, uniq, slot), m in zip(per_pool, ms)]
 
     def get_cpu_copy(self, indices: torch.Tensor) -> DSV4CpuCopy:
         """Retract: copies every pool's data of a request to host memory.
@@ -506,64 +550,64 @@ class DSV4TorchPool:
         SWA locations (valid where ``full_to_swa[f] > 0``), the C4 / C128 / C4-indexer locations
         (``(f + 1) % r == 0``) and the page-scoped compress-state and indexer-state rows of every
         compressed layer.  Per pool, only the *distinct valid* locations are saved (many
-        positions share one state row; invalid positions hold nothing), gathered for all layers
-        in one kernel launch, and copied into one host buffer.  On CUDA the buffer is pinned and
-        each pool's device-to-host copy runs on a side stream while the next pool is gathered;
-        one synchronisation at the end.
+        positions share one state row; invalid positions hold nothing).
+
+        Pipeline (CUDA): the plan (translation, distinct locations) costs two host syncs; then
+        every pool is gathered in chunks of whole layers (~``COPY_CHUNK_BYTES``) on the current
+        stream, and each chunk's device-to-host copy into one pinned buffer runs on a side
+        stream as soon as that chunk is gathered, so gathers hide under the copies from the
+        first chunk on; the per-position slots go to pinned memory on the same stream.  One
+        synchronisation at the end.
 
         Returns:
           A ``DSV4CpuCopy`` (complete when this returns).  Bit-exact with the device bytes.
         """
         full = self._full(indices)
         n = int(full.shape[0])
-        locs = self._all_locs(full) if n else {}
-        plans, sizes = [], []
-        for p in self.layout.pools:  # 1) which locations each pool saves (host syncs here)
-            b, a = self._addr[p.name]
-            if n:
-                loc, valid = locs[p.name]
-                idx = torch.nonzero(valid).squeeze(1)
-                uniq, inv = torch.unique(loc[idx], return_inverse=True)
-                slot = torch.full((n,), -1, dtype=torch.int32, device=self.device)
-                slot[idx] = inv.to(torch.int32)
-                uniq = uniq.to(torch.int32)
-            else:
-                slot = uniq = torch.zeros(0, dtype=torch.int32, device=self.device)
-            m = int(uniq.shape[0])
-            plans.append((p, b, a, uniq, slot, m))
-            sizes += [a.num_layers * m * a.value_bytes, a.num_layers * m * a.scale_bytes]
+        plans = self._plan_save(full)
+        return self._run_save(plans, n)
+
+    def _run_save(self, plans, n: int) -> DSV4CpuCopy:
         cuda = self.device.type == "cuda"
+        sizes = [a.num_layers * m * w for _, _, a, _, _, m in plans
+                 for w in (a.value_bytes, a.scale_bytes)]
         host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=cuda)
+        slots_host = torch.empty((len(plans), n), dtype=torch.int32, pin_memory=cuda)
         if cuda:
             main, side = torch.cuda.current_stream(self.device), self._side_stream()
-        parts, keep, off = {}, [], 0
-        for p, b, a, uniq, slot, m in plans:  # 2) gather (main stream) -> host (side stream)
-            if m:
-                v, s = self._gather(b, uniq, a)
-            else:
-                v = torch.zeros((a.num_layers, 0, a.value_bytes), dtype=torch.uint8,
-                                device=self.device)
-                s = torch.zeros((a.num_layers, 0, a.scale_bytes), dtype=torch.uint8,
-                                device=self.device)
-            views = []
-            for x in (v, s):
-                h = host[off:off + x.numel()].view(x.shape)
-                off += x.numel()
-                views.append(h)
-                if not x.numel():
-                    continue
+            side.wait_stream(main)  # the plan (slots) is done on the current stream
+            with torch.cuda.stream(side):
+                for k, (*_, slot, _m) in enumerate(plans):
+                    slots_host[k].copy_(slot, non_blocking=True)
+                    slot.record_stream(side)
+        else:
+            for k, (*_, slot, _m) in enumerate(plans):
+                slots_host[k].copy_(slot)
+        parts, off = {}, 0
+        for p, b, a, uniq, slot, m in plans:  # gather chunk (current) -> host (side stream)
+            L, V, S = a.num_layers, a.value_bytes, a.scale_bytes
+            hv = host[off:off + L * m * V].view(L, m, V)
+            off += L * m * V
+            hs = host[off:off + L * m * S].view(L, m, S)
+            off += L * m * S
+            parts[p.name] = (hv, hs)
+            if not m:
+                continue
+            for l0, l1 in self._chunks(a, m):
+                v, s = self._gather(b, uniq, a.select(tuple(range(l0, l1))))
+                pairs = [(hv[l0:l1], v)] + ([(hs[l0:l1], s)] if S else [])
                 if cuda:
                     side.wait_stream(main)
                     with torch.cuda.stream(side):
-                        h.copy_(x, non_blocking=True)
-                    x.record_stream(side)
-                    keep.append(x)
+                        for h, x in pairs:
+                            h.copy_(x, non_blocking=True)
+                            x.record_stream(side)
                 else:
-                    h.copy_(x)
-            parts[p.name] = tuple(views)
-        slots = {p.name: slot.cpu() for p, _, _, _, slot, _ in plans}
+                    for h, x in pairs:
+                        h.copy_(x)
         if cuda:
             side.synchronize()
+        slots = {p.name: slots_host[k] for k, (p, *_) in enumerate(plans)}
         return DSV4CpuCopy(self.geometry, n, host, parts, slots)
 
     def load_cpu_copy(self, copy: DSV4CpuCopy, indices: torch.Tensor) -> None:
@@ -573,9 +617,12 @@ class DSV4TorchPool:
         saved and now (``new_mask & old_mask``): a tail-only SWA allocation restores the rows it
         has and writes nothing into SWA page 0 or another request's rows.  Each saved row is
         written to every new location of the positions that shared it (such positions must map
-        to one new row, as they do when SWA pages keep ``s % page == f % page``).  On CUDA the
-        host-to-device copies run on a side stream, each pool's scatter on the current stream
-        waits for its own copy only; the call returns without a host synchronisation (work is
+        to one new row, as they do when SWA pages keep ``s % page == f % page``).
+
+        Pipeline (CUDA): every host-to-device copy (slots first, then each pool in chunks of
+        whole layers) is enqueued on a side stream *before* the plan is computed, so the plan's
+        host syncs hide under the copies; each chunk's scatter on the current stream waits for
+        that chunk's copy only.  The call returns without a host synchronisation (work is
         ordered on the current stream).
 
         Raises:
@@ -593,15 +640,65 @@ class DSV4TorchPool:
                              f"{copy.num_tokens} tokens")
         if copy.num_tokens == 0:
             return
+        staged = self._stage_load(copy)
+        plans = self._plan_load(copy, full, staged)
+        self._run_load(plans, staged)
+
+    def _stage_load(self, copy: DSV4CpuCopy) -> dict:
+        """Enqueues every host-to-device copy of ``copy`` (CUDA: on the side stream).
+
+        Returns ``{"slots": {pool: int32[N] device}, "slots_ready": event | None,
+        pool: [(l0, l1, value uint8[l1-l0, m, V], scale uint8[l1-l0, m, sb], event | None)]}``.
+        """
+        out, cuda = {}, self.device.type == "cuda"
+        if not cuda:
+            out["slots"] = {k: v.to(self.device) for k, v in copy.slots.items()}
+            out["slots_ready"] = None
+            for p in self.layout.pools:
+                v, s = copy.parts[p.name]
+                out[p.name] = [(0, v.shape[0], v, s, None)] if v.shape[1] else []
+            return out
+        main, side = torch.cuda.current_stream(self.device), self._side_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out["slots"] = {k: v.to(self.device, non_blocking=True)
+                            for k, v in copy.slots.items()}
+            ev = torch.cuda.Event()
+            ev.record(side)
+            out["slots_ready"] = ev
+            for p in self.layout.pools:
+                v, s = copy.parts[p.name]
+                chunks = []
+                if v.shape[1]:
+                    _, a = self._addr[p.name]
+                    for l0, l1 in self._chunks(a, v.shape[1]):
+                        vd = v[l0:l1].to(self.device, non_blocking=True)
+                        sd = s[l0:l1].to(self.device, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(side)
+                        chunks.append((l0, l1, vd, sd, ev))
+                out[p.name] = chunks
+        return out
+
+    def _plan_load(self, copy: DSV4CpuCopy, full: torch.Tensor, staged: dict):
+        """``[(pool, rows int64[K], new int32[K], identity)]``: saved row -> new location pairs.
+
+        Runs on the current stream; on CUDA it waits for the slots' upload only (the first copy
+        on the side stream), not for the parts."""
+        slots = staged["slots"]
+        if self.device.type == "cuda":
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(staged["slots_ready"])
+            for x in slots.values():
+                x.record_stream(main)
         locs = self._all_locs(full)
         plans = []
-        for p in self.layout.pools:  # 1) where each saved row goes (host syncs here)
-            v, s = copy.parts[p.name]
-            m = v.shape[1]
+        for p in self.layout.pools:  # where each saved row goes (host syncs here)
+            m = copy.parts[p.name][0].shape[1]
             if m == 0:
                 continue
             loc, new_valid = locs[p.name]
-            slot = copy.slots[p.name].to(self.device).to(torch.int64)
+            slot = slots[p.name].to(torch.int64)
             idx = torch.nonzero(new_valid & (slot >= 0)).squeeze(1)
             if p.sentinel is not None:  # never write the stored sentinel row
                 idx = idx[loc[idx] != p.sentinel]
@@ -611,27 +708,19 @@ class DSV4TorchPool:
             rows, new = pair // cap, (pair % cap).to(torch.int32)
             identity = rows.numel() == m and torch.equal(
                 rows, torch.arange(m, device=self.device))
-            plans.append((p, v, s, rows, new, identity))
+            plans.append((p, rows, new, identity))
+        return plans
+
+    def _run_load(self, plans, staged: dict) -> None:
         cuda = self.device.type == "cuda"
-        staged = []
-        if cuda:  # 2) every host-to-device copy on the side stream, one event per pool
-            main, side = torch.cuda.current_stream(self.device), self._side_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                for p, v, s, *_ in plans:
-                    vd, sd = v.to(self.device, non_blocking=True), s.to(self.device,
-                                                                         non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(side)
-                    staged.append((vd, sd, ev))
-        else:
-            staged = [(v, s, None) for _, v, s, *_ in plans]
-        for (p, _, _, rows, new, identity), (vd, sd, ev) in zip(plans, staged):
-            if cuda:  # 3) scatter pool k while pool k+1 is still copying
-                main.wait_event(ev)
-                vd.record_stream(main)
-                sd.record_stream(main)
-            if not identity:
-                vd, sd = vd.index_select(1, rows), sd.index_select(1, rows)
+        main = torch.cuda.current_stream(self.device) if cuda else None
+        for p, rows, new, identity in plans:  # scatter chunk k while chunk k+1 still copies
             b, a = self._addr[p.name]
-            self._scatter(b, new, vd, sd, a)
+            for l0, l1, vd, sd, ev in staged[p.name]:
+                if cuda:
+                    main.wait_event(ev)
+                    vd.record_stream(main)
+                    sd.record_stream(main)
+                if not identity:
+                    vd, sd = vd.index_select(1, rows), sd.index_select(1, rows)
+                self._scatter(b, new, vd, sd, a.select(tuple(range(l0, l1))))

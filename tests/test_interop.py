@@ -565,11 +565,14 @@ def _np_locs(pool, full, swa_of_full):
     return np.where(swa_valid, rows, -1), swa_valid
 
 
-@pytest.mark.parametrize("impl,tail_only", [("torch", False), ("torch", True),
-                                            ("triton", False)])
-def test_retract_resume_bit_exact(impl, tail_only):
+@pytest.mark.parametrize("impl,tail_only,chunk", [("torch", False, None), ("torch", True, None),
+                                                  ("torch", False, 1), ("triton", False, None),
+                                                  ("triton", True, 1)])
+def test_retract_resume_bit_exact(impl, tail_only, chunk):
     full_size = 4 * PAGE
     pool, _ = _poisoned_pool(impl, seed=7)
+    if chunk is not None:  # one layer per pipelined chunk
+        pool.COPY_CHUNK_BYTES = chunk
     table = np.zeros(full_size + PAGE + 1, np.int32)
     table[-1] = -1
     n, window = PAGE + 8, GEO.swa_window
@@ -587,6 +590,19 @@ def test_retract_resume_bit_exact(impl, tail_only):
         want_bytes += len(set(o_loc[o_ok].tolist())) * p.spec.num_layers * (
             fmt.value_bytes + fmt.scale_bytes)
         assert np.array_equal(copy.valid[p.name].numpy(), o_ok)
+        # slot i = rank of position i's location among the pool's distinct valid ones
+        distinct = np.array(sorted(set(o_loc[o_ok].tolist())), np.int64)
+        want_slot = np.where(o_ok, np.searchsorted(distinct, o_loc), -1)
+        assert np.array_equal(copy.slots[p.name].numpy(), want_slot)
+        v, sc = copy.parts[p.name]
+        assert tuple(v.shape) == (p.spec.num_layers, len(distinct), fmt.value_bytes)
+        for local in (0, p.spec.num_layers - 1):  # saved bytes = the pool's bytes at save time
+            for j, loc in enumerate(distinct[:5]):
+                r, wins = _np_windows(p, local, int(loc))
+                bi = p.placements[local].buffer
+                got = np.concatenate([v[local, j].numpy(), sc[local, j].numpy()])
+                want = np.concatenate([at_save[bi][r, c:c + w] for c, w in wins])
+                assert np.array_equal(got, want)
     assert copy.nbytes == want_bytes
     for got, exp in zip(pool.buffers, at_save):  # saving changes nothing
         assert np.array_equal(got.numpy(), exp)
