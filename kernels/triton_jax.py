@@ -31,6 +31,10 @@ def _k():
 
 
 # Note: jax-triton's input_output_aliases count array operands only (scalars are not operands).
+# Everything static (row widths, capacities, page counts, strides, alignment hints) goes to the
+# kernels as constexprs (``**meta``), as on the torch path: jax-triton compiles runtime int
+# scalars without Triton's divisible-by-16 specialisation; only the token / page count (N, P)
+# stays a runtime scalar.
 
 
 def _tables(a):
@@ -53,8 +57,7 @@ def gather_tokens(buf: jax.Array, locs: jax.Array, a: TokenAddressing):
     out = [jax.ShapeDtypeStruct((L, N, V), jnp.uint8),
            jax.ShapeDtypeStruct((L, N, max(SB, 1)), jnp.uint8)]
     value, scale = jt.triton_call(
-        buf, locs, *_tables(a), int(buf.shape[1]), int(N), int(a.capacity),
-        kernel=K.jit_kernel("gather_tokens"), out_shape=out, grid=(_cdiv(N, meta["BT"]), L),
+        buf, locs, *_tables(a), int(N), kernel=K.jit_kernel("gather_tokens"), out_shape=out, grid=(_cdiv(N, meta["BT"]), L),
         num_warps=K.num_warps_for(meta["BT"] * meta["VWP"]), num_stages=1, **meta)
     return value, (scale if SB else jnp.zeros((L, N, 0), jnp.uint8))
 
@@ -71,8 +74,7 @@ def scatter_tokens(buf: jax.Array, locs: jax.Array, value: jax.Array, scale: jax
         scale = jnp.zeros((1,), jnp.uint8)
     meta = K.token_params(a, buf.shape[1])
     return jt.triton_call(
-        buf, locs, *_tables(a), value, scale, int(buf.shape[1]), int(N), int(a.capacity),
-        kernel=K.jit_kernel("scatter_tokens"), out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+        buf, locs, *_tables(a), value, scale, int(N), kernel=K.jit_kernel("scatter_tokens"), out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
         grid=(_cdiv(N, meta["BT"]), L), input_output_aliases={0: 0},
         num_warps=K.num_warps_for(meta["BT"] * meta["VWP"]), num_stages=1, **meta)
 
@@ -89,8 +91,7 @@ def copy_tokens(src: jax.Array, dst: jax.Array, src_locs: jax.Array, dst_locs: j
         return dst
     meta = K.copy_tokens_meta(src_a, dst_a, src.shape[1], dst.shape[1])
     return jt.triton_call(
-        src, src_locs, *_tables(src_a), int(src.shape[1]), int(src_a.capacity), dst_locs,
-        *_tables(dst_a), int(dst.shape[1]), int(dst_a.capacity), int(N), dst,
+        src, src_locs, *_tables(src_a), dst_locs, *_tables(dst_a), int(N), dst,
         kernel=K.jit_kernel("copy_tokens"), out_shape=jax.ShapeDtypeStruct(dst.shape, dst.dtype),
         grid=(_cdiv(N, meta["BT"]), L), input_output_aliases={7: 0},
         num_warps=K.num_warps_for(meta["BT"] * meta["VWP"]), num_stages=1, **meta)
@@ -102,11 +103,11 @@ def _pages_call(src, dst, src_pages, dst_pages, src_a, dst_a, *, zero, out_shape
     dst_cols = out_shape.shape[-1]
     meta = K.page_params(src_a, dst_a, src.shape[1], dst_cols)
     return jt.triton_call(
-        src, src_pages, *_tables(src_a), int(src.shape[1]), int(src_a.num_pages), dst_pages,
-        *_tables(dst_a), int(dst_cols), int(dst_a.num_pages), int(P), dst,
+        src, src_pages, *_tables(src_a), dst_pages, *_tables(dst_a), int(P), dst,
         kernel=K.jit_kernel("copy_pages"), out_shape=out_shape,
-        grid=(meta["NCH"] * P, src_a.num_layers), input_output_aliases={7: 0} if alias else None,
-        num_warps=K.PAGE_WARPS, num_stages=1, ZERO=int(zero), **meta)
+        grid=K.page_grid(meta, P, src_a.num_layers),
+        input_output_aliases={7: 0} if alias else None,
+        num_warps=K.page_warps(), num_stages=1, ZERO=int(zero), **meta)
 
 
 def copy_pages(src: jax.Array, dst: jax.Array, src_pages: jax.Array, dst_pages: jax.Array,

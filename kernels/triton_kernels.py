@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 
 import triton
 import triton.language as tl
@@ -35,16 +36,36 @@ from jaxkv.kernels.addressing import PageAddressing, TokenAddressing
 # Kernel sources (plain Python functions; compiled with triton.jit or run by the interpreter)
 
 
-def _gather_tokens_src(buf, locs, lrow, lcol, C, N, cap, val, scl,
-                       TPP: tl.constexpr, RS: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
-                       SB: tl.constexpr, WV: tl.constexpr, WS: tl.constexpr, BT: tl.constexpr,
-                       VWP: tl.constexpr, SWP: tl.constexpr):
+def _as_words_src(ptr, W: tl.constexpr):
+    """``ptr`` (a uint8 pointer) as a pointer to ``W``-byte words (W = 8, 4, 2 or 1)."""
+    if W == 8:
+        p = ptr.to(tl.pointer_type(tl.uint64))
+    elif W == 4:
+        p = ptr.to(tl.pointer_type(tl.uint32))
+    elif W == 2:
+        p = ptr.to(tl.pointer_type(tl.uint16))
+    else:
+        p = ptr
+    return p
+
+
+# The helper the kernel sources call.  Compiled kernels need a JITFunction here (under
+# TRITON_INTERPRET=1, triton.jit gives an InterpretedFunction, which the interpreter calls);
+# ``interpreted_kernel`` runs the sources with an interpreted copy of it (see there).
+_as_words = triton.jit(_as_words_src)
+
+
+def _gather_tokens_src(buf, locs, lrow, lcol, N, val, scl,
+                       C: tl.constexpr, CAP: tl.constexpr, TPP: tl.constexpr, RS: tl.constexpr,
+                       V: tl.constexpr, S: tl.constexpr, SB: tl.constexpr, WV: tl.constexpr,
+                       WS: tl.constexpr, BT: tl.constexpr, VWP: tl.constexpr, SWP: tl.constexpr,
+                       AV: tl.constexpr, AS: tl.constexpr):
     pid = tl.program_id(0)
     l = tl.program_id(1)
     i = pid * BT + tl.arange(0, BT)
     inb = i < N
     loc = tl.load(locs + i, mask=inb, other=-1)
-    ok = inb & (loc >= 0) & (loc < cap)
+    ok = inb & (loc >= 0) & (loc < CAP)
     loc = tl.where(ok, loc, 0)
     page = (loc // TPP).to(tl.int64)
     t = (loc % TPP).to(tl.int64)
@@ -52,55 +73,35 @@ def _gather_tokens_src(buf, locs, lrow, lcol, C, N, cap, val, scl,
     cb = tl.load(lcol + l).to(tl.int64)
     base = (rb + page * RS) * C + cb  # [BT] byte offset of the page
     out_tok = l.to(tl.int64) * N + i.to(tl.int64)  # [BT] token index in [L, N]
-    # value: V bytes as V // WV words
-    if WV == 8:
-        pin = buf.to(tl.pointer_type(tl.uint64))
-        pout = val.to(tl.pointer_type(tl.uint64))
-    elif WV == 4:
-        pin = buf.to(tl.pointer_type(tl.uint32))
-        pout = val.to(tl.pointer_type(tl.uint32))
-    elif WV == 2:
-        pin = buf.to(tl.pointer_type(tl.uint16))
-        pout = val.to(tl.pointer_type(tl.uint16))
-    else:
-        pin = buf
-        pout = val
+    # value: V bytes as V // WV words; AV: every page-side value offset is a multiple of AV words
     j = tl.arange(0, VWP)
     mj = j < (V // WV)
-    src = ((base + t * V) // WV)[:, None] + j[None, :]
-    x = tl.load(pin + src, mask=ok[:, None] & mj[None, :], other=0)
-    tl.store(pout + (out_tok * (V // WV))[:, None] + j[None, :], x, mask=inb[:, None] & mj[None, :])
+    src = tl.multiple_of((base + t * V) // WV, AV)
+    x = tl.load(_as_words(buf, WV) + src[:, None] + j[None, :], mask=ok[:, None] & mj[None, :],
+                other=0)
+    tl.store(_as_words(val, WV) + (out_tok * (V // WV))[:, None] + j[None, :], x,
+             mask=inb[:, None] & mj[None, :])
     if SB > 0:
-        if WS == 8:
-            sin = buf.to(tl.pointer_type(tl.uint64))
-            sout = scl.to(tl.pointer_type(tl.uint64))
-        elif WS == 4:
-            sin = buf.to(tl.pointer_type(tl.uint32))
-            sout = scl.to(tl.pointer_type(tl.uint32))
-        elif WS == 2:
-            sin = buf.to(tl.pointer_type(tl.uint16))
-            sout = scl.to(tl.pointer_type(tl.uint16))
-        else:
-            sin = buf
-            sout = scl
         k = tl.arange(0, SWP)
         mk = k < (SB // WS)
-        ssrc = ((base + TPP * V + t * S) // WS)[:, None] + k[None, :]
-        y = tl.load(sin + ssrc, mask=ok[:, None] & mk[None, :], other=0)
-        tl.store(sout + (out_tok * (SB // WS))[:, None] + k[None, :], y,
+        ssrc = tl.multiple_of((base + TPP * V + t * S) // WS, AS)
+        y = tl.load(_as_words(buf, WS) + ssrc[:, None] + k[None, :],
+                    mask=ok[:, None] & mk[None, :], other=0)
+        tl.store(_as_words(scl, WS) + (out_tok * (SB // WS))[:, None] + k[None, :], y,
                  mask=inb[:, None] & mk[None, :])
 
 
-def _scatter_tokens_src(buf_in, locs, lrow, lcol, val, scl, C, N, cap, buf,
-                        TPP: tl.constexpr, RS: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
-                        SB: tl.constexpr, WV: tl.constexpr, WS: tl.constexpr, BT: tl.constexpr,
-                        VWP: tl.constexpr, SWP: tl.constexpr):
+def _scatter_tokens_src(buf_in, locs, lrow, lcol, val, scl, N, buf,
+                        C: tl.constexpr, CAP: tl.constexpr, TPP: tl.constexpr, RS: tl.constexpr,
+                        V: tl.constexpr, S: tl.constexpr, SB: tl.constexpr, WV: tl.constexpr,
+                        WS: tl.constexpr, BT: tl.constexpr, VWP: tl.constexpr,
+                        SWP: tl.constexpr, AV: tl.constexpr, AS: tl.constexpr):
     pid = tl.program_id(0)
     l = tl.program_id(1)
     i = pid * BT + tl.arange(0, BT)
     inb = i < N
     loc = tl.load(locs + i, mask=inb, other=-1)
-    ok = inb & (loc >= 0) & (loc < cap)
+    ok = inb & (loc >= 0) & (loc < CAP)
     loc = tl.where(ok, loc, 0)
     page = (loc // TPP).to(tl.int64)
     t = (loc % TPP).to(tl.int64)
@@ -108,133 +109,87 @@ def _scatter_tokens_src(buf_in, locs, lrow, lcol, val, scl, C, N, cap, buf,
     cb = tl.load(lcol + l).to(tl.int64)
     base = (rb + page * RS) * C + cb
     in_tok = l.to(tl.int64) * N + i.to(tl.int64)
-    if WV == 8:
-        pout = buf.to(tl.pointer_type(tl.uint64))
-        pin = val.to(tl.pointer_type(tl.uint64))
-    elif WV == 4:
-        pout = buf.to(tl.pointer_type(tl.uint32))
-        pin = val.to(tl.pointer_type(tl.uint32))
-    elif WV == 2:
-        pout = buf.to(tl.pointer_type(tl.uint16))
-        pin = val.to(tl.pointer_type(tl.uint16))
-    else:
-        pout = buf
-        pin = val
     j = tl.arange(0, VWP)
     m = ok[:, None] & (j < (V // WV))[None, :]
-    x = tl.load(pin + (in_tok * (V // WV))[:, None] + j[None, :], mask=m, other=0)
-    tl.store(pout + ((base + t * V) // WV)[:, None] + j[None, :], x, mask=m)
+    x = tl.load(_as_words(val, WV) + (in_tok * (V // WV))[:, None] + j[None, :], mask=m, other=0)
+    dst = tl.multiple_of((base + t * V) // WV, AV)
+    tl.store(_as_words(buf, WV) + dst[:, None] + j[None, :], x, mask=m)
     if SB > 0:
-        if WS == 8:
-            sout = buf.to(tl.pointer_type(tl.uint64))
-            sin = scl.to(tl.pointer_type(tl.uint64))
-        elif WS == 4:
-            sout = buf.to(tl.pointer_type(tl.uint32))
-            sin = scl.to(tl.pointer_type(tl.uint32))
-        elif WS == 2:
-            sout = buf.to(tl.pointer_type(tl.uint16))
-            sin = scl.to(tl.pointer_type(tl.uint16))
-        else:
-            sout = buf
-            sin = scl
         k = tl.arange(0, SWP)
         ms = ok[:, None] & (k < (SB // WS))[None, :]
-        y = tl.load(sin + (in_tok * (SB // WS))[:, None] + k[None, :], mask=ms, other=0)
-        tl.store(sout + ((base + TPP * V + t * S) // WS)[:, None] + k[None, :], y, mask=ms)
+        y = tl.load(_as_words(scl, WS) + (in_tok * (SB // WS))[:, None] + k[None, :], mask=ms,
+                    other=0)
+        sdst = tl.multiple_of((base + TPP * V + t * S) // WS, AS)
+        tl.store(_as_words(buf, WS) + sdst[:, None] + k[None, :], y, mask=ms)
 
 
-def _copy_tokens_src(src, slocs, slrow, slcol, Cs, scap, dlocs, dlrow, dlcol, Cd, dcap, N,
-                     dst_in, dst,
+def _copy_tokens_src(src, slocs, slrow, slcol, dlocs, dlrow, dlcol, N, dst_in, dst,
+                     CS: tl.constexpr, SCAP: tl.constexpr, CD: tl.constexpr, DCAP: tl.constexpr,
                      STPP: tl.constexpr, SRS: tl.constexpr, DTPP: tl.constexpr,
                      DRS: tl.constexpr, V: tl.constexpr, S: tl.constexpr, WV: tl.constexpr,
-                     WS: tl.constexpr, BT: tl.constexpr, VWP: tl.constexpr, SWP: tl.constexpr):
+                     WS: tl.constexpr, BT: tl.constexpr, VWP: tl.constexpr, SWP: tl.constexpr,
+                     AV: tl.constexpr, AS: tl.constexpr):
     pid = tl.program_id(0)
     l = tl.program_id(1)
     i = pid * BT + tl.arange(0, BT)
     inb = i < N
     sl = tl.load(slocs + i, mask=inb, other=-1)
     dl = tl.load(dlocs + i, mask=inb, other=-1)
-    ok = inb & (sl >= 0) & (sl < scap) & (dl >= 0) & (dl < dcap)
+    ok = inb & (sl >= 0) & (sl < SCAP) & (dl >= 0) & (dl < DCAP)
     sl = tl.where(ok, sl, 0)
     dl = tl.where(ok, dl, 0)
     spage = (sl // STPP).to(tl.int64)
     st = (sl % STPP).to(tl.int64)
     dpage = (dl // DTPP).to(tl.int64)
     dt = (dl % DTPP).to(tl.int64)
-    sbase = (tl.load(slrow + l).to(tl.int64) + spage * SRS) * Cs + tl.load(slcol + l).to(tl.int64)
-    dbase = (tl.load(dlrow + l).to(tl.int64) + dpage * DRS) * Cd + tl.load(dlcol + l).to(tl.int64)
-    if WV == 8:
-        pin = src.to(tl.pointer_type(tl.uint64))
-        pout = dst.to(tl.pointer_type(tl.uint64))
-    elif WV == 4:
-        pin = src.to(tl.pointer_type(tl.uint32))
-        pout = dst.to(tl.pointer_type(tl.uint32))
-    elif WV == 2:
-        pin = src.to(tl.pointer_type(tl.uint16))
-        pout = dst.to(tl.pointer_type(tl.uint16))
-    else:
-        pin = src
-        pout = dst
+    sbase = (tl.load(slrow + l).to(tl.int64) + spage * SRS) * CS + tl.load(slcol + l).to(tl.int64)
+    dbase = (tl.load(dlrow + l).to(tl.int64) + dpage * DRS) * CD + tl.load(dlcol + l).to(tl.int64)
     j = tl.arange(0, VWP)
     m = ok[:, None] & (j < (V // WV))[None, :]
-    x = tl.load(pin + ((sbase + st * V) // WV)[:, None] + j[None, :], mask=m, other=0)
-    tl.store(pout + ((dbase + dt * V) // WV)[:, None] + j[None, :], x, mask=m)
+    so = tl.multiple_of((sbase + st * V) // WV, AV)
+    do = tl.multiple_of((dbase + dt * V) // WV, AV)
+    x = tl.load(_as_words(src, WV) + so[:, None] + j[None, :], mask=m, other=0)
+    tl.store(_as_words(dst, WV) + do[:, None] + j[None, :], x, mask=m)
     if S > 0:
-        if WS == 8:
-            sin = src.to(tl.pointer_type(tl.uint64))
-            sout = dst.to(tl.pointer_type(tl.uint64))
-        elif WS == 4:
-            sin = src.to(tl.pointer_type(tl.uint32))
-            sout = dst.to(tl.pointer_type(tl.uint32))
-        elif WS == 2:
-            sin = src.to(tl.pointer_type(tl.uint16))
-            sout = dst.to(tl.pointer_type(tl.uint16))
-        else:
-            sin = src
-            sout = dst
         k = tl.arange(0, SWP)
         ms = ok[:, None] & (k < (S // WS))[None, :]
-        y = tl.load(sin + ((sbase + STPP * V + st * S) // WS)[:, None] + k[None, :], mask=ms,
-                    other=0)
-        tl.store(sout + ((dbase + DTPP * V + dt * S) // WS)[:, None] + k[None, :], y, mask=ms)
+        sso = tl.multiple_of((sbase + STPP * V + st * S) // WS, AS)
+        sdo = tl.multiple_of((dbase + DTPP * V + dt * S) // WS, AS)
+        y = tl.load(_as_words(src, WS) + sso[:, None] + k[None, :], mask=ms, other=0)
+        tl.store(_as_words(dst, WS) + sdo[:, None] + k[None, :], y, mask=ms)
 
 
-def _copy_pages_src(src, spages, slrow, slcol, Cs, snp, dpages, dlrow, dlcol, Cd, dnp, P,
-                    dst_in, dst,
+def _copy_pages_src(src, spages, slrow, slcol, dpages, dlrow, dlcol, P, dst_in, dst,
+                    CS: tl.constexpr, SNP: tl.constexpr, CD: tl.constexpr, DNP: tl.constexpr,
                     SRS: tl.constexpr, DRS: tl.constexpr, PB: tl.constexpr, W: tl.constexpr,
-                    BLOCK: tl.constexpr, NCH: tl.constexpr, ZERO: tl.constexpr):
+                    G: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr, AL: tl.constexpr,
+                    ZERO: tl.constexpr):
+    # program (pid, l): chunk pid % NCH (BLOCK words) of G consecutive entries of the page lists,
+    # layer l.  Small pages: NCH = 1 and G pages per program; large pages: G = 1.
     pid = tl.program_id(0)
     l = tl.program_id(1)
-    p = pid // NCH
     c = pid % NCH
-    sp = tl.load(spages + p)
-    dp = tl.load(dpages + p)
-    dok = (dp >= 0) & (dp < dnp)
-    sok = (sp >= 0) & (sp < snp)
+    i = (pid // NCH) * G + tl.arange(0, G)
+    inb = i < P
+    sp = tl.load(spages + i, mask=inb, other=-1)
+    dp = tl.load(dpages + i, mask=inb, other=-1)
+    dok = (dp >= 0) & (dp < DNP)
+    sok = (sp >= 0) & (sp < SNP)
     if ZERO:  # gather semantics: a valid destination of an invalid source gets zeros
         ok = dok
     else:
         ok = dok & sok
     sp = tl.where(sok, sp, 0).to(tl.int64)
     dp = tl.where(dok, dp, 0).to(tl.int64)
-    sbase = (tl.load(slrow + l).to(tl.int64) + sp * SRS) * Cs + tl.load(slcol + l).to(tl.int64)
-    dbase = (tl.load(dlrow + l).to(tl.int64) + dp * DRS) * Cd + tl.load(dlcol + l).to(tl.int64)
-    if W == 8:
-        pin = src.to(tl.pointer_type(tl.uint64))
-        pout = dst.to(tl.pointer_type(tl.uint64))
-    elif W == 4:
-        pin = src.to(tl.pointer_type(tl.uint32))
-        pout = dst.to(tl.pointer_type(tl.uint32))
-    elif W == 2:
-        pin = src.to(tl.pointer_type(tl.uint16))
-        pout = dst.to(tl.pointer_type(tl.uint16))
-    else:
-        pin = src
-        pout = dst
+    sbase = (tl.load(slrow + l).to(tl.int64) + sp * SRS) * CS + tl.load(slcol + l).to(tl.int64)
+    dbase = (tl.load(dlrow + l).to(tl.int64) + dp * DRS) * CD + tl.load(dlcol + l).to(tl.int64)
+    so = tl.multiple_of(sbase // W, AL)  # [G] word offsets of the pages, multiples of AL words
+    do = tl.multiple_of(dbase // W, AL)
     j = c * BLOCK + tl.arange(0, BLOCK)
-    mj = j < (PB // W)
-    x = tl.load(pin + sbase // W + j, mask=mj & ok & sok, other=0)
-    tl.store(pout + dbase // W + j, x, mask=mj & ok)
+    mj = (j < (PB // W))[None, :]
+    x = tl.load(_as_words(src, W) + so[:, None] + j[None, :], mask=(ok & sok)[:, None] & mj,
+                other=0)
+    tl.store(_as_words(dst, W) + do[:, None] + j[None, :], x, mask=ok[:, None] & mj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,25 +207,51 @@ def jit_kernel(name: str):
 
 @functools.lru_cache(maxsize=None)
 def interpreted_kernel(name: str):
-    """The kernel ``name`` run by Triton's interpreter (for torch CPU tensors)."""
+    """The kernel ``name`` run by Triton's interpreter (for torch CPU tensors).
+
+    Works whatever ``TRITON_INTERPRET`` says: the source runs with its own globals in which the
+    device-function helper is an interpreted one (the module's ``_as_words`` is a JITFunction
+    when compiling, and the interpreter cannot call a JITFunction).
+    """
     from triton.runtime.interpreter import InterpretedFunction
-    return InterpretedFunction(_SOURCES[name])
+    fn = _SOURCES[name]
+    scope = dict(fn.__globals__, _as_words=InterpretedFunction(_as_words_src))
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__annotations__ = dict(fn.__annotations__)
+    return InterpretedFunction(copy)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch parameters (shared with triton_jax)
 
 
-# Overrides of the launch parameters for tuning sweeps (benchmarks/kernels.py): "BT", "num_warps".
+# Overrides of the launch parameters for tuning sweeps (benchmarks/kernels.py): "BT", "num_warps"
+# (token kernels), "page_words", "page_warps" (page copies), "align" (False: no alignment hints).
 TUNE: dict = {}
+
+
+def align_bytes(*sizes: int, cap: int = 256) -> int:
+    """The largest power of two (<= ``cap``) dividing every size/offset in ``sizes`` (0 counts
+    as divisible by anything)."""
+    a = cap
+    for s in sizes:
+        s = abs(int(s))
+        if s:
+            a = min(a, s & -s)
+    return a
 
 
 def word_bytes(*sizes: int) -> int:
     """The widest word (8, 4, 2 or 1 bytes) dividing every size/offset in ``sizes``."""
-    for w in (8, 4, 2):
-        if all(int(s) % w == 0 for s in sizes):
-            return w
-    return 1
+    return min(8, align_bytes(*sizes))
+
+
+def _hint(align: int, word: int) -> int:
+    """Alignment hint in words (``tl.multiple_of``) for offsets that are multiples of ``align``
+    bytes, moved in ``word``-byte words; 1 when hints are switched off (``TUNE["align"]``)."""
+    if TUNE.get("align", True) is False:
+        return 1
+    return max(1, align // word)
 
 
 def _pow2(n: int) -> int:
@@ -282,7 +263,10 @@ def token_params(a: TokenAddressing, row_bytes: int, *, scale_width: int | None 
     """constexpr parameters of the token kernels for addressing ``a`` in rows of ``row_bytes``.
 
     ``scale_width``: bytes of the scale window moved (``a.scale_bytes`` for get/set,
-    ``a.scale_stride`` for raw token copies).
+    ``a.scale_stride`` for raw token copies).  Everything static about the buffer is a
+    constexpr (row width ``C``, capacity ``CAP``, alignment hints ``AV``/``AS``: the page-side
+    value / scale offsets are multiples of that many words), so the torch and the jax-triton
+    launches compile the same specialised kernel; only the token count ``N`` is a runtime int.
     """
     sb = a.scale_bytes if scale_width is None else scale_width
     cols = tuple(a.col_base)
@@ -293,24 +277,61 @@ def token_params(a: TokenAddressing, row_bytes: int, *, scale_width: int | None 
     # ~1K words (8 KB) per program, 2 warps: the best of an H100 sweep (BT 4-32 x 2/4/8 warps,
     # benchmarks/NOTES.md); all configurations were within 10 % of each other.
     bt = TUNE.get("BT") or max(1, min(128, 1024 // vwp))
-    return dict(TPP=a.tpp, RS=a.row_step, V=a.value_bytes, S=a.scale_stride, SB=sb, WV=wv,
-                WS=ws, BT=_pow2(bt), VWP=vwp, SWP=swp)
+    av = _hint(align_bytes(row_bytes, a.value_bytes, *cols), wv)
+    as_ = _hint(align_bytes(row_bytes, a.tpp * a.value_bytes, a.scale_stride, *cols), ws) \
+        if sb else 1
+    return dict(C=int(row_bytes), CAP=int(a.capacity), TPP=a.tpp, RS=a.row_step,
+                V=a.value_bytes, S=a.scale_stride, SB=sb, WV=wv, WS=ws, BT=_pow2(bt), VWP=vwp,
+                SWP=swp, AV=av, AS=as_)
+
+
+# Page copies: a program moves ~PAGE_WORDS words (8 KB of 8-B words).  Large pages are cut into
+# chunks of that size, one page per program (SWA 146 KB pages: 0.93 of the copy ceiling on the
+# H100); small pages are moved G whole pages per program (C128's 1,728-B pages at one page per
+# program: 0.77 — 1.7 KB per program is too few bytes in flight for the dependent index loads).
+PAGE_WORDS = 1024
+# 4 warps per program measured 0.87-0.91 of the copy ceiling on the H100 (first run), 2 warps
+# 0.83-0.92 (second run): 4 it is.
+PAGE_WARPS = 4
+
+
+def page_geometry(words: int, budget: int) -> tuple[int, int, int]:
+    """``(BLOCK, NCH, G)`` for pages of ``words`` words and ``budget`` words per program.
+
+    BLOCK (a power of two <= budget) is the largest whose chunks waste <= 20 % lanes
+    (``words <= 0.8 * NCH * BLOCK`` fails), NCH = chunks per page, G = pages per program =
+    budget // BLOCK.  SWA (18,720 words): 1024 x 19, G 1; C4 (4,680): 1024 x 5, G 1; C128 (216):
+    256 x 1, G 4; indexer pages (1,056): 256 x 5, G 4.
+    """
+    budget = _pow2(max(1, budget))
+    block = min(budget, _pow2(words))
+    while block > 32:
+        nch = -(-words // block)
+        if words >= 0.8 * nch * block:
+            break
+        block //= 2
+    nch = -(-words // block)
+    return block, nch, max(1, budget // block)
 
 
 def page_params(src_a: PageAddressing, dst_a: PageAddressing, src_row_bytes: int,
-                dst_row_bytes: int, block_words: int = 1024) -> dict:
-    """constexpr parameters of the page-copy kernel."""
+                dst_row_bytes: int, block_words: int | None = None) -> dict:
+    """constexpr parameters of the page-copy kernel (and its grid: ``NCH * ceil(P / G)`` x L)."""
     pb = src_a.page_bytes
     w = word_bytes(pb, src_row_bytes, dst_row_bytes, *src_a.col_base, *dst_a.col_base)
-    words = pb // w
-    block = min(_pow2(words), block_words)
-    return dict(SRS=src_a.row_step, DRS=dst_a.row_step, PB=pb, W=w, BLOCK=block,
-                NCH=math.ceil(words / block))
+    block, nch, g = page_geometry(pb // w, block_words or TUNE.get("page_words") or PAGE_WORDS)
+    al = _hint(align_bytes(src_row_bytes, dst_row_bytes, *src_a.col_base, *dst_a.col_base), w)
+    return dict(CS=int(src_row_bytes), SNP=int(src_a.num_pages), CD=int(dst_row_bytes),
+                DNP=int(dst_a.num_pages), SRS=src_a.row_step, DRS=dst_a.row_step, PB=pb, W=w,
+                G=g, BLOCK=block, NCH=nch, AL=al)
 
 
-# Page copies: 4 warps per 8-KB chunk measured 0.87-0.91 of the copy ceiling on the H100 (first
-# run), 2 warps 0.83-0.92 (second run): 4 it is.
-PAGE_WARPS = 4
+def page_grid(meta: dict, P: int, L: int) -> tuple[int, int]:
+    return (meta["NCH"] * (-(-P // meta["G"])), L)
+
+
+def page_warps() -> int:
+    return TUNE.get("page_warps") or PAGE_WARPS
 
 
 def num_warps_for(words_per_program: int) -> int:
@@ -412,9 +433,8 @@ def gather_tokens_torch(buf, locs, a: TokenAddressing):
     meta = token_params(a, buf.shape[1])
     grid = (triton.cdiv(N, meta["BT"]), L)
     _launch("gather_tokens", grid, buf.device, buf, locs, _table(a.row_base, buf.device),
-            _table(a.col_base, buf.device), buf.shape[1], N, a.capacity, value,
-            scale if a.scale_bytes else value, num_warps=num_warps_for(meta["BT"] * meta["VWP"]),
-            **meta)
+            _table(a.col_base, buf.device), N, value, scale if a.scale_bytes else value,
+            num_warps=num_warps_for(meta["BT"] * meta["VWP"]), **meta)
     return value, scale
 
 
@@ -447,7 +467,7 @@ def scatter_tokens_torch(buf, locs, value, scale, a: TokenAddressing) -> None:
     meta = token_params(a, buf.shape[1])
     grid = (triton.cdiv(N, meta["BT"]), L)
     _launch("scatter_tokens", grid, buf.device, buf, locs, _table(a.row_base, buf.device),
-            _table(a.col_base, buf.device), value, scale, buf.shape[1], N, a.capacity, buf,
+            _table(a.col_base, buf.device), value, scale, N, buf,
             num_warps=num_warps_for(meta["BT"] * meta["VWP"]), **meta)
 
 
@@ -476,8 +496,13 @@ def copy_tokens_meta(src_a: TokenAddressing, dst_a: TokenAddressing, src_cols: i
     ws = word_bytes(src_cols, dst_cols, src_a.tpp * V, dst_a.tpp * V, S, *cols) if S else 1
     vwp, swp = _pow2(V // wv), _pow2(max(S // ws, 1))
     bt = TUNE.get("BT") or _pow2(max(1, min(128, 1024 // vwp)))
-    return dict(STPP=src_a.tpp, SRS=src_a.row_step, DTPP=dst_a.tpp, DRS=dst_a.row_step, V=V, S=S,
-                WV=wv, WS=ws, BT=bt, VWP=vwp, SWP=swp)
+    av = _hint(align_bytes(src_cols, dst_cols, V, *cols), wv)
+    as_ = _hint(align_bytes(src_cols, dst_cols, src_a.tpp * V, dst_a.tpp * V, S, *cols), ws) \
+        if S else 1
+    return dict(CS=int(src_cols), SCAP=int(src_a.capacity), CD=int(dst_cols),
+                DCAP=int(dst_a.capacity), STPP=src_a.tpp, SRS=src_a.row_step, DTPP=dst_a.tpp,
+                DRS=dst_a.row_step, V=V, S=S, WV=wv, WS=ws, BT=bt, VWP=vwp, SWP=swp, AV=av,
+                AS=as_)
 
 
 def copy_tokens_torch(src, dst, src_locs, dst_locs, src_a: TokenAddressing,
@@ -511,9 +536,9 @@ def copy_tokens_torch(src, dst, src_locs, dst_locs, src_a: TokenAddressing,
     grid = (triton.cdiv(N, meta["BT"]), L)
     d = src.device
     _launch("copy_tokens", grid, d, src, src_locs, _table(src_a.row_base, d),
-            _table(src_a.col_base, d), src.shape[1], src_a.capacity, dst_locs,
-            _table(dst_a.row_base, d), _table(dst_a.col_base, d), dst.shape[1], dst_a.capacity,
-            N, dst, dst, num_warps=num_warps_for(meta["BT"] * meta["VWP"]), **meta)
+            _table(src_a.col_base, d), dst_locs, _table(dst_a.row_base, d),
+            _table(dst_a.col_base, d), N, dst, dst,
+            num_warps=num_warps_for(meta["BT"] * meta["VWP"]), **meta)
 
 
 def copy_pages_torch(src, dst, src_pages, dst_pages, src_a: PageAddressing,
@@ -542,9 +567,7 @@ def copy_pages_torch(src, dst, src_pages, dst_pages, src_a: PageAddressing,
     if L == 0 or P == 0:
         return
     meta = page_params(src_a, dst_a, src.shape[1], dst.shape[1])
-    grid = (meta["NCH"] * P, L)
     d = src.device
-    _launch("copy_pages", grid, d, src, src_pages, _table(src_a.row_base, d),
-            _table(src_a.col_base, d), src.shape[1], src_a.num_pages, dst_pages,
-            _table(dst_a.row_base, d), _table(dst_a.col_base, d), dst.shape[1], dst_a.num_pages,
-            P, dst, dst, num_warps=PAGE_WARPS, ZERO=0, **meta)
+    _launch("copy_pages", page_grid(meta, P, L), d, src, src_pages, _table(src_a.row_base, d),
+            _table(src_a.col_base, d), dst_pages, _table(dst_a.row_base, d),
+            _table(dst_a.col_base, d), P, dst, dst, num_warps=page_warps(), ZERO=0, **meta)

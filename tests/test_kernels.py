@@ -397,6 +397,58 @@ def test_copy_pages(impl, pair):
         jnp.asarray(src), jnp.asarray(dst), jnp.asarray(sp), jnp.asarray(dp), sa, da)), expect)
 
 
+@pytest.mark.parametrize("pair,page_words", [
+    (PAGE_COPY[0], 1024), (PAGE_COPY[0], 8192),  # 2,376-word pages: G 2 x NCH 5; G 8 x NCH 5
+    (PAGE_COPY[4], 64), (PAGE_COPY[4], 1024), (PAGE_COPY[4], 4096),  # C128: NCH 4; G 4; G 16
+], ids=lambda x: "-".join(x[:2]) if isinstance(x, tuple) else str(x))
+def test_copy_pages_launch_geometry(impl, pair, page_words, monkeypatch):
+    """Page copies under other per-program budgets: several pages per program (G > 1, a last
+    group only partly filled), several chunks per page (NCH > 1), both, with invalid and
+    duplicate entries; every byte checked against the model."""
+    if isinstance(impl, JaxImpl) and impl.mod is not _triton_jax_mod():
+        pytest.skip("launch geometry is the Triton kernels' (torch and jax-triton)")
+    monkeypatch.setitem(triton_kernels.TUNE, "page_words", page_words)
+    sname, pool, dname, _ = pair
+    s_shape, _, sa = _addressing((sname, pool, None))
+    d_shape, _, da = _addressing((dname, pool, None))
+    if "packed" in dname:
+        g = _layouts()[dname].pool(pool).groups[0][:2]
+        sa = sa._replace(row_base=tuple(sa.row_base[i] for i in g),
+                         col_base=tuple(sa.col_base[i] for i in g))
+        da = da._replace(row_base=tuple(da.row_base[i] for i in g),
+                         col_base=tuple(da.col_base[i] for i in g))
+    rng = np.random.default_rng(page_words)
+    src, dst = _rand(rng, s_shape), _rand(rng, d_shape)
+    n = min(sa.num_pages, da.num_pages)
+    sp = np.concatenate([rng.permutation(sa.num_pages)[:n], [-1, sa.num_pages, 0]])
+    dp = np.concatenate([rng.permutation(da.num_pages)[:n], [0, 1, da.num_pages + 5]])
+    perm = rng.permutation(len(sp))
+    sp, dp = sp[perm].astype(np.int32), dp[perm].astype(np.int32)
+    meta = triton_kernels.page_params(sa, da, s_shape[1], d_shape[1])
+    out = impl.copy_pages(src, dst, sp, dp, sa, da)
+    np.testing.assert_array_equal(out, np_copy_pages(src, dst, sp, dp, sa, da),
+                                  err_msg=f"geometry {meta}")
+
+
+def _triton_jax_mod():
+    from jaxkv.kernels import triton_jax
+    return triton_jax
+
+
+@pytest.mark.parametrize("budget", [1, 64, 1024, 4096])
+def test_page_geometry_covers_every_word(budget):
+    """(BLOCK, NCH, G): chunks cover the page exactly once, BLOCK a power of two, <= 20 %
+    padding unless BLOCK hit its floor, G x BLOCK = the budget."""
+    for words in [1, 2, 3, 7, 100, 216, 1024, 1056, 4680, 5248, 18720]:
+        block, nch, g = triton_kernels.page_geometry(words, budget)
+        assert block & (block - 1) == 0 and g >= 1
+        assert (nch - 1) * block < words <= nch * block
+        assert words >= 0.8 * nch * block or block <= 32 or block == triton_kernels._pow2(words)
+        assert g * block == max(block, triton_kernels._pow2(budget))
+    assert triton_kernels.page_geometry(216, 1024) == (256, 1, 4)      # C128: 4 pages a program
+    assert triton_kernels.page_geometry(18720, 1024) == (1024, 19, 1)  # SWA: as before
+
+
 TOKEN_COPY = [("tiny-lm", "swa", "tiny-packed", "swa"), ("tiny-packed", "c4", "tiny-lm", "c4"),
               ("tiny-lm", "c4_indexer", "tiny-lm", "c4_indexer"),
               ("tiny-lm", "c128_state", "tiny-packed", "c128_state"),
@@ -419,6 +471,77 @@ def test_copy_tokens(impl, pair):
     np.testing.assert_array_equal(out, expect)
     np.testing.assert_array_equal(np.asarray(reference.copy_tokens(
         jnp.asarray(src), jnp.asarray(dst), jnp.asarray(sl), jnp.asarray(dl), sa, da)), expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled kernels (sm_90 PTX, compiled on this machine without a GPU)
+
+_SIGS = {  # argument types of the non-constexpr parameters, in order
+    "gather_tokens": ["*u8", "*i32", "*i32", "*i32", "i32", "*u8", "*u8"],
+    "scatter_tokens": ["*u8", "*i32", "*i32", "*i32", "*u8", "*u8", "i32", "*u8"],
+    "copy_tokens": ["*u8", "*i32", "*i32", "*i32", "*i32", "*i32", "*i32", "i32", "*u8", "*u8"],
+    "copy_pages": ["*u8", "*i32", "*i32", "*i32", "*i32", "*i32", "*i32", "i32", "*u8", "*u8"],
+}
+
+
+def _ptx(name, meta, num_warps, *, scalar_div16):
+    """PTX of kernel ``name`` for an H100.  Pointers are 16-B aligned (torch and jax-triton both
+    specialise on that); ``scalar_div16``: the int scalar (N / P) carries Triton's
+    divisible-by-16 specialisation (torch launches with such a value) or not (jax-triton)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = triton_kernels.jit_kernel(name)
+    if not hasattr(fn, "arg_names"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    types = _SIGS[name]
+    sig = {fn.arg_names[i]: t for i, t in enumerate(types)}
+    sig.update({k: "constexpr" for k in meta})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types)
+             if t.startswith("*") or scalar_div16}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": 1})
+    except Exception as e:  # pragma: no cover - a triton build without the CUDA backend
+        pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {e}")
+    return c.asm["ptx"]
+
+
+def _mem_ops(ptx):
+    import re
+    return set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))
+
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("pool", ["swa", "c4", "c128"])
+def test_compiled_kernels_move_16_byte_vectors(pool):
+    """Every kernel compiles for sm_90 (the CPU suite runs them interpreted only), and with
+    the alignment hints the page-side value windows and whole pages move as 16-B vectors
+    (v2.b64): without them the page side was 8-B b64 accesses (loaded row/column bases carry
+    no alignment for the compiler).  The torch-like and jax-triton-like compilations (N / P
+    with or without divisibility) do the same data accesses."""
+    geo = jaxkv.dsv4_flash()
+    lay = jaxkv.layer_major(geo, {p.name: (64 if p.name == pool else 2) for p in geo.pools()})
+    b, a = jaxkv.token_addressing(lay, pool)
+    _, pa = jaxkv.page_addressing(lay, pool)
+    C = lay.buffer_shapes[b][1]
+    page = dict(triton_kernels.page_params(pa, pa, C, C), ZERO=0)
+    tok = triton_kernels.token_params(a, C)
+    ctok = triton_kernels.copy_tokens_meta(a, a, C, C)
+    nw = triton_kernels.num_warps_for(tok["BT"] * tok["VWP"])
+    for div in (True, False):
+        ops = _mem_ops(_ptx("copy_pages", page, triton_kernels.PAGE_WARPS, scalar_div16=div))
+        assert {"ld.global.v2.b64", "st.global.v2.b64"} <= ops, ops
+        assert not ops & {"ld.global.b64", "st.global.b64"}, ops
+        for name, meta in (("gather_tokens", tok), ("scatter_tokens", tok),
+                           ("copy_tokens", ctok)):
+            ops = _mem_ops(_ptx(name, meta, nw, scalar_div16=div))
+            assert {"ld.global.v2.b64", "st.global.v2.b64"} <= ops, (name, ops)
+            if name != "copy_tokens":  # (its 8-B scale slot is one b64 word)
+                assert not ops & {"ld.global.b64", "st.global.b64"}, (name, ops)
 
 
 # ---------------------------------------------------------------------------------------------
