@@ -11,20 +11,21 @@ A request is ``k`` blocks of the full-attention group (C4 + C128 + C4-indexer: t
 prompt's KV, 256 tokens per block) at random, non-contiguous block ids (so the engine cannot merge
 neighbouring descriptors); both layouts then move about the same bytes (packed +4%: the unused
 slot of the block).  The parent process is the prefill side and WRITEs into a spawned decode
-process on 127.0.0.1; time per request = create the request from the block ids + post + poll until
-done (``Registration.write(...).wait()``).  The ceiling is an in-process ``memcpy`` of the same
-bytes: on DRAM the kernel's cross-memory attach (``process_vm_writev``, the copy UCX's ``cma``
-transport makes) of the packed request's descriptors into the decode process; on VRAM an
-in-process device copy.  Rows "raw cma" time the same syscall with each layout's descriptors.
+process on 127.0.0.1; time per request = build the request from the block ids + make the transfer
+from the descriptor lists prepped once per peer + post + poll until the initiator sees DONE
+(``Registration.write(...).wait()``); rows "request build" time the Python part alone.  The
+ceiling on DRAM is the kernel's cross-memory attach (``process_vm_writev``, the copy UCX's ``cma``
+transport makes) of the packed descriptors of *other* random blocks (as cache-cold as the
+transfer) into the decode process; rows "raw cma" time the same syscall with each layout's
+descriptors.  On VRAM the ceiling is an in-process device copy of the same bytes.
 
-Findings on the 2-core CPU box (results/transfer-cpu.*, other jobs running, load ~8): UCX moves
-host memory between the processes with ``cma`` (zero-copy ``process_vm_writev``), which itself ran
-at only ~2-4 GB/s across processes there.  Packed reached 89-93% of that ceiling for 16-64 blocks,
-layer-major ~50%; packed was 1.8-2.4x faster per request (4-64 blocks): short of the 3x target.
-Raw cma with the same descriptors differs by 1.2-3.6x between the layouts, so most of the gap is
-the per-descriptor cost of the copy itself plus NIXL/UCX per-descriptor work.  NIXL's progress
-thread busy-polls (~0.5 core per agent): with it on (``--progress-thread``) on 2 cores, times were
-4-5x longer and the ratio 1.3-1.9x.  ``UCX_TLS=tcp`` is slower still and hides the difference.
+Findings (benchmarks/NOTES.md "Transfer"): on host memory UCX copies with ``cma``, one syscall per
+descriptor (~2.8 us each on the 2-core box) on top of one core's copy (~4.4 GB/s there); packed
+runs at 0.88-0.95 of the raw-cma ceiling at 16-64 blocks and is ~1.7-1.9x faster than layer-major,
+short of the 3x target, which on DRAM would need a copy ~3x faster relative to the per-descriptor
+cost.  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
+default here, ``--progress-thread`` turns it on for both layouts.  Every wait is bounded (10 s per
+request, the decode process's replies by its liveness and a timeout).
 
 Run: ``UCX_NET_DEVICES=lo UCX_MODULES=^ib python -m benchmarks.transfer --out DIR`` (``--quick`` for
 a smoke run; ``--mem vram`` to register GPU memory on the GPU machine).
@@ -154,10 +155,16 @@ def _memcpy_gbps(nbytes: int, mem: str, iters: int = 10) -> float:
     return nbytes / statistics.median(ts[2:]) / 1e9
 
 
-def _recv(conn, timeout: float, what: str):
-    """``conn.recv()`` bounded by ``timeout`` seconds (the benchmark must never hang)."""
-    if not conn.poll(timeout):
-        raise TimeoutError(f"decode process: no {what} within {timeout} s")
+def _recv(conn, proc, timeout: float, what: str):
+    """``conn.recv()`` bounded by ``timeout`` seconds and by the decode process's life (the
+    benchmark must never hang)."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"decode process exited (code {proc.exitcode}) before sending "
+                               f"{what}; its error is in the log above")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"decode process: no {what} within {timeout} s")
     return conn.recv()
 
 
@@ -217,7 +224,7 @@ def _run(args, mem, T):
         agent = T.Agent("prefill", progress_thread=args.progress_thread)
         regs = {k: agent.register(_random_cache(lay, i, _device(mem)))
                 for i, (k, lay) in enumerate(lays.items())}
-        md, remotes = _recv(conn, 300, "metadata")
+        md, remotes = _recv(conn, proc, 300, "metadata")
         agent.add_peer(md)
         rng = np.random.default_rng(0)
         results = {}
@@ -254,7 +261,7 @@ def _run(args, mem, T):
                 # sanity: the last request arrived bit-exact (rewrite it: raw copies came after)
                 reg.write(remote, src, dst, b"check", pools=pools).wait(10.0)
                 conn.send(("descs_bytes", (kind, dst, pools)))
-                got = _recv(conn, 120, "bytes")
+                got = _recv(conn, proc, 120, "bytes")
                 if got != _src_bytes(reg, src, pools):
                     raise AssertionError(f"{kind}: transferred bytes differ")
                 results[(kind, k)] = (statistics.median(ts), descs, nbytes,
