@@ -44,34 +44,88 @@ from jaxkv import dcp  # noqa: E402
 
 HEADS, DV = 128, 512
 
+# variant -> (dcp.merge method or None, input layout, collectives, what it is)
+KINDS = {
+    "bare": (None, "flat", "1 reduce-scatter", "bare psum_scatter of out (the baseline)"),
+    "merge_rs": ("reduce_scatter", "flat", "all-gather + reduce-scatter",
+                 "SPEC: all-gather LSE, scale, psum_scatter"),
+    "merge_a2a": ("all_to_all", "flat", "2 all-to-all", "all_to_all out and lse, merge after"),
+    "merge_a2a_packed": ("all_to_all_packed", "flat", "1 all-to-all",
+                         "pack [out|lse] rows (copy), all_to_all, merge after"),
+    "merge_packed": ("packed", "packed", "1 all-to-all",
+                     "producer-packed chunk-major [N,T,h*(Dv+1)], whole-block all_to_all, "
+                     "one merge pass"),
+    "bare_a2a": (None, "packed", "1 all-to-all",
+                 "bare all_to_all of the packed bytes (merge_packed's collective alone)"),
+}
+MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed")
+
+
+def sent_bytes(kind: str, T: int, n: int) -> int:
+    """Bytes one rank sends over the links per merge (ring/pairwise: (N-1)/N of a buffer)."""
+    o, lse = T * HEADS * DV * 4, T * HEADS * 4
+    if kind == "bare":
+        return o * (n - 1) // n
+    if kind == "merge_rs":
+        return (o * (n - 1) // n) + lse * (n - 1)  # reduce-scatter + all-gather of the LSEs
+    return (o + lse) * (n - 1) // n  # all-to-alls: N-1 of N chunks of [out | lse] leave the rank
+
+
+def _one(kind: str, axis: str, n: int):
+    """The per-rank merge of ``kind`` on its input layout: (x, lse) -> (out, lse)."""
+    method, layout, _, _ = KINDS[kind]
+
+    def one(x, l):
+        if kind == "bare":
+            r = lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)
+            return r, l[:, :r.shape[1]]
+        if kind == "bare_a2a":
+            g = lax.all_to_all(x, axis, 0, 0, tiled=True)
+            h = HEADS // n
+            return g[0, :, :h * DV].reshape(-1, h, DV), g[1 % n, :, h * DV:]
+        if layout == "packed":
+            return dcp.merge_packed(x, axis, "e", dv=DV)
+        return dcp.merge(x, l, axis, "e", method=method)
+    return one
+
+
+def _inputs(kind, o, lse, n):
+    """Per-rank inputs of ``kind``: flat out f32[N, T, H, DV] or packed f32[N, N, T, h*(DV+1)]."""
+    if KINDS[kind][1] == "flat":
+        return o, lse
+    packed = jax.jit(jax.vmap(lambda a, b: dcp.pack_partials(a, b, n)))(o, lse)
+    return packed, lse
+
 
 def _loop(kind: str, mesh, iters: int):
-    """jit(shard_map(K chained merges)); inputs out f32[N, T, H, DV], lse f32[N, T, H]."""
+    """jit(shard_map(K chained merges)) of ``kind``.
+
+    Iteration ``i+1``'s input takes one element of iteration ``i``'s result, so nothing is hoisted
+    or merged across iterations.  The whole result is also loop-carried and returned after the
+    loop (never read inside it, so it costs no copy): it is computed and written whole every
+    iteration (an elementwise merge whose result fed only a slice would otherwise be fused into
+    that slice and computed for one element; an ``optimization_barrier`` does not prevent that).
+    """
     axis = "dcp"
+    n = mesh.shape[axis]
+    one = _one(kind, axis, n)
 
-    def one(o, l):
-        if kind == "bare":
-            r = lax.psum_scatter(o, axis, scatter_dimension=1, tiled=True)
-            return r, l[:, :r.shape[1]]
-        method = {"merge_rs": "reduce_scatter", "merge_a2a": "all_to_all",
-                  "merge_a2a_packed": "all_to_all_packed"}[kind]
-        return dcp.merge(o, l, axis, "e", method=method)
-
-    def body(o, l):
-        o, l = o[0], l[0]
+    def body(x, l):
+        x, l = x[0], l[0]
+        r0, rl0 = jax.eval_shape(one, x, l)
+        r0, rl0 = jnp.zeros(r0.shape, r0.dtype), jnp.zeros(rl0.shape, rl0.dtype)
 
         def step(_, c):
-            o, l, acc = c
-            r, rl = one(o, l)
-            # chain: the next iteration reads one element of this one's result
-            o = o.at[0, 0, 0].set(r[0, 0, 0])
-            l = l.at[0, 0].set(rl[0, 0])
-            return o, l, acc + r[0, 0, 1]
+            x, l, _, _ = c
+            r, rl = one(x, l)
+            x = x.at[(0,) * x.ndim].set(r[0, 0, 0])
+            l = l.at[0, 1].set(rl[0, 0])
+            return x, l, r, rl
 
-        o, l, acc = lax.fori_loop(0, iters, step, (o, l, jnp.float32(0)))
-        return acc[None]
+        _, _, r, rl = lax.fori_loop(0, iters, step, (x, l, r0, rl0))
+        return r[None], rl[None]
 
-    f = dcp.shard_map(body, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(axis))
+    f = dcp.shard_map(body, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=(P(axis), P(axis)))
     return jax.jit(f)
 
 
@@ -84,42 +138,133 @@ def bench_merge(mesh, sizes, iters, reps):
         lse = jnp.asarray((rng.normal(size=(n, T, HEADS)) * 4).astype(np.float32))
         lse = lse.at[0, 0, :].set(-jnp.inf)  # an empty rank for one token: the -inf path runs
         sh = jax.sharding.NamedSharding(mesh, P("dcp"))
-        o, lse = jax.device_put(o, sh), jax.device_put(lse, sh)
         t = {}
-        for kind in ("bare", "merge_rs", "merge_a2a", "merge_a2a_packed"):
+        for kind in KINDS:
+            x, l = (jax.device_put(a, sh) for a in _inputs(kind, o, lse, n))
             f = _loop(kind, mesh, iters)
-            t[kind] = common.time_jax(f, o, lse, iters=reps, warmup=2) / iters
+            t[kind] = common.time_jax(f, x, l, iters=reps, warmup=2) / iters
         nbytes = T * HEADS * DV * 4  # per-rank partial output bytes
         raw.append((T, t))
-        for kind in ("merge_rs", "merge_a2a", "merge_a2a_packed"):
-            rows.append(common.row(f"{kind} T={T} x {HEADS}h x {DV} f32 (N={n})",
-                                   t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
-                                   target={"baseline_ratio": round(1 / 1.15, 4)},
-                                   higher_is_better=False))
-        rows.append(common.row(f"bare psum_scatter T={T} ({nbytes / 2**20:.2f} MiB/rank) bus GB/s",
+        for kind in MERGES:
+            rows.append(common.row(
+                f"{kind} T={T} x {HEADS}h x {DV} f32 (N={n}; {KINDS[kind][2]}, sends "
+                f"{sent_bytes(kind, T, n) / 2**20:.3f} MiB/rank)",
+                t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
+                target={"baseline_ratio": round(1 / 1.15, 4)}, higher_is_better=False))
+        rows.append(common.row(f"bare_a2a T={T} (packed bytes, no merge; sends "
+                               f"{sent_bytes('bare_a2a', T, n) / 2**20:.3f} MiB/rank) vs bare "
+                               f"psum_scatter", t["bare_a2a"] * 1e6, "us",
+                               baseline=t["bare"] * 1e6, higher_is_better=False))
+        rows.append(common.row(f"bare psum_scatter T={T} ({nbytes / 2**20:.2f} MiB/rank, sends "
+                               f"{sent_bytes('bare', T, n) / 2**20:.3f} MiB) bus GB/s",
                                nbytes * (n - 1) / n / t["bare"] / 1e9, "GB/s"))
-        print(f"T={T:4d}  bare {t['bare']*1e6:8.1f} us  merge_rs {t['merge_rs']*1e6:8.1f} us "
-              f"({t['merge_rs']/t['bare']:.3f}x)  merge_a2a {t['merge_a2a']*1e6:8.1f} us "
-              f"({t['merge_a2a']/t['bare']:.3f}x)  packed {t['merge_a2a_packed']/t['bare']:.3f}x",
-              flush=True)
+        print(f"T={T:4d}  bare {t['bare']*1e6:8.1f} us  " + "  ".join(
+            f"{k} {t[k]*1e6:7.1f} us ({t[k]/t['bare']:.3f}x)" for k in MERGES + ("bare_a2a",)),
+            flush=True)
     return rows, raw
 
 
+# ---------------------------------------------------------------------------------------------
+# The byte / launch budget of each variant, read from the compiled (optimized) HLO
+
+_DT = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "pred": 1, "u8": 1, "s8": 1,
+       "f64": 8, "s64": 8, "u64": 8}
+_COLL = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+_FREE = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
+         "replica-id", "after-all")
+
+
+def _shape_bytes(text: str) -> int:
+    import re
+    return sum(_DT.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))
+
+
+def hlo_budget(text: str) -> dict:
+    """Counts in the ENTRY computation of an optimized HLO module.
+
+    Returns ``{"collectives": {op: count}, "kernels": k, "hbm_bytes": b}``: ``kernels`` = top-level
+    fusions/copies/other data ops (each a launch on GPU), ``hbm_bytes`` = bytes of their results
+    plus operands (an upper bound of the HBM traffic outside the collectives: a fusion may read
+    only part of an operand).
+    """
+    import re
+    lines, inside = [], False
+    for ln in text.splitlines():
+        if ln.startswith("ENTRY"):
+            inside = True
+            continue
+        if inside and ln.startswith("}"):
+            break
+        if inside:
+            lines.append(ln)
+    shapes, coll, kernels, hbm = {}, {}, 0, 0
+    pat = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*?)\)(?:,|$)")
+    for ln in lines:
+        m = pat.match(ln)
+        if not m:
+            continue
+        name, shape, op, args = m.groups()
+        shapes[name] = _shape_bytes(shape)
+        base = op[:-6] if op.endswith("-start") else op
+        if op.endswith("-done") or op in _FREE:
+            continue
+        if base in _COLL:
+            coll[base] = coll.get(base, 0) + 1
+            continue
+        kernels += 1
+        hbm += shapes[name] + sum(shapes.get(a, 0) for a in re.findall(r"%([\w.\-]+)", args))
+    return {"collectives": coll, "kernels": kernels, "hbm_bytes": hbm}
+
+
+def budget_rows(mesh, T: int, out_dir: str):
+    """Compiles one merge of every variant at ``T`` and reports its HLO budget (rows + files)."""
+    n = mesh.shape["dcp"]
+    rows, lines = [], []
+    o = jnp.zeros((n, T, HEADS, DV), jnp.float32)
+    lse = jnp.zeros((n, T, HEADS), jnp.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    for kind in KINDS:
+        x, l = _inputs(kind, o, lse, n)
+        one = _one(kind, "dcp", n)
+        f = jax.jit(dcp.shard_map(lambda a, b: one(a[0], b[0]), mesh=mesh,
+                                  in_specs=(P("dcp"), P("dcp")), out_specs=(P(None, "dcp"),) * 2))
+        text = f.lower(x, l).compile().as_text()
+        with open(os.path.join(out_dir, f"dcp-hlo-{kind}-T{T}-{common.gpu_name()}.txt"), "w") as fh:
+            fh.write(text)
+        b = hlo_budget(text)
+        coll = ", ".join(f"{v} {k}" for k, v in sorted(b["collectives"].items())) or "none"
+        line = (f"{kind:17s} T={T}: {b['kernels']} kernels, collectives: {coll}; HBM outside "
+                f"collectives <= {b['hbm_bytes'] / 2**20:.1f} MiB "
+                f"(out = {T * HEADS * DV * 4 / 2**20:.1f} MiB/rank)")
+        lines.append(line)
+        print(line, flush=True)
+        rows.append(common.row(f"HLO {kind} T={T} (N={n}): {b['kernels']} kernels, {coll}; HBM "
+                               f"MiB touched outside collectives (upper bound)",
+                               b["hbm_bytes"] / 2**20, "MiB"))
+    with open(os.path.join(out_dir, f"dcp-hlo-{common.gpu_name()}.txt"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return rows
+
+
 def check_merge(mesh):
-    """The benchmarked merge is the merge: compare with merge_partials on gathered partials."""
+    """The benchmarked merges are the merge: compare with merge_partials on gathered partials."""
     n = mesh.shape["dcp"]
     rng = np.random.default_rng(1)
     o = rng.normal(size=(n, 4, HEADS, DV)).astype(np.float32)
     lse = (rng.normal(size=(n, 4, HEADS)) * 4).astype(np.float32)
     lse[0, 0] = -np.inf
-    want_o, want_l = dcp.merge_partials(o, lse)
-    for method in ("reduce_scatter", "all_to_all", "all_to_all_packed"):
-        f = dcp.shard_map(lambda a, b: dcp.merge(a[0], b[0], "dcp", method=method), mesh=mesh,
+    o[0, 0] = np.nan  # an empty rank's garbage must not leak
+    want_o, want_l = dcp.merge_partials(np.where(np.isfinite(lse)[..., None], o, 0), lse)
+    for kind in MERGES:
+        x, l = _inputs(kind, jnp.asarray(o), jnp.asarray(lse), n)
+        one = _one(kind, "dcp", n)
+        f = dcp.shard_map(lambda a, b: one(a[0], b[0]), mesh=mesh,
                           in_specs=(P("dcp"), P("dcp")), out_specs=(P(None, "dcp"),) * 2)
-        got_o, got_l = f(jnp.asarray(o), jnp.asarray(lse))
+        got_o, got_l = f(x, l)
         err = float(jnp.max(jnp.abs(got_o - want_o)) / jnp.max(jnp.abs(want_o)))
-        assert err < 1e-5, (method, err)
-        assert bool(jnp.all(jnp.isfinite(got_o)))
+        assert err < 1e-5, (kind, err)
+        assert bool(jnp.all(jnp.isfinite(got_o))), kind
 
 
 def capacity_rows(mesh, quick):
@@ -167,8 +312,9 @@ def main(argv=None):
     check_merge(mesh)
     sizes = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     iters, reps = (4, 3) if args.quick else (100, 10)
-    rows, _ = bench_merge(mesh, sizes, iters, reps)
-    rows += capacity_rows(mesh, args.quick)
+    rows = budget_rows(mesh, 16 if args.quick else 64, args.out)
+    merge_rows, _ = bench_merge(mesh, sizes, iters, reps)
+    rows += merge_rows + capacity_rows(mesh, args.quick)
     stem = common.write_results(rows, args.out, "dcp", title=f"DCP merge and capacity "
                                 f"(N={len(devs)})")
     print(f"wrote {stem}.json/.md/.png")

@@ -61,7 +61,8 @@ from jaxkv.layout import Layout, layer_major
 __all__ = [
     "DCPCache", "make_mesh", "init_dcp_cache", "owner", "local_index", "local_len",
     "owner_widened", "physical_widened", "global_locs", "to_local", "local_cache", "set_tokens_dcp",
-    "get_tokens_dcp", "merge", "merge_partials", "decode", "localize_topk", "reshard",
+    "get_tokens_dcp", "merge", "merge_partials", "merge_packed", "pack_partials",
+    "unpack_partials", "auto_method", "METHODS", "decode", "localize_topk", "reshard",
     "reshard_request", "capacity", "kv_capacity", "shard_map",
 ]
 
@@ -398,6 +399,125 @@ def merge_partials(outs: jax.Array, lses: jax.Array, base: str = "e"):
     return jnp.sum(o, axis=0), lse
 
 
+def _merge_sources(o_of, l_of, n: int, base: str):
+    """Merge of ``n`` partials, written elementwise so that it can be one fused pass.
+
+    ``o_of(r)`` -> f32[..., Dv] and ``l_of(r)`` -> f32[...]: output and lse of source ``r``.
+    Everything is unrolled over the (static, small) ``n``: ``m = max_r lse_r``,
+    ``e_r = base^(lse_r - m)`` (exactly 0 where ``lse_r = -inf``), ``s = sum_r e_r``,
+    ``out = sum_r e_r / s * o_r`` over the sources with ``e_r > 0`` (a source with no keys is
+    never multiplied, so NaN/inf garbage there cannot leak), ``LSE = m + log(s)``.  No reduce and
+    no ``[n, ..., Dv]`` intermediate: XLA GPU can fuse the weights (f32 exp/divide count as cheap
+    there) into the single elementwise pass that reads each received partial once and writes the
+    output once; ``log`` only touches the small ``[...]`` LSE.
+    """
+    exp, log = _exp_log(base)
+    lses = [l_of(r) for r in range(n)]
+    m = lses[0]
+    for x in lses[1:]:
+        m = jnp.maximum(m, x)
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    es = [jnp.where(x > -jnp.inf, exp(x - m_safe), 0.0) for x in lses]
+    s = es[0]
+    for e in es[1:]:
+        s = s + e
+    ok = s > 0
+    inv = 1.0 / jnp.where(ok, s, 1.0)
+    acc = None
+    for r, e in enumerate(es):
+        wr = (e * inv)[..., None]
+        term = jnp.where(wr > 0, o_of(r) * wr, 0.0)
+        acc = term if acc is None else acc + term
+    return acc, jnp.where(ok, m_safe + log(jnp.where(ok, s, 1.0)), -jnp.inf)
+
+
+def pack_partials(out: jax.Array, lse: jax.Array, n: int) -> jax.Array:
+    """The producer's packed layout for ``merge_packed``: f32[N, B, h * (Dv + 1)].
+
+    ``packed[r, b] = [out[b, r*h:(r+1)*h, :].ravel() | lse[b, r*h:(r+1)*h]]``: head chunk ``r``
+    (the chunk rank ``r`` keeps) is contiguous and major, so the ``all_to_all`` moves whole
+    contiguous blocks (no relayout), and ``o`` stays 16-byte aligned (``lse`` trails each row).
+    Inside a jitted producer XLA writes this directly from the attention's last elementwise
+    fusion (the concatenate fuses there), so emitting it costs no extra pass over ``out``.
+
+    Args:
+      out: f32[B, H, Dv] partial output, ``H = n * h``.
+      lse: f32[B, H].
+      n: the DCP size.
+    """
+    out = jnp.asarray(out, jnp.float32)
+    lse = jnp.asarray(lse, jnp.float32)
+    B, H, Dv = out.shape
+    if lse.shape != (B, H):
+        raise ValueError(f"lse must be f32[{B}, {H}] (out's [B, H]), got {lse.shape}")
+    if n < 1 or H % n:
+        raise ValueError(f"heads ({H}) must be a multiple of n ({n})")
+    h = H // n
+    packed = jnp.concatenate([out.reshape(B, n, h * Dv), lse.reshape(B, n, h)], axis=-1)
+    return jnp.moveaxis(packed, 1, 0)
+
+
+def unpack_partials(packed: jax.Array, dv: int = A.DV):
+    """Inverse of ``pack_partials``: f32[N, B, h*(dv+1)] -> (out f32[B, N*h, dv], lse f32[B, N*h])."""
+    n, B, width = packed.shape
+    if width % (dv + 1):
+        raise ValueError(f"packed rows ({width}) must be a multiple of dv + 1 = {dv + 1}")
+    h = width // (dv + 1)
+    o = jnp.moveaxis(packed[..., :h * dv].reshape(n, B, h, dv), 0, 1).reshape(B, n * h, dv)
+    lse = jnp.moveaxis(packed[..., h * dv:], 0, 1).reshape(B, n * h)
+    return o, lse
+
+
+def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int = A.DV):
+    """The merge on the producer's packed layout; call inside ``shard_map``.
+
+    One ``all_to_all`` (split and concat dimension 0: chunk ``r`` of every rank goes to rank ``r``
+    as whole contiguous blocks), then the receiver merges its ``N`` received partials in one
+    elementwise pass (``_merge_sources``).  Per rank it sends ``(N-1)/N * B*H*(dv+1)*4`` bytes
+    (the bare ``psum_scatter`` of ``out`` sends ``(N-1)/N * B*H*dv*4``) and touches HBM once more:
+    read ``B*H*(dv+1)*4``, write ``B*h*(dv+1)*4``.
+
+    Args:
+      packed: f32[N, B, h*(dv+1)] from ``pack_partials`` (or written so by the attention).
+      axis_name: the DCP mesh axis (size ``N``).
+      base: ``"e"`` or ``"2"``.
+      dv: value width.
+
+    Returns:
+      ``(out f32[B, h, dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
+    """
+    packed = jnp.asarray(packed, jnp.float32)
+    n = _axis_size(axis_name)
+    if packed.ndim != 3 or packed.shape[0] != n or packed.shape[2] % (dv + 1):
+        raise ValueError(f"packed must be f32[{n}, B, h*({dv}+1)] (pack_partials), got "
+                         f"{packed.shape}")
+    _, B, width = packed.shape
+    h = width // (dv + 1)
+    got = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)  # [N (source rank), B, h*(dv+1)]
+    # per-source slices: each stays inside one received block
+    return _merge_sources(lambda r: got[r, :, :h * dv].reshape(B, h, dv),
+                          lambda r: got[r, :, h * dv:], n, base)
+
+
+METHODS = ("auto", "reduce_scatter", "all_to_all", "all_to_all_packed", "packed")
+
+
+def auto_method(tokens: int, heads: int, dv: int, n: int, *, packed_input: bool = False) -> str:
+    """The merge variant ``method="auto"`` uses for a ``[tokens, heads, dv]`` f32 merge over N.
+
+    From the 2 x H200 measurements (benchmarks/results/dcp-h200x2.md, T = 1..256 x 128 heads x
+    512): the one-collective all-to-all merge was at or below the SPEC reduce-scatter merge at every
+    T (two latency-bound collectives vs one at small T; one scaling pass before the collective vs
+    a merge pass after it at large T), so ``all_to_all_packed`` for an unpacked input at every
+    size, and ``packed`` (no packing copy) wherever the producer can emit the packed layout.
+    ``n = 1`` needs no collective: ``reduce_scatter`` degenerates to the local scaling.
+    """
+    del tokens, heads, dv  # no measured crossover: kept in the signature for future tables
+    if n == 1:
+        return "reduce_scatter"
+    return "packed" if packed_input else "all_to_all_packed"
+
+
 def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
           method: str = "reduce_scatter"):
     """Merges partial attention across the DCP axis; call inside ``shard_map``.
@@ -410,8 +530,11 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
       method: ``"reduce_scatter"`` (SPEC §9: all-gather LSEs, scale, ``psum_scatter`` over heads)
         or ``"all_to_all"`` (``all_to_all`` of the head chunks of ``out`` and of ``lse``, merged
         locally on the receiving rank: no scaling pass before the collective), or
-        ``"all_to_all_packed"`` (one ``all_to_all`` of ``[out | lse]``: one collective, plus a
-        packing copy).  All give the same result.
+        ``"all_to_all_packed"`` (one ``all_to_all`` of ``[out | lse]`` rows: one collective, plus a
+        packing copy), or ``"packed"`` (``pack_partials`` + ``merge_packed``: chunk-major packed
+        layout, whole-block ``all_to_all``; the packing fuses into a jitted producer), or
+        ``"auto"`` (``auto_method``).  All give the same result (to float32 rounding); the
+        receiving-side merges are one fused pass (``_merge_sources``).
 
     Returns:
       ``(out f32[B, h, Dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
@@ -423,6 +546,12 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
     if H % n:
         raise ValueError(f"heads ({H}) must be a multiple of the DCP size ({n})")
     h = H // n
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        method = auto_method(B, H, Dv, n)
+    if method == "packed":  # pack here (inside a jitted producer the packing fuses upstream)
+        return merge_packed(pack_partials(out, lse, n), axis_name, base, dv=Dv)
     if method == "reduce_scatter":
         lses = lax.all_gather(lse, axis_name)  # [N, B, H]
         total, w = _combine(lses, base)
@@ -435,14 +564,11 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         # head chunk r of every rank goes to rank r: [B, N, h, Dv] -> [B, N (source), h, Dv]
         got_o = lax.all_to_all(out.reshape(B, n, h, Dv), axis_name, 1, 1, tiled=True)
         got_l = lax.all_to_all(lse.reshape(B, n, h), axis_name, 1, 1, tiled=True)
-        return merge_partials(jnp.moveaxis(got_o, 1, 0), jnp.moveaxis(got_l, 1, 0), base)
-    if method == "all_to_all_packed":
-        packed = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(B, n, h, Dv + 1)
-        got = lax.all_to_all(packed, axis_name, 1, 1, tiled=True)
-        got = jnp.moveaxis(got, 1, 0)  # [N (source rank), B, h, Dv + 1]
-        return merge_partials(got[..., :Dv], got[..., Dv], base)
-    raise ValueError("method must be 'reduce_scatter', 'all_to_all' or 'all_to_all_packed', "
-                     f"got {method!r}")
+        return _merge_sources(lambda r: got_o[:, r], lambda r: got_l[:, r], n, base)
+    # all_to_all_packed
+    packed = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(B, n, h, Dv + 1)
+    got = lax.all_to_all(packed, axis_name, 1, 1, tiled=True)  # [B, N (source rank), h, Dv + 1]
+    return _merge_sources(lambda r: got[:, r, :, :Dv], lambda r: got[:, r, :, Dv], n, base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +579,7 @@ def decode(dc: DCPCache, q: jax.Array, layer: int, *, seq_lens: jax.Array,
            block_table: jax.Array, swa_block_table: jax.Array | None = None,
            index_q: jax.Array | None = None, index_w: jax.Array | None = None,
            topk: int | None = None, scale: float | None = None, base: str = "e",
-           compact: bool = False, method: str = "reduce_scatter", impl: str = "auto"):
+           compact: bool = False, method: str = "auto", impl: str = "auto"):
     """DCP sparse MLA decode of one layer: one ``shard_map`` over the DCP axis.
 
     Each rank all-gathers q over heads, attends over its own tokens (dense segments by local
@@ -468,13 +594,16 @@ def decode(dc: DCPCache, q: jax.Array, layer: int, *, seq_lens: jax.Array,
         positions); replicated.
       scale, base: softmax scale and LSE base.
       compact: compact localized top-k lists valid-first.
-      method: merge method (see ``merge``).
+      method: merge method (see ``merge``); ``"auto"`` = ``"packed"`` for N > 1: the attention's
+        output fusion writes the packed layout, one ``all_to_all``, one merge pass.
 
     Returns:
       ``(out f32[B, H, 512], lse f32[B, H])`` sharded over heads; equal (to float32 rounding) to
       ``sparse_decode`` on an unsharded cache holding the same tokens.
     """
     A._check_base(base)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     W = dc.geometry.mla.width
     if jnp.ndim(q) != 3 or jnp.shape(q)[2] != W or jnp.shape(q)[1] % dc.n:
         raise ValueError(f"q must be float[B, H, {W}] with H a multiple of N = {dc.n}, got "
@@ -499,7 +628,10 @@ def _decode_jit(dc, q, rep, *, layer, topk, scale, base, compact, method, impl):
         kv, valid, _ = A.gather_kv(local_cache(dc, bufs), layer, topk=topk,
                                    placement=dc.placement(rank), compact=compact, impl=impl, **rep)
         o, lse = A.attend(q_all, kv, valid, scale=scale, base=base)
-        return merge(o, lse, axis, base, method=method)
+        m = method
+        if m == "auto":  # the producer is right here: it emits the packed layout
+            m = auto_method(o.shape[0], o.shape[1], o.shape[2], dc.n, packed_input=True)
+        return merge(o, lse, axis, base, method=m)
 
     qspec = P(None, axis, None)
     return shard_map(body, mesh=dc.mesh, in_specs=(dc.specs(), qspec, P()),

@@ -268,7 +268,8 @@ def test_decode_compact_and_all_to_all_merge():
     sc = Scenario(geo, 4, 1, [3, 37, 20], seed=11)
     q, iq, iw = _queries(geo, 3, 8, 11)
     ro, rl = _ref_decode(q, sc.ref, 1, index_q=iq, index_w=iw, **sc.kwargs("ref"))
-    for compact, method in ((True, "reduce_scatter"), (False, "all_to_all")):
+    for compact, method in ((True, "reduce_scatter"), (False, "all_to_all"),
+                            (True, "all_to_all_packed"), (False, "packed")):
         do, dl = dcp.decode(sc.dc, q, 1, index_q=iq, index_w=iw, compact=compact,
                             method=method, **sc.kwargs("dcp"))
         assert _rel(do, ro) <= 1e-5 and _rel(dl, rl) <= 1e-5
@@ -396,6 +397,109 @@ def test_empty_rank_contributes_exactly_zero():
     np.testing.assert_array_equal(np.asarray(l2), np.asarray(l1))
 
 
+def _np_pack(outs, lses, n):
+    """numpy pack_partials, written out: [rank][chunk r, b] = [o(b, heads of r).ravel() | lse]."""
+    N, Bq, H, Dv = outs.shape
+    h = H // n
+    packed = np.zeros((N, n, Bq, h * (Dv + 1)), np.float32)
+    for src in range(N):
+        for r in range(n):
+            for b in range(Bq):
+                packed[src, r, b, :h * Dv] = outs[src, b, r * h:(r + 1) * h].reshape(-1)
+                packed[src, r, b, h * Dv:] = lses[src, b, r * h:(r + 1) * h]
+    return packed
+
+
+def test_pack_partials_layout_and_round_trip():
+    rng = np.random.default_rng(5)
+    outs = rng.normal(size=(1, 3, 8, 6)).astype(np.float32)
+    lses = rng.normal(size=(1, 3, 8)).astype(np.float32)
+    lses[0, 1, 2] = -np.inf
+    for n in (1, 2, 4, 8):
+        got = np.asarray(dcp.pack_partials(outs[0], lses[0], n))
+        np.testing.assert_array_equal(got, _np_pack(outs, lses, n)[0])
+        o, l = dcp.unpack_partials(got, dv=6)
+        np.testing.assert_array_equal(np.asarray(o), outs[0])
+        np.testing.assert_array_equal(np.asarray(l), lses[0])
+    with pytest.raises(ValueError, match="multiple of n"):
+        dcp.pack_partials(outs[0], lses[0], 3)
+    with pytest.raises(ValueError, match="lse must be"):
+        dcp.pack_partials(outs[0], lses[0, :, :4], 2)
+    with pytest.raises(ValueError, match="dv"):
+        dcp.unpack_partials(np.zeros((2, 3, 10), np.float32), dv=6)
+
+
+def _run_merge_packed(n, packed, base, dv):
+    mesh = dcp.make_mesh(n)
+    f = jax.jit(dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", base, dv=dv),
+                              mesh=mesh, in_specs=(jax.sharding.PartitionSpec("dcp"),),
+                              out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2))
+    return f(jnp.asarray(packed))
+
+
+@needs8
+@pytest.mark.parametrize("n,base", [(1, "e"), (2, "e"), (2, "2"), (4, "e"), (8, "2")])
+def test_merge_packed_vs_numpy_with_empty_ranks(n, base):
+    """merge_packed on the producer layout == numpy merge; empty ranks (NaN garbage) add 0."""
+    rng = np.random.default_rng(10 + n)
+    Bq, h, Dv = 3, 2, 16
+    H = n * h
+    outs = rng.normal(size=(n, Bq, H, Dv)).astype(np.float32)
+    lses = (rng.normal(size=(n, Bq, H)) * 30).astype(np.float32)
+    lses[0, 0, :] = -np.inf
+    outs[0, 0, :] = np.nan
+    lses[:, 1, 0] = -np.inf
+    outs[:, 1, 0] = np.inf
+    if n > 1:
+        lses[n - 1, 2, :] = -np.inf  # a different empty rank for request 2
+        outs[n - 1, 2, :] = -np.inf
+    packed = _np_pack(outs, lses, n)
+    o, l = map(np.asarray, _run_merge_packed(n, packed, base, Dv))
+    assert not np.isnan(o).any() and not np.isnan(l).any()
+    wo, wl = _np_merge(np.where(np.isfinite(lses)[..., None], outs, 0.0), lses, base)
+    np.testing.assert_allclose(o, wo, rtol=2e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.isfinite(l), np.isfinite(wl))
+    np.testing.assert_allclose(l[np.isfinite(l)], wl[np.isfinite(wl)], rtol=1e-6)
+    assert (o[1, 0] == 0).all() and l[1, 0] == -np.inf
+    # method="packed" / "auto" on unpacked input (packs inside) give the same merge
+    for method in ("packed", "auto"):
+        o2, l2 = map(np.asarray, _run_merge(n, outs, lses, base, method))
+        np.testing.assert_allclose(o2, wo, rtol=2e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.isfinite(l2), np.isfinite(wl))
+        assert not np.isnan(o2).any()
+
+
+@needs8
+def test_merge_packed_empty_rank_exactly_zero_and_bad_input():
+    """[a, empty] merged packed == [a] merged, bit for bit; wrong packed shapes are refused."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(1, 2, 4, 17)).astype(np.float32)
+    la = rng.normal(size=(1, 2, 4)).astype(np.float32)
+    o1, l1 = _run_merge_packed(1, _np_pack(a, la, 1), "e", 17)
+    outs = np.concatenate([a, np.full_like(a, np.nan)])
+    lses = np.concatenate([la, np.full_like(la, -np.inf)])
+    o2, l2 = _run_merge_packed(2, _np_pack(outs, lses, 2), "e", 17)
+    np.testing.assert_array_equal(np.asarray(o2), np.asarray(o1))
+    np.testing.assert_array_equal(np.asarray(l2), np.asarray(l1))
+    mesh = dcp.make_mesh(2)
+    bad = jnp.zeros((2, 3, 2 * 17 + 1), jnp.float32)  # rows not a multiple of dv + 1
+    with pytest.raises(ValueError, match="packed must be"):
+        dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", dv=16), mesh=mesh,
+                      in_specs=(jax.sharding.PartitionSpec("dcp"),),
+                      out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2)(bad[:, None])
+    with pytest.raises(ValueError, match="method must be"):
+        _run_merge(2, outs, lses, "e", "psum")
+
+
+def test_auto_method():
+    assert dcp.auto_method(64, 128, 512, 1) == "reduce_scatter"
+    for T in (1, 16, 64, 256):
+        assert dcp.auto_method(T, 128, 512, 2) == "all_to_all_packed"
+        assert dcp.auto_method(T, 128, 512, 2, packed_input=True) == "packed"
+    assert set(dcp.METHODS) >= {"auto", "reduce_scatter", "all_to_all", "all_to_all_packed",
+                                "packed"}
+
+
 def test_merge_partials_bases_agree():
     rng = np.random.default_rng(2)
     outs = rng.normal(size=(3, 2, 4, 8)).astype(np.float32)
@@ -515,7 +619,7 @@ def test_decode_and_reshard_on_gpus(model):
         layers = range(geo.num_layers) if geo.is_dsv4 else [1]
         for layer in layers:
             for base in ("e", "2"):
-                for method in ("reduce_scatter", "all_to_all"):
+                for method in ("reduce_scatter", "all_to_all", "all_to_all_packed", "packed"):
                     ro, rl = _ref_decode(q, ref.ref, layer, index_q=iq, index_w=iw, base=base,
                                          **ref.kwargs("ref"))
                     do, dl = dcp.decode(sc.dc, q, layer, index_q=iq, index_w=iw, base=base,
