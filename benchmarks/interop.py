@@ -6,6 +6,11 @@ Rows (BENCH.md format, ``DIR/interop-<gpu>.json/.md/.png``):
   arrays from 4 KiB to 1 GiB; target <= 20 us and size-independent.  Baseline: the raw
   ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack`` call (``baseline_ratio`` = raw / ours).
 * ``exchange size dependence``: the largest over the smallest median, across sizes (target <= 2).
+* ``step ...`` rows: where the time goes.  Exchange: each step of ``to_torch`` / ``from_torch``
+  timed alone (checks, stream lookup, jaxlib capsule, torch capsule, handshake, registry,
+  destruction) and the public path with the fast path off.  Retract: the plan (ms), the pinned
+  allocation (ms), the transfer with a precomputed plan, and the copies alone (GB/s against the
+  same ceilings).
 * ``get_cpu_copy`` / ``load_cpu_copy``: GB/s of the torch pool's retract / resume of a batch of
   DSv4-Flash requests, against a pinned host copy of the same bytes measured in the same run (the
   ceiling; target >= 0.90) and against the seed's path (per pool and layer: gather, then a
@@ -81,31 +86,149 @@ def _size_name(n: int) -> str:
 # DLPack exchange
 
 
+def _interleaved_us(fns: dict, rounds: int, iters: int) -> dict:
+    """Median microseconds of each ``fns[k]()``; rounds interleave the functions, so a drift of
+    the machine (clocks, other processes) hits every function alike."""
+    samples = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            ts = samples[k]
+            for _ in range(iters):
+                t0 = time.perf_counter_ns()
+                fn()
+                ts.append(time.perf_counter_ns() - t0)
+    return {k: statistics.median(v) / 1e3 for k, v in samples.items()}
+
+
+def _set_fast(on: bool):
+    I.dlpack._EXPORT["enabled"] = on
+    I.dlpack._FAST["enabled"] = on
+
+
 def bench_exchange(quick: bool) -> list[dict]:
     sizes = [1 << 12, 1 << 20, 1 << 24] if quick else [1 << 12, 1 << 20, 1 << 26, 1 << 30]
-    iters = 200 if quick else 1000
+    rounds, iters = (4, 100) if quick else (10, 300)
     dev = jax.devices()[0]
-    rows, medians = [], []
+    pairs = []
     for n in sizes:
         x = jax.device_put(jnp.zeros((n // 2,), jnp.bfloat16), dev)
         x.block_until_ready()
         t = torch.zeros(n // 2, dtype=torch.bfloat16, device=DEV)
-        ours_to = _median_us(lambda: I.to_torch(x), iters)
-        raw_to = _median_us(lambda: torch.from_dlpack(x), iters)
-        ours_from = _median_us(lambda: I.from_torch(t), iters)
-        raw_from = _median_us(lambda: jax.dlpack.from_dlpack(t), iters)
-        medians += [ours_to, ours_from]
-        rows.append(common.row(f"to_torch {_size_name(n)}", ours_to, "us", baseline=raw_to,
-                               target={"value": 20.0}, higher_is_better=False))
-        rows.append(common.row(f"from_torch {_size_name(n)}", ours_from, "us",
-                               baseline=raw_from, target={"value": 20.0},
+        pairs.append((n, x, t))
+    fns = {}
+    for n, x, t in pairs:  # default-argument binding: one closure per array
+        fns[("to", n)] = lambda x=x: I.to_torch(x)
+        fns[("raw_to", n)] = lambda x=x: torch.from_dlpack(x)
+        fns[("from", n)] = lambda t=t: I.from_torch(t)
+        fns[("raw_from", n)] = lambda t=t: jax.dlpack.from_dlpack(t)
+    _sync()
+    res = _interleaved_us(fns, rounds, iters)
+    rows, medians = [], []
+    for n, _, _ in pairs:
+        medians += [res[("to", n)], res[("from", n)]]
+        rows.append(common.row(f"to_torch {_size_name(n)}", res[("to", n)], "us",
+                               baseline=res[("raw_to", n)], target={"value": 20.0},
                                higher_is_better=False))
-        del x, t
-        gc.collect()
+        rows.append(common.row(f"from_torch {_size_name(n)}", res[("from", n)], "us",
+                               baseline=res[("raw_from", n)], target={"value": 20.0},
+                               higher_is_better=False))
     for name, ms in (("to_torch", medians[0::2]), ("from_torch", medians[1::2])):
         rows.append(common.row(f"{name} size dependence (max/min over sizes)", max(ms) / min(ms),
                                "x", target={"value": 2.0}, higher_is_better=False))
+    rows += _exchange_steps(pairs[1][1], pairs[1][2], rounds, iters)
+    del pairs, fns
+    gc.collect()
     return rows
+
+
+def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
+    """Per-step microseconds of one exchange (1 MiB; the cost does not depend on size), so one
+    run shows where the time goes.  Steps are timed alone, in the order the bridge runs them;
+    "destroy" = (create and drop) - (create and keep)."""
+    D = I.dlpack
+    device = next(iter(x.sharding.device_set))
+    I.to_torch(x), I.from_torch(t)  # fill the caches, pass the self-checks
+    exp_api = D._export_api()
+    idx = D._export_index(device)
+    stream = D._torch_stream(idx) if idx is not None and idx >= 0 else None
+    imp = D._import_api()
+    tidx = t.get_device()
+    jdev, jstream, dl_type, ext, event = D._import_device(tidx, t, imp[0])
+    five = imp[2]
+
+    def to_buffer(cap):
+        return imp[1](cap, jdev, jstream, False, dl_type) if five else imp[1](
+            cap, jdev, jstream, False)
+
+    def handshake():
+        if ext is not None:
+            with D._handshake_lock:
+                event.record()
+                ext.wait_event(event)
+
+    keep = []
+    dummy = torch.empty(0)  # registry timing target under a fake pointer (-1)
+
+    def keep_to():
+        keep.append(I.to_torch(x))
+        if len(keep) > 4096:
+            keep.clear()
+
+    def keep_from():
+        keep.append(I.from_torch(t))
+        if len(keep) > 4096:
+            keep.clear()
+
+    def public_to():
+        _set_fast(False)
+        try:
+            return I.to_torch(x)
+        finally:
+            _set_fast(True)
+
+    def public_from():
+        _set_fast(False)
+        try:
+            return I.from_torch(t)
+        finally:
+            _set_fast(True)
+
+    fns = {
+        "to_torch (total)": lambda: I.to_torch(x),
+        "to_torch keep result (no destroy)": keep_to,
+        "to_torch public path (fast path off)": public_to,
+        "to: checks (type, tracer, deleted, device_set)": lambda: (
+            D._check_jax_array(x), x.sharding.device_set),
+        "to: torch current stream lookup": (lambda: D._torch_stream(idx)) if idx and idx >= 0
+        else (lambda: None),
+        "to: jaxlib buffer_to_dlpack_managed_tensor (capsule dropped)":
+            lambda: exp_api[0](x, stream=stream),
+        "to: capsule + torch._C._from_dlpack": lambda: exp_api[1](exp_api[0](x, stream=stream)),
+        "to: pointer check + registry": lambda: (int(x.unsafe_buffer_pointer()) == 0, D._record(
+            D._exported, -1, dummy)),
+        "from_torch (total)": lambda: I.from_torch(t),
+        "from_torch keep result (no destroy)": keep_from,
+        "from_torch public path (fast path off)": public_from,
+        "from: handshake (event record + JAX stream wait)": handshake,
+        "from: torch._C._to_dlpack (capsule dropped)": lambda: torch._C._to_dlpack(t),
+        "from: capsule + jaxlib dlpack_managed_tensor_to_buffer":
+            lambda: to_buffer(torch._C._to_dlpack(t)),
+        "from: _fast_import (handshake + capsule + import)": lambda: D._fast_import(t),
+    }
+    _sync()
+    res = _interleaved_us(fns, rounds, iters)
+    keep.clear()
+    D._exported.pop(-1, None)
+    res["to: destroy tensor (total - keep)"] = res["to_torch (total)"] - res[
+        "to_torch keep result (no destroy)"]
+    res["from: destroy array (total - keep)"] = res["from_torch (total)"] - res[
+        "from_torch keep result (no destroy)"]
+    res["from: checks + registry (total - _fast_import)"] = res["from_torch (total)"] - res[
+        "from: _fast_import (handshake + capsule + import)"]
+    return [common.row(f"step {k}", v, "us") for k, v in res.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +313,7 @@ def bench_retract(quick: bool) -> list[dict]:
 
     t_save = _wall(save, iters, warmup=2)  # two pinned blocks alternate in torch's host cache
     t_load = _wall(lambda: pool.load_cpu_copy(copy, full), iters, warmup=2)
+    steps = _retract_steps(pool, full, copy, iters)
     locs = _saved_locs(pool, full)
     holder = {}
 
@@ -224,7 +348,69 @@ def bench_retract(quick: bool) -> list[dict]:
                    "GB/s"),
         common.row("retract round trip bit-exact", float(exact), "bool", target={"value": 1.0}),
     ]
+    ms = {k: v for k, v in steps.items() if k.endswith("(ms)")}
+    rows += [common.row(f"step {k}", v * 1e3, "ms") for k, v in ms.items()]
+    for k, v in steps.items():
+        if k in ms:
+            continue
+        ceil = gb / (d2h if k.startswith("save") else h2d)
+        rows.append(common.row(f"step {k}", gb / v, "GB/s", ceiling=ceil))
     return rows
+
+
+def _retract_steps(pool, full, copy, iters: int) -> dict:
+    """Seconds of the parts of ``get_cpu_copy`` / ``load_cpu_copy`` (same run, same bytes):
+    the plan (host syncs), the pinned allocation, the transfer with a precomputed plan (gathers
+    + copies; scatters for the load), and the copies alone (pre-gathered device chunks), so the
+    gap to the pinned ceiling splits into plan / pipeline / per-chunk copy overheads."""
+    out = {}
+    f = pool._full(full)
+    n = int(f.shape[0])
+    out["save plan: translate + distinct locations (ms)"] = _wall(lambda: pool._plan_save(
+        pool._full(full)), iters)
+    plans = pool._plan_save(f)
+    nbytes = copy.nbytes
+    out["save pinned allocation (cached) (ms)"] = _wall(lambda: torch.empty(
+        nbytes, dtype=torch.uint8, pin_memory=CUDA), iters)
+    held = []
+
+    def run_save():
+        held.append(pool._run_save(plans, n))
+        if len(held) > 1:
+            held.pop(0)
+
+    out["save transfer only (gather + D2H pipeline, plan given)"] = _wall(run_save, iters,
+                                                                         warmup=2)
+    held.clear()
+    # the same D2H copies from pre-gathered device chunks (no gathers): per-chunk copy overhead
+    chunks = []
+    for p, b, a, uniq, slot, m in plans:
+        if m:
+            for l0, l1 in pool._chunks(a, m):
+                v, sc = pool._gather(b, uniq, a.select(tuple(range(l0, l1))))
+                chunks += [v] + ([sc] if a.scale_bytes else [])
+    host = torch.empty(sum(c.numel() for c in chunks), dtype=torch.uint8, pin_memory=CUDA)
+
+    def copies():
+        off = 0
+        for c in chunks:
+            host[off:off + c.numel()].view(c.shape).copy_(c, non_blocking=CUDA)
+            off += c.numel()
+
+    out["save D2H copies only (pre-gathered chunks)"] = _wall(copies, iters)
+    del chunks, host
+    gc.collect()
+    staged = pool._stage_load(copy)
+    _sync()
+    out["load plan: translate + pairs (ms)"] = _wall(lambda: pool._plan_load(
+        copy, pool._full(full), staged), iters)
+    plans_l = pool._plan_load(copy, f, staged)
+    del staged
+    out["load H2D copies only (stage)"] = _wall(lambda: pool._stage_load(copy), iters)
+    out["load transfer only (H2D + scatter pipeline, plan given)"] = _wall(
+        lambda: pool._run_load(plans_l, pool._stage_load(copy)), iters)
+    gc.collect()
+    return out
 
 
 def main(argv=None):

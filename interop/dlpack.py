@@ -446,7 +446,7 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
     if tensor.layout != torch.strided:
         raise ValueError(f"tensor has layout {tensor.layout}; only dense (torch.strided) tensors "
                          "can be exchanged: call tensor.to_dense() first (a copy)")
-    if tensor.device.type not in ("cpu", "cuda"):
+    if not (tensor.is_cuda or tensor.is_cpu):  # (attributes: cheaper than tensor.device)
         raise ValueError(f"tensor must be on a cpu or cuda device, got {tensor.device}")
     if not tensor.is_contiguous():
         raise ValueError(f"tensor has non-contiguous strides {tuple(tensor.stride())} for shape "
@@ -474,8 +474,9 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
         converted = True
     as_u8 = tensor.dtype in _FP8 and fp8 == "uint8"
     src = tensor.view(torch.uint8) if as_u8 else tensor
+    numel = src.numel()
     try:
-        out = _fast_import(src) if src.numel() else None
+        out = _fast_import(src) if numel else None
         if out is None:
             out = jax.dlpack.from_dlpack(src, copy=False)
     except ValueError as e:
@@ -493,11 +494,12 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
         else:
             hint = " (try fp8='uint8')" if tensor.dtype in _FP8 else ""
             raise ValueError(f"DLPack import of a {tensor.dtype} tensor failed: {e}{hint}") from e
-    if tensor.numel() and int(out.unsafe_buffer_pointer()) != src.data_ptr():
+    ptr = src.data_ptr()
+    if numel and int(out.unsafe_buffer_pointer()) != ptr:
         raise RuntimeError("DLPack import copied the tensor (pointers differ); refusing a silent "
                            "copy")
-    if not converted and tensor.numel():
-        _record(_imported, src.data_ptr(), out)
+    if not converted and numel:
+        _record(_imported, ptr, out)
     return out
 
 
