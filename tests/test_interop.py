@@ -710,6 +710,32 @@ def test_gpu_stream_semantics():
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_fast_paths_on_a_side_stream():
+    """The fast paths (cached stream / event handshake) order work on torch's *current* stream,
+    also when that is not the default stream; both fast paths are in use on CUDA."""
+    from jaxkv.interop import dlpack
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        t = torch.zeros(1 << 24, dtype=torch.int32, device="cuda")
+        torch.cuda._sleep(200_000_000)
+        t.fill_(5)
+        y = I.from_torch(t)  # JAX must wait for the fill on stream s
+    assert int(jnp.min(y)) == 5 and int(jnp.max(y)) == 5
+    assert y.unsafe_buffer_pointer() == t.data_ptr()
+    assert dlpack._FAST["enabled"] and dlpack._FAST["checked"]
+    x = jnp.ones((4096, 4096), jnp.float32)
+    z = jax.jit(lambda a: jnp.tanh(a @ a @ a @ a) * 0 + 4)(x)
+    with torch.cuda.stream(s):
+        tz = I.to_torch(z)  # stream s waits for the JAX computation
+        lo, hi = tz.min(), tz.max()
+    s.synchronize()
+    assert float(lo) == 4.0 and float(hi) == 4.0 and tz.data_ptr() == z.unsafe_buffer_pointer()
+    assert dlpack._EXPORT["enabled"] and dlpack._EXPORT["checked"]
+    assert dlpack._EXPORT_DEV[next(iter(z.sharding.device_set))] == tz.device.index
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_donation_error_is_ours():
     x = jnp.ones((1 << 20,), jnp.uint8) + 1
     t = I.to_torch(x)
@@ -731,8 +757,11 @@ def test_gpu_donation_error_is_ours():
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_pool_retract_pinned_bit_exact():
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_gpu_pool_retract_pinned_bit_exact(chunk):
     pool = I.DSV4TorchPool(GEO, PAGES, device="cuda", full_size=4 * PAGE)
+    if chunk is not None:  # one layer per pipelined chunk
+        pool.COPY_CHUNK_BYTES = chunk
     for b in pool.buffers:
         b.copy_(torch.from_numpy(_random_bytes(tuple(b.shape))).cuda())
     n, window = PAGE + 8, GEO.swa_window
@@ -741,7 +770,7 @@ def test_gpu_pool_retract_pinned_bit_exact():
         torch.from_numpy(swa).cuda()
     at_save = [b.cpu().numpy() for b in pool.buffers]
     copy = pool.get_cpu_copy(torch.from_numpy(full).cuda())
-    assert copy.host.is_pinned()
+    assert copy.host.is_pinned() and all(v.is_pinned() for v in copy.slots.values())
     for b in pool.buffers:
         b.zero_()
     pool.load_cpu_copy(copy, torch.from_numpy(full).cuda())
