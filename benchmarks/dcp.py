@@ -6,19 +6,19 @@
 Merge (SPEC §9), per decode batch of T tokens x 128 heads x 512 (float32 partial outputs):
   * ``merge_rs``: all-gather of the LSEs, scale, ``psum_scatter`` over heads (``dcp.merge``),
   * ``merge_a2a``: ``all_to_all`` of the head chunks of out and of lse, merged locally,
-  * ``merge_a2a_packed``: one ``all_to_all`` of ``[out | lse]`` (plus a packing copy),
+  * ``merge_a2a_packed``: one ``all_to_all`` of ``[out | lse]`` rows (plus a packing copy),
+  * ``merge_packed``: the producer emits the chunk-major packed layout (``dcp.pack_partials``:
+    ``[N, T, h*(512+1)]``, the attention's output fusion writes it), one whole-block
+    ``all_to_all``, one elementwise merge pass (``dcp.merge_packed``),
+  * ``bare_a2a``: the ``all_to_all`` of the packed bytes alone (``merge_packed`` minus the merge),
   * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials.
 Each is timed as ``K`` chained iterations inside one jitted ``shard_map`` loop (iteration ``i+1``
-reads one element written from iteration ``i``'s result, so nothing is hoisted or merged), so the
-numbers are device time per merge, not Python dispatch.  Target: merge <= 1.15 x the bare
-reduce-scatter (``baseline_ratio >= 1/1.15``).
-
-Prediction (written before any GPU run): at T <= ~16 the bare reduce-scatter is latency-bound
-(~10-20 us), and ``merge_rs`` adds a second collective (the LSE all-gather, also latency-bound), so
-expect ~1.5-2x there, missing the 1.15x target; at T = 256 (64 MiB/rank) the scaling pass
-(read + write of the partials at HBM speed) costs ~1/4-1/3 of the reduce-scatter over NVLink: ~1.3x.
-``merge_a2a`` needs no pass before its collective and merges 1/N of the bytes after it; if XLA
-issues the two all-to-alls back to back it should sit closest to the bare reduce-scatter.
+reads one element written from iteration ``i``'s result; the whole result is loop-carried, so it
+is computed whole), so the numbers are device time per merge, not Python dispatch.  Target: merge
+<= 1.15 x the bare reduce-scatter (``baseline_ratio >= 1/1.15``).  Row names say the collectives
+and the bytes each rank sends.  ``HLO ...`` rows (and ``dcp-hlo-*.txt`` files in ``--out``) give
+each variant's budget from the compiled HLO at T = 64: kernels, collectives, HBM bytes outside
+the collectives.  Predictions and findings: benchmarks/NOTES.md, "DCP".
 
 Capacity: context tokens per device for DSv4-Flash/Pro and V3.2 under DCP N (replicated indexer
 included), measured as N = the mesh size and computed for N = 2, 4, 8; and the per-device bytes of
@@ -180,28 +180,61 @@ def _shape_bytes(text: str) -> int:
                for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))
 
 
+def _computations(text: str) -> dict:
+    """HLO module text -> {computation name: [instruction lines]} (ENTRY under "ENTRY")."""
+    import re
+    comps, cur = {}, None
+    for ln in text.splitlines():
+        m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", ln)
+        if m and not ln.startswith(" "):
+            cur = "ENTRY" if m.group(1) else m.group(2)
+            comps[cur] = []
+        elif ln.startswith("}"):
+            cur = None
+        elif cur is not None:
+            comps[cur].append(ln)
+    return comps
+
+
+_INSTR = (r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*?)\)(?:,|$)")
+
+
+def _param_reads(comp_lines) -> dict:
+    """Per parameter index of a fused computation: bytes it reads when every use is a slice
+    (the slice results), else None (the whole operand)."""
+    import re
+    params, uses = {}, {}
+    for ln in comp_lines:
+        m = re.match(_INSTR, ln)
+        if not m:
+            continue
+        name, shape, op, args = m.groups()
+        if op == "parameter":
+            params[name] = int(args)
+            continue
+        for a in re.findall(r"%([\w.\-]+)", args):
+            uses.setdefault(a, []).append((op, _shape_bytes(shape)))
+    out = {}
+    for name, idx in params.items():
+        u = uses.get(name, [])
+        out[idx] = (sum(b for _, b in u) if u and all(op in ("slice", "dynamic-slice")
+                                                      for op, _ in u) else None)
+    return out
+
+
 def hlo_budget(text: str) -> dict:
     """Counts in the ENTRY computation of an optimized HLO module.
 
     Returns ``{"collectives": {op: count}, "kernels": k, "hbm_bytes": b}``: ``kernels`` = top-level
     fusions/copies/other data ops (each a launch on GPU), ``hbm_bytes`` = bytes of their results
-    plus operands (an upper bound of the HBM traffic outside the collectives: a fusion may read
-    only part of an operand).
+    plus the operand bytes they read (an operand only sliced inside a fusion counts its slices;
+    otherwise whole: an upper bound of the HBM traffic outside the collectives).
     """
     import re
-    lines, inside = [], False
-    for ln in text.splitlines():
-        if ln.startswith("ENTRY"):
-            inside = True
-            continue
-        if inside and ln.startswith("}"):
-            break
-        if inside:
-            lines.append(ln)
+    comps = _computations(text)
     shapes, coll, kernels, hbm = {}, {}, 0, 0
-    pat = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*?)\)(?:,|$)")
-    for ln in lines:
-        m = pat.match(ln)
+    for ln in comps.get("ENTRY", []):
+        m = re.match(_INSTR, ln)
         if not m:
             continue
         name, shape, op, args = m.groups()
@@ -213,7 +246,14 @@ def hlo_budget(text: str) -> dict:
             coll[base] = coll.get(base, 0) + 1
             continue
         kernels += 1
-        hbm += shapes[name] + sum(shapes.get(a, 0) for a in re.findall(r"%([\w.\-]+)", args))
+        reads = {}
+        c = re.search(r"calls=%([\w.\-]+)", ln)
+        if op == "fusion" and c and c.group(1) in comps:
+            reads = _param_reads(comps[c.group(1)])
+        operands = re.findall(r"%([\w.\-]+)", args)
+        hbm += shapes[name] + sum(
+            min(reads[i], shapes.get(a, 0)) if reads.get(i) is not None else shapes.get(a, 0)
+            for i, a in enumerate(operands))
     return {"collectives": coll, "kernels": kernels, "hbm_bytes": hbm}
 
 

@@ -30,9 +30,15 @@ Memory
   every block).
 
 Decode (``decode``): one ``shard_map``: ``all_gather`` of q over heads (tiled), local partial
-attention over the rank's own tokens (``jaxkv.attention.attend``), then ``merge``: all-gather of the
-LSEs, ``M = max``, ``LSE = M + log sum exp(lse_r - M)``, ``õ_r = exp(lse_r - LSE) * o_r`` (exactly 0
-where ``lse_r = -inf``), ``psum_scatter`` over heads.  ``base="2"`` uses exp2/log2 throughout.
+attention over the rank's own tokens (``jaxkv.attention.attend``), then ``merge``.  SPEC §9's
+merge (``method="reduce_scatter"``): all-gather of the LSEs, ``M = max``,
+``LSE = M + log sum exp(lse_r - M)``, ``õ_r = exp(lse_r - LSE) * o_r`` (exactly 0 where
+``lse_r = -inf``), ``psum_scatter`` over heads.  The default (``"auto"`` -> ``"packed"``) moves the
+same bytes with one collective and no pass before it: the attention's output is written in the
+chunk-major packed layout ``[N, B, h*(Dv+1)]`` (``pack_partials``: head chunk ``r`` with its LSEs
+is one contiguous block), one ``all_to_all`` sends chunk ``r`` to rank ``r``, and the receiver
+merges its ``N`` partials in one elementwise pass (``merge_packed``); same result to float32
+rounding.  ``base="2"`` uses exp2/log2 throughout.
 
 Meshes: build them with ``make_mesh`` (axis type ``Auto``) so that ``shard_map`` may reshard
 inputs; every public function here also ``device_put``s concrete inputs to the shardings it wants.
@@ -458,7 +464,10 @@ def pack_partials(out: jax.Array, lse: jax.Array, n: int) -> jax.Array:
 
 
 def unpack_partials(packed: jax.Array, dv: int = A.DV):
-    """Inverse of ``pack_partials``: f32[N, B, h*(dv+1)] -> (out f32[B, N*h, dv], lse f32[B, N*h])."""
+    """Inverse of ``pack_partials``.
+
+    f32[N, B, h*(dv+1)] -> ``(out f32[B, N*h, dv], lse f32[B, N*h])``.
+    """
     n, B, width = packed.shape
     if width % (dv + 1):
         raise ValueError(f"packed rows ({width}) must be a multiple of dv + 1 = {dv + 1}")
