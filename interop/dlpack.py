@@ -202,6 +202,7 @@ def _export_index(device) -> int | None:
             idx = -1
         elif device.platform == "gpu" and "cuda" in device.client.platform_version:
             idx = int(device.local_hardware_id)
+            torch.cuda.init()  # torch's lazy CUDA init, once (the fast path skips torch.cuda)
     except Exception:  # noqa: BLE001 - unknown device kinds take the public path
         idx = None
     _EXPORT_DEV[device] = idx

@@ -654,9 +654,11 @@ class DSV4TorchPool:
         if not cuda:
             out["slots"] = {k: v.to(self.device) for k, v in copy.slots.items()}
             out["slots_ready"] = None
-            for p in self.layout.pools:
+            for p in self.layout.pools:  # the same chunks as on CUDA (views, no copies)
                 v, s = copy.parts[p.name]
-                out[p.name] = [(0, v.shape[0], v, s, None)] if v.shape[1] else []
+                _, a = self._addr[p.name]
+                out[p.name] = [(l0, l1, v[l0:l1], s[l0:l1], None)
+                               for l0, l1 in self._chunks(a, v.shape[1])] if v.shape[1] else []
             return out
         main, side = torch.cuda.current_stream(self.device), self._side_stream()
         side.wait_stream(main)
