@@ -561,12 +561,33 @@ class Registration:
             raise RuntimeError("registered buffers moved; this is a bug")
 
     def _retake(self):
-        """New array objects over the same memory; any previously handed-out arrays die."""
-        bufs = tuple(_take(self._bufs))
-        if _ptrs(bufs) != self._addrs:
-            raise RuntimeError("donating identity did not keep the buffer addresses on this "
-                               "backend; cannot hand out the registered memory safely")
-        self._bufs = bufs
+        """New array objects over the same memory; any previously handed-out arrays die.
+
+        JAX cannot donate a buffer that something else still references (on CPU a NumPy view
+        from ``np.asarray(reg.cache.buffers[i])``, or a DLPack export): it copies instead and
+        leaves the old array alive.  Then the buffers that could be taken are taken, the others
+        stay as they were (every registered array stays valid at its registered address) and
+        ``ValueError`` names them.
+        """
+        old = self._bufs
+        new = tuple(_take(old))
+        kept, blocked = [], []
+        for i, (a, b) in enumerate(zip(old, new)):
+            if int(b.unsafe_buffer_pointer()) == self._addrs[i]:
+                kept.append(b)
+            elif not a.is_deleted():  # not donated: still referenced elsewhere; b is a copy
+                kept.append(a)
+                blocked.append(i)
+            else:
+                raise RuntimeError("donating identity did not keep the buffer addresses on this "
+                                   "backend; cannot hand out the registered memory safely")
+        self._bufs = tuple(kept)
+        if blocked:
+            raise ValueError(
+                f"registered buffer(s) {blocked} are still referenced outside JAX (a NumPy view "
+                "from np.asarray(reg.cache...) on CPU, a DLPack export, ...): the registration "
+                "cannot take them back, so the cache cannot be locked or handed out; drop those "
+                "references (or copy with np.array(...)) and retry")
 
     @property
     def cache(self) -> Cache:
@@ -603,7 +624,9 @@ class Registration:
                                        "that did not write it in place; cannot update")
                 c = _copy_into(old, b)
                 if int(c.unsafe_buffer_pointer()) != self._addrs[i]:
-                    raise RuntimeError("copy into the registered buffer did not stay in place")
+                    raise RuntimeError("copy into the registered buffer did not stay in place (is "
+                                       "the registered array referenced outside JAX, e.g. a "
+                                       "NumPy view?)")
                 new.append(c)
         jax.block_until_ready(new)
         self._bufs = tuple(new)
@@ -716,7 +739,12 @@ class Registration:
         pending = PendingTransfer(self, units, remote.agent, notif, handle=h,
                                   nbytes=int(self._all[li, 1].sum()), count=li.size)
         self._inbound[id(pending)] = units
-        self._retake()
+        try:
+            self._retake()
+        except Exception:  # nothing posted: the registration is as before
+            self._inbound.pop(id(pending), None)
+            h.release()
+            raise
         pending.t_post = time.perf_counter()
         try:
             state, why = self.agent._nixl.transfer(h), ""
@@ -741,7 +769,11 @@ class Registration:
                                   nbytes=int(self._all[_desc_indices(self.layout, dnorm), 1].sum()),
                                   count=int(_desc_indices(self.layout, dnorm).size))
         self._inbound[id(pending)] = units
-        self._retake()
+        try:
+            self._retake()
+        except Exception:  # the registration is as before
+            self._inbound.pop(id(pending), None)
+            raise
         return pending
 
     def _claim(self, dnorm) -> frozenset:

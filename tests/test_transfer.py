@@ -329,6 +329,27 @@ def _misuse(reg, peer):
         reg.expect(b"x", [1], peer="nobody")
     except ValueError as e:
         out["unknown_peer"] = str(e)
+    # a NumPy view of a registered buffer (zero-copy on CPU) keeps JAX from taking it back:
+    # expect refuses with a clear error and leaves the registration as it was
+    before = [np.array(b) for b in reg.cache.buffers]  # copies
+    view = np.asarray(reg.cache.buffers[0])
+    out["view_is_zero_copy"] = view.__array_interface__["data"][0] == reg.regions[0].addr
+    try:
+        reg.expect(b"viewed", [3], peer=peer)
+        out["view"] = None
+    except ValueError as e:
+        out["view"] = str(e)
+    out["view_state"] = _cache_state(reg)
+    out["view_bytes_same"] = all((a == np.asarray(b)).all()
+                                 for a, b in zip(before, reg.cache.buffers))
+    del view
+    p = reg.expect(b"after-view", [3], peer=peer)  # works once the view is gone
+    out["after_view_state"] = _cache_state(reg)
+    try:
+        p.wait(0.05)
+    except T.TransferError:
+        pass
+    reg.clear_invalid()
     return out
 
 
@@ -541,6 +562,11 @@ def test_ownership_misuse_is_an_error(pair):
     assert "not done after" in out["timeout"] and "not valid" in out["timeout"]
     assert out["invalid_after_timeout"] == [2]
     assert "unknown peer" in out["unknown_peer"]
+    assert out["view_is_zero_copy"] or jax.devices()[0].platform != "cpu"
+    if out["view_is_zero_copy"]:
+        assert "still referenced outside JAX" in out["view"]
+        assert out["view_state"] == "available" and out["view_bytes_same"]
+        assert out["after_view_state"] == "locked"
     assert dec("cache_state", "packed") == "available"
 
 
