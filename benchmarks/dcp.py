@@ -240,8 +240,12 @@ def hlo_budget(text: str) -> dict:
         name, shape, op, args = m.groups()
         shapes[name] = _shape_bytes(shape)
         base = op[:-6] if op.endswith("-start") else op
-        if op.endswith("-done") or op in _FREE:
+        if op.endswith("-done") or op.endswith("-update") or op in _FREE:
             continue
+        if op == "async-start":  # a wrapped async op: name what it wraps
+            c = re.search(r"calls=%([\w.\-]+)", ln)
+            inner = " ".join(comps.get(c.group(1), [])) if c else ""
+            base = next((k for k in _COLL if f" {k}(" in inner or f" {k}-start(" in inner), op)
         if base in _COLL:
             coll[base] = coll.get(base, 0) + 1
             continue

@@ -491,6 +491,28 @@ def test_merge_packed_empty_rank_exactly_zero_and_bad_input():
         _run_merge(2, outs, lses, "e", "psum")
 
 
+@needs8
+def test_merge_packed_has_no_full_size_intermediate():
+    """The optimized HLO of merge_packed (N = 2) never materializes an [N, B, h, Dv] array: the
+    received partials are merged in one elementwise pass (the old merge wrote N * B*h*Dv)."""
+    import re
+    n, Bq, h, Dv = 2, 16, 64, 512  # compiled only (the sizes of a real decode batch)
+    mesh = dcp.make_mesh(n)
+    f = jax.jit(dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", dv=Dv), mesh=mesh,
+                              in_specs=(jax.sharding.PartitionSpec("dcp"),),
+                              out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2))
+    arg = jax.ShapeDtypeStruct((n, n, Bq, h * (Dv + 1)), jnp.float32)
+    text = f.lower(arg).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    sizes = []
+    for ln in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]\S* (fusion|copy|concatenate)\(", ln)
+        if m:
+            sizes.append(int(np.prod([int(d) for d in m.group(1).split(",")])))
+    assert sizes and max(sizes) < n * Bq * h * Dv, sizes
+    assert Bq * h * Dv in sizes  # the merged output, written once
+
+
 def test_auto_method():
     assert dcp.auto_method(64, 128, 512, 1) == "reduce_scatter"
     for T in (1, 16, 64, 256):
