@@ -174,12 +174,12 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
 
     def keep_to():
         keep.append(I.to_torch(x))
-        if len(keep) > 4096:
+        if len(keep) > 256:
             keep.clear()
 
     def keep_from():
         keep.append(I.from_torch(t))
-        if len(keep) > 4096:
+        if len(keep) > 256:
             keep.clear()
 
     def public_to():
@@ -202,8 +202,8 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         "to_torch public path (fast path off)": public_to,
         "to: checks (type, tracer, deleted, device_set)": lambda: (
             D._check_jax_array(x), x.sharding.device_set),
-        "to: torch current stream lookup": (lambda: D._torch_stream(idx)) if idx and idx >= 0
-        else (lambda: None),
+        "to: torch current stream lookup": (lambda: D._torch_stream(idx))
+        if idx is not None and idx >= 0 else (lambda: None),
         "to: jaxlib buffer_to_dlpack_managed_tensor (capsule dropped)":
             lambda: exp_api[0](x, stream=stream),
         "to: capsule + torch._C._from_dlpack": lambda: exp_api[1](exp_api[0](x, stream=stream)),
