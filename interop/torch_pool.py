@@ -219,9 +219,11 @@ class DSV4CpuCopy:
       host: ``uint8[nbytes]`` host buffer (pinned when the pool is on CUDA) holding every part.
       parts: ``{pool: (value uint8[L, M, V], scale uint8[L, M, sb])}``, views into ``host``:
         the pool's M distinct valid locations, all layers.
-      slots: ``{pool: int32[N]}`` (CPU): which saved row holds position i, -1 where the position
-        was invalid when saved (SWA: ``full_to_swa[f] == 0``; compressed pools:
-        ``(f + 1) % r != 0``; state pools: no SWA slot).
+      slots: ``{pool: int32[N]}`` (CPU; rows of one pinned ``int32[pools, N]`` tensor when the
+        pool is on CUDA): which saved row holds position i (rows are the distinct valid
+        locations in ascending order), -1 where the position was invalid when saved (SWA:
+        ``full_to_swa[f] == 0``; compressed pools: ``(f + 1) % r != 0``; state pools: no SWA
+        slot).  ``nbytes`` counts ``host`` only.
     """
 
     geometry: Geometry
