@@ -173,7 +173,9 @@ def _check_ids(ids, n: int, arg: str, reserved: Mapping[int, str]) -> np.ndarray
         a = np.asarray(ids)
     except (ValueError, TypeError, OverflowError):
         a = None
-    if a is not None and a.ndim == 1 and a.dtype.kind in "iu":
+    if (a is not None and a.ndim == 1 and a.dtype.kind in "iu"
+            and (isinstance(ids, np.ndarray)  # numpy would turn a True among ints into 1
+                 or not any(isinstance(b, (bool, np.bool_)) for b in ids))):
         lst = a.tolist()  # python ints: set/min/max beat numpy calls for request-sized lists
         st = set(lst)
         if (not lst or (min(lst) >= 0 and max(lst) < n)) and len(st) == len(lst) \
