@@ -13,7 +13,10 @@ neighbouring descriptors); both layouts then move about the same bytes (packed +
 slot of the block).  The parent process is the prefill side and WRITEs into a spawned decode
 process on 127.0.0.1; time per request = build the request from the block ids + make the transfer
 from the descriptor lists prepped once per peer + post + poll until the initiator sees DONE
-(``Registration.write(...).wait()``); rows "request build" time the Python part alone.  The
+(``Registration.write(...).wait()``); rows "request build" time the Python part alone; rows
+"until decode has the cache" time a request from the prefill's ``write()`` until the decode's
+``PendingTransfer.wait()`` returned the cache (the notification included).  The two layouts
+alternate request by request so that host load changes hit both alike.  The
 ceiling on DRAM is the kernel's cross-memory attach (``process_vm_writev``, the copy UCX's ``cma``
 transport makes) of the packed descriptors of *other* random blocks (as cache-cold as the
 transfer) into the decode process; rows "raw cma" time the same syscall with each layout's
