@@ -196,6 +196,13 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         finally:
             _set_fast(True)
 
+    def direct_from():
+        D._FAST["direct_stream"] = True
+        try:
+            return I.from_torch(t)
+        finally:
+            D._FAST["direct_stream"] = False
+
     fns = {
         "to_torch (total)": lambda: I.to_torch(x),
         "to_torch keep result (no destroy)": keep_to,
@@ -212,6 +219,7 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         "from_torch (total)": lambda: I.from_torch(t),
         "from_torch keep result (no destroy)": keep_from,
         "from_torch public path (fast path off)": public_from,
+        "from_torch direct_stream (no handshake; JAX event on torch's stream)": direct_from,
         "from: handshake (event record + JAX stream wait)": handshake,
         "from: torch._C._to_dlpack (capsule dropped)": lambda: torch._C._to_dlpack(t),
         "from: capsule + jaxlib dlpack_managed_tensor_to_buffer":

@@ -335,7 +335,12 @@ def _x64_enabled() -> bool:
 # then ``torch._C._to_dlpack`` and jaxlib's ``dlpack_managed_tensor_to_buffer`` (the entry point
 # ``jax.dlpack.from_dlpack`` ends in).  Internal API, so it is used only when it imports and
 # passes a self-check on first use, else the public API.
-_FAST = {"enabled": True, "checked": False}
+#
+# ``_FAST["direct_stream"]`` (off by default, measured by the benchmark): skip the handshake and
+# give jaxlib torch's current stream itself, so JAX records the buffer's definition event there
+# (what jaxlib does with a producer's stream for ``__cuda_array_interface__``); one event record
+# instead of record + wait + record.
+_FAST = {"enabled": True, "checked": False, "direct_stream": False}
 _DEVICES: dict = {}
 _handshake_lock = threading.Lock()
 
@@ -392,9 +397,12 @@ def _fast_import(src: torch.Tensor):
             current = get_device() if get_device is not None else torch.cuda.current_device()
             if current != idx or ext is None:
                 return None  # torch's own rules (and errors) for other devices / no stream
-            with _handshake_lock:  # what Tensor.__dlpack__(stream) does, with cached objects
-                event.record()  # torch's current stream
-                ext.wait_event(event)
+            if _FAST["direct_stream"] and _export_api() is not None:
+                stream = _torch_stream(idx)  # JAX's definition event on torch's stream
+            else:
+                with _handshake_lock:  # what Tensor.__dlpack__(stream) does, cached objects
+                    event.record()  # torch's current stream
+                    ext.wait_event(event)
         cap = torch._C._to_dlpack(src)
         if five_args:
             out = to_buffer(cap, device, stream, False, dl_type)

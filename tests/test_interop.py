@@ -710,6 +710,25 @@ def test_gpu_stream_semantics():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("direct", [False, True])
+def test_gpu_import_orders_after_torch_writes(direct, monkeypatch):
+    """from_torch (handshake, or the direct_stream variant: JAX's definition event recorded on
+    torch's current stream) makes JAX wait for torch writes enqueued before the call."""
+    from jaxkv.interop import dlpack
+    monkeypatch.setitem(dlpack._FAST, "direct_stream", direct)
+    for stream in (None, torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            t = torch.zeros(1 << 24, dtype=torch.int32, device="cuda")
+            torch.cuda._sleep(200_000_000)
+            t.fill_(9)
+            y = I.from_torch(t)
+        assert int(jnp.min(y)) == 9 and int(jnp.max(y)) == 9
+        assert y.unsafe_buffer_pointer() == t.data_ptr()
+        torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_fast_paths_on_a_side_stream():
     """The fast paths (cached stream / event handshake) order work on torch's *current* stream,
     also when that is not the default stream; both fast paths are in use on CUDA."""
