@@ -34,6 +34,9 @@ Both directions use the DLPack stream handshake, so no host synchronisation is n
 * ``from_torch``: JAX passes its stream for external ready events; torch makes it wait for torch's
   current stream.  JAX computations using the returned array see every torch write enqueued on the
   current stream *before* the call.
+* Both directions take a fast path (jaxlib's and torch's C++ DLPack entry points with cached
+  devices, streams and one reusable event) that performs exactly this handshake; it checks
+  itself on first use and falls back to ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``.
 * Writes made by torch into shared memory *after* the exchange are not ordered with JAX work.
   Re-export after each torch step (an exchange costs a few microseconds), or synchronise.  Before
   torch overwrites memory that running JAX computations still read, ``jax.block_until_ready``
