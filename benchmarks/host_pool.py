@@ -24,6 +24,11 @@ the token path; every call is the public API end to end, host-side planning incl
 * the token-granular backup / load of 256K random device tokens into freshly allocated host slots
   (the ``"xla"`` method reads the affected host pages back, merges on the device and writes whole
   pages: 2 page transfers per ~64 tokens; ``"triton"`` writes 576 + 8 B per token);
+* ``"triton"`` token transfers both ways (``token_path="direct"``, the default, and
+  ``"staged"``: whole host pages gathered on the device, one window per page), and for
+  ``"triton"`` rows that split each call: host-side planning alone (the numpy plan used before
+  and the device-checked plan now), the kernels alone with the plan precomputed, and end to end
+  minus kernels;
 * baseline: what a user would do without a pinned pool: gather the pages on the device,
   ``jax.device_get`` into pageable NumPy memory and a NumPy row assignment into a NumPy pool.
 
@@ -405,6 +410,35 @@ def main(argv=None):
         kernel_only("load tokens", tslots, tdst, False, token_bytes_total, h2d, t,
                     verify_load_tokens)
         del cstate
+        if m == "triton":
+            # the same token transfers through device staging (token_path="staged": tokens that
+            # fill whole host pages are gathered into page-shaped rows on the device, then one
+            # window per page; here every host page but the last is full)
+            def backup_staged():
+                state["host"] = hp.backup_from_device(state["host"], cache, POOL, tslots, tlocs,
+                                                      method=m, token_path="staged")
+                jax.block_until_ready(state["host"].buffer)
+
+            try:   # other tokens in those host slots first, so the check below means something
+                state["host"] = hp.backup_from_device(state["host"], cache, POOL, tslots, tdst,
+                                                      method=m)
+            except Exception as e:
+                errors.append(f"staged setup: {type(e).__name__}: {e}")
+            run(f"backup tokens [{m}/staged] {n_tokens // 1024}K random", backup_staged,
+                token_bytes_total, d2h, 0.70,
+                lambda: _verify_tokens(state["host"], cache, b, tslots, tlocs, rng))
+            cstate = {"cache": cache}
+
+            def load_staged():
+                c = cstate["cache"]
+                cstate["cache"] = hp.load_to_device(state["host"], c, POOL, tslots, tdst,
+                                                    method=m, donate=c is not cache,
+                                                    token_path="staged")
+                jax.block_until_ready(cstate["cache"].buffers)
+
+            run(f"load tokens [{m}/staged] {n_tokens // 1024}K random", load_staged,
+                token_bytes_total, h2d, None, verify_load_tokens)
+            del cstate
         host = state["host"]
         try:
             stem = _write(rows, errors, args.out, skipped)

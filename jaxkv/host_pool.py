@@ -1122,15 +1122,177 @@ def _triton_run(host: HostPool, cache: Cache, pool: str, plan, to_host: bool,
     return b, _triton_kernels(cache, b, addr, calls, to_host, donate)
 
 
-def _triton_backup(host: HostPool, cache: Cache, pool: str, plan: _Plan) -> HostPool:
-    _triton_run(host, cache, pool, plan, to_host=True, donate=False)
+# ---------------------------------------------------------------------------------------------
+# The "staged" token path of the "triton" method: tokens that fill whole host pages are gathered
+# on the device into page-shaped staging rows, which go to / come from the host as one window of
+# ``tpp * (V + S)`` bytes per page (the page kernel's access pattern: ~37 KB contiguous per page
+# for C4, the page padding untouched); the other tokens take the direct per-token windows.
+
+TOKEN_PATHS = ("auto", "direct", "staged")
+# What token_path="auto" takes: "direct" until the H100 run compares the two
+# (benchmarks/host_pool.py rows "[triton/staged]").
+_AUTO_TOKEN_PATH = "direct"
+
+
+@functools.lru_cache(maxsize=None)
+def _staged_plan_fn(tpp: int, V: int, S: int, step: int, rows_page: int, rows_tok: tuple):
+    """Jitted split of a token transfer (``h``, ``d``: int32[n], -1 padding) into full host pages
+    and the rest, on the device.
+
+    A host page is *full* when all its ``tpp`` slots appear (found on the indices sorted by host
+    slot: distinct slots per run of one page, segmented by ``cummax`` / ``cummin``); the first
+    copy of each slot is staged, further copies (a load may read a host slot twice) go direct.  Returns ``(src, page_windows, token_windows)``:
+    ``src`` int32[Pmax*tpp] (``Pmax = n // tpp``): the device location of each staging slot
+    (staging page ``q`` slot ``t``), -1 where unused; ``page_windows``: ``(dev_row, dev_col,
+    host_row, host_col)`` of the staging pages (dev_row = ``q``, host_row = the host page), padded
+    with -1 to a multiple of ``rows_page``; ``token_windows``: the direct windows
+    (``_token_windows_fn``) of the tokens not in a full page."""
+    def f(h, d):
+        n = h.shape[0]
+        pmax = max(n // tpp, 1)
+        big = jnp.iinfo(jnp.int32).max
+        key = jnp.where((h >= 0) & (d >= 0), h, big)
+        order = jnp.argsort(key)
+        srt, ds = key[order], d[order]
+        vs = srt != big
+        k = jnp.arange(n, dtype=jnp.int32)
+        r = jnp.where(vs, srt % tpp, 0)
+        pg = jnp.where(vs, srt // tpp, -1)
+        one = jnp.ones(1, bool)
+        first = vs & jnp.concatenate([one, srt[1:] != srt[:-1]])   # first copy of a slot
+        bnd = vs & jnp.concatenate([one, pg[1:] != pg[:-1]])        # first entry of a page
+        bnd_end = vs & jnp.concatenate([pg[:-1] != pg[1:], one])    # last entry of a page
+        p0 = jax.lax.cummax(jnp.where(bnd, k, 0))
+        p1 = jnp.flip(jax.lax.cummin(jnp.flip(jnp.where(bnd_end, k, n - 1))))
+        cf = jnp.cumsum(first.astype(jnp.int32))
+        full = vs & (cf[p1] - cf[p0] + 1 == tpp)                   # distinct slots == tpp
+        in_full = full & first
+        q = jnp.cumsum((bnd & full).astype(jnp.int32)) - 1          # staging page of a page
+        src = jnp.full(pmax * tpp, -1, jnp.int32).at[
+            jnp.where(in_full, q * tpp + r, pmax * tpp)].set(ds, mode="drop")
+        hpage = jnp.full(pmax, -1, jnp.int32).at[
+            jnp.where(bnd & full, q, pmax)].set(pg, mode="drop")
+        m = -(-pmax // rows_page) * rows_page
+
+        def pad(x):
+            return jnp.pad(x.astype(jnp.int32), (0, m - pmax), constant_values=-1)
+        dr = jnp.where(hpage >= 0, jnp.arange(pmax, dtype=jnp.int32), -1)
+        zeros = jnp.zeros(pmax, jnp.int32)
+        pages = (pad(dr), pad(zeros), pad(hpage), pad(zeros))
+        left = vs & ~in_full
+        toks = _token_windows_fn(tpp, V, S, step, rows_tok)(jnp.where(left, srt, -1),
+                                                            jnp.where(left, ds, -1))
+        return src, pages, toks
+    return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_gather_fn(ta: TokenAddressing, impl: str, tpp: int):
+    """``(cache_buf, src int32[P*tpp]) -> uint8[L*P, tpp*(V+S)]``: staging pages of tokens."""
+    def f(buf, src):
+        value, scale = dispatch.gather_tokens(buf, src, ta, impl=impl)
+        nl = value.shape[0]
+        parts = [value.reshape(nl, -1, tpp * ta.value_bytes)]
+        if ta.scale_bytes:
+            parts.append(scale.reshape(nl, -1, tpp * ta.scale_bytes))
+        stage = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        return stage.reshape(-1, stage.shape[-1])
+    return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_scatter_fn(ta: TokenAddressing, impl: str, tpp: int, donate: bool):
+    """``(cache_buf, stage uint8[L*P, tpp*(V+S)], src) -> cache_buf`` with the staged tokens
+    written to their device locations ``src`` (-1 skipped)."""
+    def f(buf, stage, src):
+        nl = ta.num_layers
+        st = stage.reshape(nl, -1, stage.shape[-1])
+        vb = tpp * ta.value_bytes
+        value = st[..., :vb].reshape(nl, -1, ta.value_bytes)
+        scale = (st[..., vb:].reshape(nl, -1, ta.scale_bytes) if ta.scale_bytes
+                 else jnp.zeros((nl, value.shape[1], 0), jnp.uint8))
+        return dispatch.scatter_tokens(buf, src, value, scale, ta, impl=impl)
+    return jax.jit(f, donate_argnums=(0,) if donate else ())
+
+
+def _resolve_token_path(token_path: str) -> str:
+    if token_path not in TOKEN_PATHS:
+        raise ValueError(f"token_path must be one of {TOKEN_PATHS}, got {token_path!r}")
+    return _AUTO_TOKEN_PATH if token_path == "auto" else token_path
+
+
+def _triton_staged(host: HostPool, cache: Cache, pool: str, plan, to_host: bool, donate: bool,
+                   impl: str):
+    """The token path through page-shaped staging (``TOKEN_PATHS``); returns ``(b, dev)``."""
+    if host.spec.memory_kind != "pinned_host":
+        raise ValueError(f"method='triton' needs a pinned_host pool (device-visible address); this "
+                         f"pool lives in {host.spec.memory_kind!r}: use method='xla'")
+    _jax_triton()
+    s = host.spec
+    tpp, V, S = s.tokens_per_page, s.value_bytes, s.scale_stride
+    layers = plan.layers
+    if getattr(plan, "fast", False):
+        h_dev, d_dev = plan.h_dev, plan.d_dev
+    else:
+        h_dev, d_dev = jnp.asarray(plan.host_slots), jnp.asarray(plan.dev_locs)
+    sel = None if len(layers) == s.num_layers else layers
+    b, _, ta = _dev_addressing(cache, pool, sel)
+    host.buffer.block_until_ready()
+    addr = buffer_address(host)
+    dev = cache.buffers[b]
+    lay, cols, step = _layer_offsets(host, cache, pool, layers)
+    tok_cols = cols + (tpp * V,)
+    kinds = [V] + ([S] if S else [])
+    tok_meta = [window_params(w, dev.shape[1], s.page_bytes, addr, tok_cols, len(layers))
+                for w in kinds]
+    width = tpp * (V + S)
+    page_meta = window_params(width, width, s.page_bytes, addr, (0,), len(layers))
+    src, pages, toks = _staged_plan_fn(tpp, V, S, step, page_meta["ROWS"],
+                                       tuple(m["ROWS"] for m in tok_meta))(h_dev, d_dev)
+    pmax = src.shape[0] // tpp
+    lay_stage = jnp.asarray(np.array([(i * pmax, 0, l * s.num_pages)
+                                      for i, l in enumerate(layers)], np.int32).reshape(-1))
+    lay_dev = jnp.asarray(lay)
+
+    def kernel(meta, buf, arrays, lay_arr, don):
+        make = functools.partial(_triton_copy_fn, to_host, addr, tuple(sorted(meta.items())))
+        return _call_donating(make, don and not to_host, (buf, *arrays, lay_arr),
+                              "load_to_device")
+    outs = []
+    if to_host:
+        stage = _stage_gather_fn(ta, impl, tpp)(dev, src)
+        outs.append(kernel(page_meta, stage, pages, lay_stage, False))
+        for meta, arrays in zip(tok_meta, toks):
+            outs.append(kernel(meta, dev, arrays, lay_dev, False))
+        jax.block_until_ready(outs)
+        return b, dev
+    stage = jnp.zeros((len(layers) * pmax, width), jnp.uint8)
+    stage = kernel(page_meta, stage, pages, lay_stage, True)
+    dev = _call_donating(lambda dn: _stage_scatter_fn(ta, impl, tpp, dn), donate,
+                         (dev, stage, src), "load_to_device")
+    for meta, arrays in zip(tok_meta, toks):
+        dev = kernel(meta, dev, arrays, lay_dev, True)
+    jax.block_until_ready(dev)
+    return b, dev
+
+
+def _triton_backup(host: HostPool, cache: Cache, pool: str, plan: _Plan,
+                   token_path: str = "direct", impl: str = "auto") -> HostPool:
+    if token_path == "staged" and not plan.page_aligned:
+        _triton_staged(host, cache, pool, plan, True, False, impl)
+    else:
+        _triton_run(host, cache, pool, plan, to_host=True, donate=False)
     # The host buffer was written in place: the returned state shares it (the old one must not
     # be used any more, as after a donation).
     return dataclasses.replace(host)
 
 
-def _triton_load(host: HostPool, cache: Cache, pool: str, plan: _Plan, donate: bool) -> Cache:
-    b, dev = _triton_run(host, cache, pool, plan, to_host=False, donate=donate)
+def _triton_load(host: HostPool, cache: Cache, pool: str, plan: _Plan, donate: bool,
+                 token_path: str = "direct", impl: str = "auto") -> Cache:
+    if token_path == "staged" and not plan.page_aligned:
+        b, dev = _triton_staged(host, cache, pool, plan, False, donate, impl)
+    else:
+        b, dev = _triton_run(host, cache, pool, plan, to_host=False, donate=donate)
     bufs = list(cache.buffers)
     bufs[b] = dev
     return Cache(tuple(bufs), cache.layout)
@@ -1142,7 +1304,7 @@ def _triton_load(host: HostPool, cache: Cache, pool: str, plan: _Plan, donate: b
 
 def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, device_indices, *,
                        layer: int | None = None, impl: str = "auto",
-                       method: str = "auto") -> HostPool:
+                       method: str = "auto", token_path: str = "auto") -> HostPool:
     """Copies tokens of a device pool into the host pool (SGLang ``backup_from_device_all_layer``).
 
     Args:
@@ -1157,6 +1319,12 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
       layer: pool-local layer, or None for all layers (SGLang's "all_layer").
       impl: kernel implementation for the device gathers/scatters (``jaxkv.kernels.dispatch``).
       method: ``"auto" | "xla" | "triton"`` (see the module docstring).
+      token_path: ``"auto" | "direct" | "staged"``, the ``"triton"`` method's token-granular path
+        (``TOKEN_PATHS``): ``"direct"`` = each token's value and scale slot copied by the kernel
+        straight between the cache and the host pages; ``"staged"`` = tokens that fill whole host
+        pages are gathered on the device into page-shaped staging rows and copied as one
+        ``tpp * (V + S)``-byte window per page (extra device memory: the staging, ~the payload),
+        the others direct.  ``"auto"``: ``_AUTO_TOKEN_PATH``.  Same bytes either way.
 
     Returns:
       The new host pool.  Page-aligned indices copy whole pages (host page bytes == device page
@@ -1168,13 +1336,14 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
         pages, a pool/geometry/device mismatch.  Nothing is changed then.
     """
     p, b, method = _check_call(host, cache, pool, layer, impl, method)
+    tpath = _resolve_token_path(token_path)
     idx = _has_transfer_indices(host_indices, device_indices)
     if idx is None:
         return host
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
     if method == "triton":
         return _triton_backup(host, cache, pool,
-                              _fast_plan(host, p, idx[0], idx[1], layers, "host"))
+                              _fast_plan(host, p, idx[0], idx[1], layers, "host"), tpath, impl)
     plan = _Plan(host, p, idx[0], idx[1], layers, dest="host")
     s = host.spec
     hs, ds = s.sharding, cache.buffers[b].sharding
@@ -1198,13 +1367,14 @@ def backup_from_device(host: HostPool, cache: Cache, pool: str, host_indices, de
 
 def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device_indices, *,
                    layer: int | None = None, impl: str = "auto", method: str = "auto",
-                   donate: bool = True) -> Cache:
+                   donate: bool = True, token_path: str = "auto") -> Cache:
     """Copies tokens from the host pool into a device pool (SGLang ``load_to_device_*``).
 
     Args:
       host: the host pool (read only).
       cache: the device cache; its pool buffer is donated unless ``donate=False``.
-      pool, host_indices, device_indices, layer, impl, method: as ``backup_from_device``;
+      pool, host_indices, device_indices, layer, impl, method, token_path: as
+        ``backup_from_device``;
         ``device_indices`` must not repeat (they are the destinations).
 
     Returns:
@@ -1212,13 +1382,15 @@ def load_to_device(host: HostPool, cache: Cache, pool: str, host_indices, device
       Otherwise each token's value and whole scale slot are written; other device bytes unchanged.
     """
     p, b, method = _check_call(host, cache, pool, layer, impl, method)
+    tpath = _resolve_token_path(token_path)
     idx = _has_transfer_indices(host_indices, device_indices)
     if idx is None:
         return cache
     layers = tuple(range(host.spec.num_layers)) if layer is None else (int(layer),)
     if method == "triton":
         return _triton_load(host, cache, pool,
-                            _fast_plan(host, p, idx[0], idx[1], layers, "device"), donate)
+                            _fast_plan(host, p, idx[0], idx[1], layers, "device"), donate,
+                            tpath, impl)
     plan = _Plan(host, p, idx[0], idx[1], layers, dest="device")
     s = host.spec
     hs, ds = s.sharding, cache.buffers[b].sharding
@@ -1310,7 +1482,7 @@ def read_host_pages(host: HostPool, layer: int, pages=None) -> np.ndarray:
 
 
 __all__ = [
-    "HostPool", "HostPoolSpec", "METHODS", "alloc", "backup_from_device",
+    "HostPool", "HostPoolSpec", "METHODS", "TOKEN_PATHS", "alloc", "backup_from_device",
     "backup_from_device_all_layer", "buffer_address", "contiguous_buf_infos", "free",
     "host_memory_kind", "host_token_len", "init_host_pool", "load_to_device",
     "load_to_device_all_layer", "load_to_device_per_layer", "read_host_pages",

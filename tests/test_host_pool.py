@@ -263,6 +263,7 @@ def test_missing_indices_do_nothing():
     ("pool", "pool must be"),
     ("layer", "layer must be"),
     ("method", "method must be"),
+    ("token_path", "token_path must be"),
     ("impl", "impl must be"),
     ("float", "integer"),
     ("2d", "1-D"),
@@ -290,6 +291,8 @@ def test_backup_validation_errors_leave_state_unchanged(case, match):
         kw = {"layer": 7}
     elif case == "method":
         kw = {"method": "cuda"}
+    elif case == "token_path":
+        kw = {"token_path": "fast"}
     elif case == "impl":
         kw = {"impl": "fast"}
     elif case == "float":
@@ -523,6 +526,9 @@ def test_triton_kernel_host_accesses_are_wide(width, cols, vec, to_host):
     assert f"ld.global.{vec}.b32" in loads, loads
 
 
+_FAKE_WIDTHS = []   # window widths (bytes) of the kernels _fake_triton_copy_fn was asked for
+
+
 def _fake_triton_copy_fn(to_host, host_addr, meta, donate):
     """``hp._triton_copy_fn`` on CPU: the real kernel under Triton's interpreter, on a torch copy
     of the device buffer, and the result returned through a jit that donates the input when
@@ -530,6 +536,7 @@ def _fake_triton_copy_fn(to_host, host_addr, meta, donate):
     torch = pytest.importorskip("torch")
     kernel = hp._copy_windows_kernel(interpret=True)
     meta = dict(meta)
+    _FAKE_WIDTHS.append(4 * meta["W"])
     put = jax.jit(lambda d, n: d.at[:].set(n), donate_argnums=(0,) if donate else ())
 
     def call(dev_buf, *arrays):
@@ -544,15 +551,17 @@ def _fake_triton_copy_fn(to_host, host_addr, meta, donate):
 
 @pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("v32", "kv")])
 @pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("device_plan", [True, False])
+@pytest.mark.parametrize("device_plan,token_path", [(True, "direct"), (False, "direct"),
+                                                    (True, "staged"), (False, "staged")])
 def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, pool, aligned,
-                                                       device_plan):
+                                                       device_plan, token_path):
     """backup_from_device / load_to_device with method="triton", the kernel interpreted on CPU:
     bytes against the numpy reference, and a donating token load (two window kernels, value then
     scale, the second donating the first one's result) returns a usable cache -- the second H100
     run failed there with "BlockHostUntilReady() called on deleted or donated buffer".
     ``device_plan``: the plan's checks and token windows on the device (large calls) or the
-    numpy plan (small calls, ``_DEVICE_PLAN_MIN``)."""
+    numpy plan (small calls, ``_DEVICE_PLAN_MIN``).  ``token_path="staged"``: the full host
+    page of the token case goes through device staging, the rest direct."""
     monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0 if device_plan else 1 << 30)
     monkeypatch.setattr(hp, "_jax_triton", lambda: None)
     monkeypatch.setattr(hp, "_triton_copy_fn", _fake_triton_copy_fn)
@@ -571,9 +580,18 @@ def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, po
     else:
         src = rng.choice(cap, n, replace=False)
     hidx = slots[:n] if aligned else rng.permutation(slots)[:n]
+    if token_path == "staged" and not aligned:   # host page 0 full (staged), page 1 partial
+        hidx = np.r_[rng.permutation(slots[:tpp]), rng.permutation(slots[tpp:])[:n - tpp]]
     addr = hp.buffer_address(h)
     d = _dev_pages(cache, pool)
-    h = hp.backup_from_device(h, cache, pool, hidx, src, method="triton")
+    _FAKE_WIDTHS.clear()
+    h = hp.backup_from_device(h, cache, pool, hidx, src, method="triton",
+                              token_path=token_path)
+    staged_width = tpp * (s.value_bytes + s.scale_stride)
+    if staged_width != s.page_bytes:   # (V3.2 pages have no padding: same width as a page)
+        assert (staged_width in _FAKE_WIDTHS) == (token_path == "staged" and not aligned)
+    elif token_path == "staged" and not aligned:
+        assert staged_width in _FAKE_WIDTHS
     assert hp.buffer_address(h) == addr                      # written in place
     want = poison.reshape(s.num_layers, s.num_pages, s.page_bytes).copy()
     if aligned:
@@ -594,7 +612,7 @@ def test_triton_method_orchestration_with_donated_load(monkeypatch, geo_name, po
             _ref_copy(wd, want, dst, hidx, s, range(s.num_layers))
         b = cache.layout.pool(pool).placements[0].buffer
         old = c.buffers[b]
-        c = hp.load_to_device(h, c, pool, hidx, dst, method="triton")
+        c = hp.load_to_device(h, c, pool, hidx, dst, method="triton", token_path=token_path)
         assert old.is_deleted()
         np.testing.assert_array_equal(_dev_pages(c, pool), wd)
     np.testing.assert_array_equal(_dev_pages(cache, pool), d)  # the original was never donated
@@ -616,7 +634,8 @@ def _assert_xla_refused_on_gpu(h, cache, pool, hidx, didx):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["xla", "triton", "auto", "triton+device_plan"])
+@pytest.mark.parametrize("method", ["xla", "triton", "auto", "triton+device_plan",
+                                    "triton+staged"])
 @pytest.mark.parametrize("geo_name,pool", POOLS)
 def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
     """On the GPU machine: the "triton" method (and "auto", which is "triton" there) against the
@@ -624,9 +643,13 @@ def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
     0.11 cannot compile its host-memory gather on GPU: second H100 run).
     ``"triton+device_plan"``: "triton" with the plan's checks and token window arrays on the
     device (``_DEVICE_PLAN_MIN`` = 0; by default only calls of >= 32K indices take that path)."""
+    kw = {}
     if method == "triton+device_plan":
         monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0)
         method = "triton"
+    if method == "triton+staged":       # token path through device staging (tokens fill pages)
+        monkeypatch.setattr(hp, "_DEVICE_PLAN_MIN", 0)
+        method, kw = "triton", {"token_path": "staged"}
     _, cache, h, poison = _setup(geo_name, pool, seed=31)
     s = h.spec
     assert s.memory_kind == "pinned_host"
@@ -649,7 +672,7 @@ def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
         want = np.asarray(jax.device_get(h.buffer)).reshape(
             s.num_layers, s.num_pages, s.page_bytes).copy()
         d = _dev_pages(cache, pool)
-        h = hp.backup_from_device(h, cache, pool, slots[:n], src, method=method)
+        h = hp.backup_from_device(h, cache, pool, slots[:n], src, method=method, **kw)
         if n % tpp == 0:
             want[:, slots[::tpp][:3] // tpp] = d[:, src[::tpp] // tpp]
         else:
@@ -660,7 +683,8 @@ def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
         if n % tpp == 0:
             dst = (rng.permutation(cache.layout.pool(pool).num_pages)[:3, None] * tpp
                    + np.arange(tpp)).ravel()
-        new = hp.load_to_device(h, cache, pool, slots[:n], dst, method=method, donate=False)
+        new = hp.load_to_device(h, cache, pool, slots[:n], dst, method=method, donate=False,
+                                **kw)
         wd = d.copy()
         _ref_copy(wd, want, dst, slots[:n], s, range(s.num_layers))
         if n % tpp == 0:
@@ -671,7 +695,7 @@ def test_gpu_methods_round_trip(monkeypatch, method, geo_name, pool):
         c = jaxkv.Cache(tuple(jnp.array(x, copy=True) for x in cache.buffers), cache.layout)
         for _ in range(2):
             old = c.buffers[b]
-            c = hp.load_to_device(h, c, pool, slots[:n], dst, method=method)
+            c = hp.load_to_device(h, c, pool, slots[:n], dst, method=method, **kw)
             assert old.is_deleted()
             np.testing.assert_array_equal(_dev_pages(c, pool), wd)
 
@@ -995,3 +1019,46 @@ def test_triton_method_validation_errors_leave_state_unchanged(monkeypatch, case
         hp.backup_from_device(h, cache, "c4", hi, di, method="triton")
     assert not h.buffer.is_deleted()
     np.testing.assert_array_equal(np.asarray(h.buffer), poison)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_staged_split_matches_numpy(data):
+    """_staged_plan_fn (device): host pages whose tpp slots all appear once are staged (each
+    staging slot holds the device location of that host slot), every other token is a direct
+    window, no token is lost or doubled -- against a plain-numpy split, repeated host slots
+    (a load may read one slot twice) and -1 padding included."""
+    tpp, V, S = 4, 8, 4
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    full = rng.permutation(6)[:data.draw(st.integers(0, 3))]
+    h = list((full[:, None] * tpp + np.arange(tpp)).ravel())
+    h += list(rng.integers(0, 6 * tpp, size=data.draw(st.integers(0, 9))))   # may repeat
+    h = rng.permutation(np.asarray(h, np.int64)) if h else np.zeros(0, np.int64)
+    n = h.size
+    if n == 0:
+        return
+    d = rng.permutation(1000)[:n]
+    pad = data.draw(st.integers(0, 5))
+    hp_, dp_ = np.r_[h, [-1] * pad].astype(np.int32), np.r_[d, [-1] * pad].astype(np.int32)
+    src, pages, toks = hp._staged_plan_fn(tpp, V, S, 1, 2, (16, 16))(jnp.asarray(hp_),
+                                                                      jnp.asarray(dp_))
+    src, pages = np.asarray(src), [np.asarray(a) for a in pages]
+    # numpy reference: full pages = every slot present (at least once)
+    cnt = np.bincount(h, minlength=6 * tpp).reshape(6, tpp)
+    want_full = set(np.flatnonzero((cnt >= 1).all(axis=1)).tolist())
+    got_pages = pages[2][pages[0] >= 0]
+    assert set(got_pages.tolist()) == want_full and len(got_pages) == len(want_full)
+    staged = []
+    for q, page in zip(pages[0][pages[0] >= 0], got_pages):
+        staged += [(int(page) * tpp + t, int(src[q * tpp + t])) for t in range(tpp)]
+    assert (src >= 0).sum() == len(staged) == tpp * len(want_full)
+    # direct windows: value kind rows (-1 = unused); host slot = host_row * tpp + col / V
+    dr, dc, hr, hc = (np.asarray(a) for a in toks[0])
+    keep = hr >= 0
+    direct = list(zip((hr[keep] * tpp + hc[keep] // V).tolist(),
+                      (dr[keep] * tpp + dc[keep] // V).tolist()))
+    # every (host slot, device loc) pair exactly once, staged or direct
+    assert sorted(staged + direct) == sorted((int(a), int(b)) for a, b in zip(h, d))
+    # scale windows (same ROWS here): the same tokens as the value windows
+    np.testing.assert_array_equal(np.asarray(toks[1][2]) >= 0, keep)
