@@ -84,6 +84,20 @@ Methods (how the host side is written)
     and, through an alignment hint on the pointer made from the host address, host side: the
     kernel of the first two H100 runs had no hint and stored 4 B per host access -- PTX
     ``st.global.b32``, checked by compiling for sm_90 in the tests).
+  ``"triton"`` token paths (``token_path``, ``TOKEN_PATHS``): ``"direct"`` (above; what
+  ``"auto"`` takes, ``_AUTO_TOKEN_PATH``) or ``"staged"``: tokens that fill whole host pages (all
+  ``tpp`` slots of the page in the call: a backup into freshly allocated slots) are gathered on
+  the device into page-shaped staging rows (``value x tpp | scale x tpp``, the host page minus its
+  padding) and copied as one ``tpp * (V + S)``-byte window per page, the page kernel's access
+  pattern; the remaining tokens go direct.  Costs a device gather/scatter pass and device memory
+  of about the staged payload.  Which one is faster is measured by ``benchmarks/host_pool.py``.
+  Planning of a ``"triton"`` call (``_fast_plan``): from 32K indices (``_DEVICE_PLAN_MIN``) the
+  host only range-checks (min/max) and uploads the indices; duplicates, allocation and the
+  whole-page test run as one jitted device program (one 2-bool read-back; a failed check re-runs
+  the numpy plan for its exact error), and token window arrays are derived on the device.  The
+  numpy plan it replaces took ~9 ms (page call) / ~25 ms (256K tokens, window arrays included)
+  on the CPU box, on the critical path of every call (run 3 on the H100: 7.5 / 10 ms measured
+  for the plan alone); the host part is now ~0.5 ms.
   ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU (it passed the GPU
   tests of every pool in both H100 runs and writes in place without donation, so registered
   addresses always stay valid).  On GPU, where ``"triton"`` cannot run (no jax-triton, sizes not
