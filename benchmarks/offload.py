@@ -255,6 +255,21 @@ def main(argv=None) -> int:
     assert np.array_equal(np.asarray(again.data), np.asarray(copies[0].data)), "round trip differs"
     again.free()
 
+    # ---- planning alone (request level): the batch's device planning program(s) and the one
+    # fetch of their counts, nothing gathered / scattered / copied
+    names = O._pools_of(cache.layout, None, "page")
+
+    def plan_save_iter():
+        for _ in range(rounds):
+            O._plan_saves(cache, state, slots, [T] * R, "page", names)
+
+    def plan_load_iter():
+        for _ in range(rounds):
+            O._plan_loads(cache, state, copies, slots, [T] * R)
+
+    t_plan_save = common.time_call(plan_save_iter, iters)
+    t_plan_load = common.time_call(plan_load_iter, iters)
+
     # ---- ours, location level (translations precomputed)
     locs_per_request = []
     for s in slots:
@@ -307,6 +322,35 @@ def main(argv=None) -> int:
 
     box[0] = cache
     t_load_locs = common.time_call(load_locs_all, iters)
+
+    # the same, with every request's index arrays uploaded before the timed loop: isolates the
+    # per-request (pageable) host-to-device upload of the index arrays of load_locs
+    dev_sharding = cache.buffers[0].sharding
+    pre = []
+    for pl, copy in zip(locs_per_request, lcopies):
+        plan = O._load_plan(box[0], copy, pl, None, None)
+        pre.append((tuple(e._replace(count=0) for e in plan.entries),
+                    jax.device_put([np.asarray(d) for d in plan.dst])))
+    jax.block_until_ready([d for _, d in pre])
+
+    def load_locs_dev_all():
+        c = box[0]
+        for _ in range(rounds):
+            window = O._LoadWindow(O.MAX_INFLIGHT_BYTES)
+            for (entries, dst_d), copy in zip(pre, lcopies):
+                window.before(copy.nbytes)
+                st = jax.device_put(copy.data, dev_sharding)
+                window.stagings().append(st)
+                bufs = O._scatter_donate(c.buffers, st, dst_d, [None] * len(dst_d), [],
+                                         layout=c.layout, entries=entries, resets=(),
+                                         impl="auto")
+                c = jaxkv.Cache(tuple(bufs), c.layout)
+                window.after(copy.nbytes)
+        jax.block_until_ready(c.buffers)
+        box[0] = c
+
+    t_load_locs_dev = common.time_call(load_locs_dev_all, iters)
+    del pre
     cache = box[0]
     lbytes = rounds * sum(useful_bytes(c) for c in lcopies)
     for c in lcopies:
@@ -355,6 +399,28 @@ def main(argv=None) -> int:
             lambda: [jax.block_until_ready(jax.device_put(xn)) for _ in range(rounds)], iters)
     del x
 
+    # ---- transfer only: the batch's per-request copies (same sizes as the request level's
+    # staging), queued back to back, no planning, gather or scatter
+    sizes = [c.nbytes for c in copies]
+    if pinned is not None:
+        dev_st = [_random_u8(jax.random.key(2 + i), (1, n))[0] for i, n in enumerate(sizes)]
+
+        def d2h_req():
+            for _ in range(rounds):
+                jax.block_until_ready([jax.device_put(a, pinned) for a in dev_st])
+
+        def h2d_req():
+            for _ in range(rounds):
+                jax.block_until_ready([jax.device_put(c.data, dev_st[0].sharding)
+                                       for c in copies])
+
+        t_d2h_req = common.time_call(d2h_req, iters)
+        t_h2d_req = common.time_call(h2d_req, iters)
+        del dev_st
+    else:
+        t_d2h_req, t_h2d_req = t_d2h, t_h2d
+    held_all = rounds * sum(sizes)
+
     gbs = lambda n, t: n / t / 1e9  # noqa: E731
     d2h, h2d = gbs(nbytes, t_d2h), gbs(nbytes, t_h2d)
     seed_s, seed_l = gbs(nbytes, t_seed_save), gbs(nbytes, t_seed_load)
@@ -374,6 +440,21 @@ def main(argv=None) -> int:
                    "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
         common.row("load, location level (precomputed locations)", gbs(lbytes, t_load_locs),
                    "GB/s", ceiling=h2d, baseline=seed_l, target=tgt),
+        common.row("load, location level, index arrays uploaded beforehand",
+                   gbs(lbytes, t_load_locs_dev), "GB/s", ceiling=h2d, baseline=seed_l,
+                   target=tgt),
+        common.row(f"save, transfer only ({R} per-request D2H copies back to back)",
+                   gbs(held_all, t_d2h_req), "GB/s", ceiling=d2h),
+        common.row(f"load, transfer only ({R} per-request H2D copies back to back)",
+                   gbs(held_all, t_h2d_req), "GB/s", ceiling=h2d),
+        common.row(f"save planning alone (device plan + 1 fetch), per batch of {R}",
+                   1e3 * t_plan_save / rounds, "ms"),
+        common.row(f"load planning alone (device plan + 1 fetch), per batch of {R}",
+                   1e3 * t_plan_load / rounds, "ms"),
+        common.row("save: batch time - transfer-only time (request level)",
+                   1e3 * (t_save - t_d2h_req) / rounds, "ms"),
+        common.row("load: batch time - transfer-only time (request level)",
+                   1e3 * (t_load - t_h2d_req) / rounds, "ms"),
         common.row("save latency per request (request level)", 1e3 * t_save / (R * rounds), "ms"),
         common.row("load latency per request (request level)", 1e3 * t_load / (R * rounds), "ms"),
     ]

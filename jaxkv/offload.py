@@ -80,6 +80,7 @@ Compilation
 """
 from __future__ import annotations
 
+import collections.abc as _abc
 import dataclasses
 import functools
 import os
@@ -249,14 +250,29 @@ class PoolEntry(NamedTuple):
 
 
 class _Lease:
-    """Mutable part of a HostCopy: its data and its charge on the budget."""
+    """Mutable part of a HostCopy: its data and its charge on the budget.
 
-    def __init__(self, data, budget: HostBudget | None, nbytes: int):
+    ``code`` (request level): the saved request's plan code ``int32[C, W]`` in host memory (see
+    ``_plan_fns``): per distinct location column, -1 where a token was not saved, else 0 (token
+    pools) or the token's index among the saved distinct state rows (state pools).  Its bytes are
+    charged with the data's."""
+
+    def __init__(self, data, budget: HostBudget | None, nbytes: int, code=None):
         self.data = data
+        self.code = code
         self.budget = budget
         self.nbytes = nbytes
         self.freed = False
         self.lock = threading.Lock()
+
+    def host_code(self) -> np.ndarray:
+        """The plan code as a host ndarray (fetched once)."""
+        with self.lock:
+            if self.freed:
+                raise ValueError("this HostCopy was freed; its bytes are gone")
+            if not isinstance(self.code, np.ndarray):
+                self.code = np.asarray(self.code)
+            return self.code
 
     def free(self):
         with self.lock:
@@ -264,8 +280,34 @@ class _Lease:
                 return
             self.freed = True
             self.data = None
+            self.code = None
             if self.budget is not None and self.nbytes:
                 self.budget.release(self.nbytes)
+
+
+class _CodeView(_abc.Mapping):
+    """Read-only ``{pool: ndarray[T]}`` derived from a request-level copy's plan code, on first
+    access: ``"mask"`` gives ``bool[T]`` (saved where True), ``"index"`` the int32[T] index of
+    each token's saved state row (-1: not saved).  The save never fetches the plan to the host
+    itself; these views exist for inspection."""
+
+    def __init__(self, lease: "_Lease", columns: Mapping[str, int], T: int, what: str):
+        self._lease, self._columns, self._T, self._what = lease, dict(columns), T, what
+        self._cache: dict = {}
+
+    def __getitem__(self, name):
+        if name not in self._cache:
+            row = self._lease.host_code()[self._columns[name], :self._T]
+            out = row >= 0 if self._what == "mask" else row.astype(np.int32)
+            out.flags.writeable = False
+            self._cache[name] = out
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(self._columns)
+
+    def __len__(self):
+        return len(self._columns)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -440,8 +482,14 @@ def _item_bytes(layout: Layout, pool: str) -> tuple[int, int]:
 
 
 def _gather_impl(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[int, ...]], ...],
-                 impl: str):
-    """Every (pool, layers)'s tokens into one ``uint8[total]`` staging array."""
+                 impl: str, rows: tuple[tuple[int, int], ...] | None = None):
+    """Every (pool, layers)'s tokens into one ``uint8[total]`` staging array.
+
+    ``locs``: one int32[N_k] per key; or, with ``rows`` (request level), the request's device plan
+    ``int32[C, W]`` of which key k reads the first ``rows[k][1]`` entries of row ``rows[k][0]``.
+    """
+    if rows is not None:
+        locs = [locs[r, :n] for r, n in rows]
     parts = []
     for (pool, layers), loc in zip(keys, locs):
         b, a = token_addressing(layout, pool, layers)
@@ -451,14 +499,14 @@ def _gather_impl(buffers, locs, *, layout: Layout, keys: tuple[tuple[str, tuple[
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-_gather = jax.jit(_gather_impl, static_argnames=("layout", "keys", "impl"))
+_GATHER_STATIC = ("layout", "keys", "impl", "rows")
+_gather = jax.jit(_gather_impl, static_argnames=_GATHER_STATIC)
 
 
 @functools.lru_cache(maxsize=None)
 def _gather_to(sharding):
     """The gather compiled with its output placed in host memory (``out_shardings``)."""
-    return jax.jit(_gather_impl, static_argnames=("layout", "keys", "impl"),
-                   out_shardings=sharding)
+    return jax.jit(_gather_impl, static_argnames=_GATHER_STATIC, out_shardings=sharding)
 
 
 # Device memory a save's gather program may use besides its cache arguments: the staging
@@ -510,22 +558,25 @@ def _impl_candidates(impl: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((first, "reference")))
 
 
-def _compiled_gather(cache: Cache, keys, locs, impl: str, staging: int, out_sharding=None):
+def _compiled_gather(cache: Cache, keys, locs, impl: str, staging: int, out_sharding=None,
+                     rows=None):
     """``(compiled gather, GatherMemory)`` within ``gather_bound(staging)``; raises GatherTooLarge.
 
-    Compiled ahead of time (cached per layout, keys, location shapes, implementation and output
-    placement) so that its device memory is known before anything runs.
+    Compiled ahead of time (cached per layout, keys, location shapes / plan rows, implementation
+    and output placement) so that its device memory is known before anything runs.
     """
     tried = []
+    shapes = (tuple(int(x.shape[0]) for x in locs) if rows is None
+              else (tuple(locs.shape), rows))
     for name in _impl_candidates(impl):
-        key = (cache.layout, keys, tuple(int(x.shape[0]) for x in locs), name, out_sharding,
+        key = (cache.layout, keys, shapes, name, out_sharding,
                tuple(b.sharding for b in cache.buffers))
         with _COMPILED_LOCK:
             hit = _COMPILED.get(key)
         if hit is None:
             fn = _gather if out_sharding is None else _gather_to(out_sharding)
             compiled = fn.lower(cache.buffers, locs, layout=cache.layout, keys=keys,
-                                impl=name).compile()
+                                impl=name, rows=rows).compile()
             try:
                 m = compiled.memory_analysis()
                 out_b = 0 if out_sharding is not None else int(m.output_size_in_bytes)
@@ -558,7 +609,18 @@ def _sentinel_bytes(width: int) -> np.ndarray:
 
 def _scatter_impl(buffers, staging, dst, src, reset, *, layout: Layout,
                   entries: tuple[PoolEntry, ...], resets: tuple[tuple[str, tuple[int, ...]], ...],
-                  impl: str):
+                  impl: str, rows: tuple[tuple[int, int, int], ...] | None = None):
+    """Resets, then every entry's saved tokens from ``staging`` to its target locations.
+
+    ``dst`` / ``src``: one int32 array per entry (``src`` None: entry i goes to ``dst[i]``); or,
+    with ``rows`` (request level), ``dst`` is the request's device load plan ``int32[K, W]`` and
+    entry k's targets are its row ``rows[k][0]``, sources row ``rows[k][1]`` (-1: none), both cut
+    to ``rows[k][2]`` entries (``src`` unused).
+    """
+    if rows is not None:
+        plan = dst
+        dst = [plan[d, :n] for d, _, n in rows]
+        src = [None if s < 0 else plan[s, :n] for _, s, n in rows]
     buffers = list(buffers)
     for (pool, layers), rows in zip(resets, reset):  # request-scoped state: reset first
         b, a = token_addressing(layout, pool, layers)
@@ -578,7 +640,7 @@ def _scatter_impl(buffers, staging, dst, src, reset, *, layout: Layout,
     return tuple(buffers)
 
 
-_STATIC = ("layout", "entries", "resets", "impl")
+_STATIC = ("layout", "entries", "resets", "impl", "rows")
 _scatter = jax.jit(_scatter_impl, static_argnames=_STATIC)
 _scatter_donate = jax.jit(_scatter_impl, static_argnames=_STATIC, donate_argnums=(0,))
 
@@ -622,8 +684,11 @@ class SaveHandle:
             if self._pending is not None:  # NumPy fallback: the copy lands in a host ndarray
                 lease.data = np.asarray(self._pending)
                 self._pending = None
+                if lease.code is not None:
+                    lease.code = np.asarray(lease.code)
             elif lease.data is not None:
-                jax.block_until_ready(lease.data)
+                jax.block_until_ready(lease.data if lease.code is None
+                                      else (lease.data, lease.code))
             self._done = True
         return self._copy
 
@@ -662,8 +727,14 @@ class _SavePlan(NamedTuple):
 
 
 def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str, impl: str,
-                   reserved: bool, transfer: str = "device_put") -> SaveHandle:
-    """Queues the gather and the device-to-host copy of a validated plan (budget charged)."""
+                   reserved: bool, transfer: str = "device_put", rows=None, code=None,
+                   lease_bytes: int | None = None) -> SaveHandle:
+    """Queues the gather and the device-to-host copy of a validated plan (budget charged).
+
+    Request level: ``plan.locs`` is the request's device plan ``int32[C, W]`` read through
+    ``rows`` (see ``_gather_impl``), and ``code`` (device ``int32[C, W]``) is copied to host
+    memory next to the staging; ``lease_bytes`` is what the copy holds on the budget."""
+    lease_bytes = plan.total if lease_bytes is None else lease_bytes
     if not plan.entries:  # empty: short-circuit, no device work, no host bytes
         copy = HostCopy(cache.layout, (), kind, 0, _Lease(None, budget, 0), plan.masks,
                         plan.meta)
@@ -672,15 +743,18 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
         budget.reserve(plan.total, f"saving {sum(e.count for e in plan.entries):,} locations of "
                                    f"{sorted({e.pool for e in plan.entries})}")
     try:
-        locs = list(jax.device_put(list(plan.locs)))  # one batched host-to-device call
+        if rows is None:
+            locs = list(jax.device_put(list(plan.locs)))  # one batched host-to-device call
+        else:
+            locs = plan.locs  # already on the device (the request's plan)
         pending = None
         if transfer == "jit" and kind != "numpy":  # one program: gather, then write to host
             sh = cache.buffers[0].sharding.with_memory_kind(kind)
-            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total, sh)
+            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total, sh, rows)
             data = fn(cache.buffers, locs)
             staging = None
         else:
-            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total)
+            fn, mem = _compiled_gather(cache, plan.keys, locs, impl, plan.total, None, rows)
             staging = fn(cache.buffers, locs)
         if staging is None:
             pass
@@ -689,12 +763,22 @@ def _dispatch_save(cache: Cache, plan: _SavePlan, budget: HostBudget, kind: str,
             pending, data = staging, None
         else:
             data = jax.device_put(staging, staging.sharding.with_memory_kind(kind))
+        if code is not None:
+            if kind == "numpy":
+                code.copy_to_host_async()
+            else:
+                code = jax.device_put(code, code.sharding.with_memory_kind(kind))
     except BaseException:
         if not reserved:
             budget.release(plan.total)
         raise
-    copy = HostCopy(cache.layout, plan.entries, kind, plan.total,
-                    _Lease(data, budget, plan.total), plan.masks, plan.meta)
+    lease = _Lease(data, budget, lease_bytes, code)
+    masks, meta = plan.masks, plan.meta
+    if code is not None:  # request level: masks / state rows are views of the host code
+        T = meta["length"]
+        masks = _CodeView(lease, meta["columns"], T, "mask")
+        meta = dict(meta, state_index=_CodeView(lease, meta["state_columns"], T, "index"))
+    copy = HostCopy(cache.layout, plan.entries, kind, plan.total, lease, masks, meta)
     return SaveHandle(copy, pending, mem)
 
 
@@ -1120,6 +1204,174 @@ def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
 _SAME_LOCS = {"c4_indexer": "c4", "c4_indexer_state": "c4_state"}
 
 
+PLAN_MIN_WIDTH = 128
+
+
+def _plan_width(T: int) -> int:
+    """Width of a request's device plan: the next power of two >= T (at least
+    ``PLAN_MIN_WIDTH``), so that few planning programs are compiled."""
+    return max(PLAN_MIN_WIDTH, 1 << max(T - 1, 0).bit_length())
+
+
+def _compact(values, keep, width: int):
+    """``values[keep]`` packed to the front of ``int32[width]`` in order, -1 after (one cumsum
+    and one scatter: a fixed-size ``nonzero``)."""
+    pos = jnp.cumsum(keep.astype(jnp.int32)) - 1
+    idx = jnp.where(keep, pos, width)
+    return jnp.full((width,), -1, jnp.int32).at[idx].set(values.astype(jnp.int32), mode="drop",
+                                                          unique_indices=True)
+
+
+def _first_of_runs(srt):
+    """bool mask of the first entry of each run of equal values of sorted ``srt`` (``_BIG``:
+    not an entry)."""
+    return jnp.concatenate([srt[:1] != _BIG, (srt[1:] != srt[:-1]) & (srt[1:] != _BIG)])
+
+
+class _PlanFns(NamedTuple):
+    """The request level's device planning programs for ``(layout, names, scope)``.
+
+    One jitted program per batch (the per-request functions below, ``vmap``-ed over the batch;
+    compiled per batch size and width W = ``_plan_width(longest request)``).  Per request:
+
+    ``save(alloc_state, slot, length) -> (plan int32[C, W], code int32[C, W], info
+    int32[2P])``: per *distinct* location column c (pools with the same locations share one:
+    C4 / C4 indexer, C4 / C4-indexer state), ``plan[c]`` holds the locations a save gathers,
+    packed to the front, -1 after — the valid tokens' locations in token order for a token
+    column, the distinct valid rows in ascending order for a state column — and ``code[c]``
+    what a load needs of the saved request (``_Lease.code``); ``info`` = per pool the number of
+    saved entries, then per pool whether a valid location is outside the pool.
+
+    ``load(alloc_state, slot, length, code) -> (plan int32[K, W], info int32[C + 2P])``: the
+    new locations combined with the saved code (``new_mask[old_mask]``): a token column's
+    targets (row ``load_rows[c][0]``) are the new locations of the saved tokens in save order,
+    -1 where the token is not valid now; a state column's targets are the distinct new rows of
+    tokens valid before and after, ascending, and row ``load_rows[c][1]`` the saved entry each
+    one restores (its first token's: ``np.unique(..., return_index=True)``); ``info`` = per
+    column the number of entries restored, then per pool bad-range and bad-target flags (a
+    valid new location in a reserved page 0 or on a sentinel row).
+
+    The batched programs return one plan array per request and the batch's ``info`` stacked,
+    which is all the host fetches (one small transfer per batch): no location array ever
+    leaves the device.  Positions ``>= length`` are invalid everywhere.
+    """
+
+    save: Any
+    load: Any
+    column: tuple[int, ...]
+    state_col: tuple[bool, ...]
+    load_rows: tuple[tuple[int, int], ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_fns(layout: Layout, names: tuple[str, ...], scope: str) -> _PlanFns:
+    A = _alloc()
+    geo = layout.geometry
+    firsts, column = [], []
+    for k, n in enumerate(names):
+        same = _SAME_LOCS.get(n)
+        if same in names:
+            column.append(column[names.index(same)])
+        else:
+            column.append(len(firsts))
+            firsts.append(k)
+    column = tuple(column)
+    state_col = tuple(layout.pool(names[k]).spec.kind == "state" for k in firsts)
+    load_rows, r = [], len(firsts)
+    for c, st in enumerate(state_col):
+        load_rows.append((c, r if st else -1))
+        r += bool(st)
+    limits = []
+    for n in names:
+        p = layout.pool(n)
+        limits.append((p.capacity, p.tokens_per_page if _reserved_page0(p, layout) else 0,
+                       -2 if p.sentinel is None else p.sentinel))
+
+    def translate(alloc_state, slot, length, width):
+        pos = jnp.arange(width, dtype=jnp.int32)
+        t = A.translate(alloc_state, jnp.broadcast_to(slot.astype(jnp.int32), (width,)), pos,
+                        csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
+                        c128_ring=geo.c128_ring)
+        table = {
+            "swa": (t.swa, t.swa_valid),
+            "c4": (t.c4, t.c4_valid),
+            "c4_indexer": (t.c4, t.c4_valid),
+            "c128": (t.c128, t.c128_valid),
+            "c4_state": (t.c4_state, t.swa_valid),
+            "c4_indexer_state": (t.c4_state, t.swa_valid),
+            "c128_state": ((t.c128_state, t.swa_valid) if scope == "page" else
+                           (t.c128_state_req, t.full >= 0)),
+        }
+        inside = pos < length
+        cols = [jnp.where(inside & table[names[k]][1] & (table[names[k]][0] >= 0),
+                          table[names[k]][0], -1).astype(jnp.int32) for k in firsts]
+        bad_range, bad_target = [], []
+        for k, (cap, low, sentinel) in enumerate(limits):
+            loc = cols[column[k]]
+            v = loc >= 0
+            bad_range.append(jnp.any(v & (loc >= cap)))
+            bad_target.append(jnp.any(v & ((loc < low) | (loc == sentinel))))
+        return cols, jnp.stack(bad_range), jnp.stack(bad_target)
+
+    def save(alloc_state, slot, length, *, width):
+        cols, bad_range, _ = translate(alloc_state, slot, length, width)
+        plan, code, counts = [], [], []
+        iota = jnp.arange(width, dtype=jnp.int32)
+        for loc, st in zip(cols, state_col):
+            v = loc >= 0
+            if st:  # distinct rows, ascending; each token's index among them
+                srt, perm = lax.sort((jnp.where(v, loc, _BIG), iota), num_keys=1)
+                first = _first_of_runs(srt)
+                rank = jnp.cumsum(first.astype(jnp.int32)) - 1
+                plan.append(_compact(srt, first, width))
+                code.append(jnp.full((width,), -1, jnp.int32).at[perm].set(
+                    jnp.where(srt != _BIG, rank, -1), unique_indices=True))
+                counts.append(jnp.sum(first, dtype=jnp.int32))
+            else:
+                plan.append(_compact(loc, v, width))
+                code.append(jnp.where(v, 0, -1).astype(jnp.int32))
+                counts.append(jnp.sum(v, dtype=jnp.int32))
+        info = jnp.concatenate([jnp.stack([counts[column[k]] for k in range(len(names))]),
+                                bad_range.astype(jnp.int32)])
+        return jnp.stack(plan), jnp.stack(code), info
+
+    def load(alloc_state, slot, length, code, *, width):
+        cols, bad_range, bad_target = translate(alloc_state, slot, length, width)
+        dst_rows, src_rows, restored = [], [], []
+        for c, (new, st) in enumerate(zip(cols, state_col)):
+            old = code[c]
+            old_v = old >= 0
+            both = old_v & (new >= 0)
+            if st:  # np.unique(new[both], return_index=True) with the saved index of each
+                srt, src = lax.sort((jnp.where(both, new, _BIG), old), num_keys=1,
+                                    is_stable=True)
+                first = _first_of_runs(srt)
+                dst_rows.append(_compact(srt, first, width))
+                src_rows.append(_compact(src, first, width))
+                restored.append(jnp.sum(first, dtype=jnp.int32))
+            else:  # new_mask[old_mask]: the saved tokens' new locations, -1 where not valid now
+                dst_rows.append(_compact(jnp.where(both, new, -1), old_v, width))
+                restored.append(jnp.sum(both, dtype=jnp.int32))
+        info = jnp.concatenate([jnp.stack(restored), bad_range.astype(jnp.int32),
+                                bad_target.astype(jnp.int32)])
+        return jnp.stack(dst_rows + src_rows), info
+
+    def save_batch(alloc_state, slots, lengths, *, width):
+        plan, code, info = jax.vmap(lambda s, n: save(alloc_state, s, n, width=width))(
+            slots, lengths)
+        B = slots.shape[0]  # one output array per request: each gather reads its own
+        return tuple(plan[b] for b in range(B)), tuple(code[b] for b in range(B)), info
+
+    def load_batch(alloc_state, slots, lengths, codes, *, width):
+        plan, info = jax.vmap(lambda s, n, c: load(alloc_state, s, n, c, width=width))(
+            slots, lengths, jnp.stack(codes))
+        return tuple(plan[b] for b in range(slots.shape[0])), info
+
+    return _PlanFns(jax.jit(save_batch, static_argnames=("width",)),
+                    jax.jit(load_batch, static_argnames=("width",)), column, state_col,
+                    tuple(load_rows))
+
+
 class _Translated:
     """A batch's packed translation: computed on the device in one program, fetched to the host
     in *one* transfer before anything of the batch is dispatched.
@@ -1200,35 +1452,6 @@ def request_locs(layout: Layout, alloc_state, request: int, *,
     return _request_locs_batch(layout, alloc_state, [slot], [T], c128_state_scope, names)[0]
 
 
-def _request_save_plan(cache: Cache, rl: dict, slot: int, T: int, scope: str) -> _SavePlan:
-    pool_locs, masks, index = {}, {}, {}
-    done = {}  # pools with the same (shared) locations are derived once
-    for name, (locs, valid) in rl.items():
-        masks[name] = valid
-        is_state = cache.layout.pool(name).spec.kind == "state"
-        key = (id(locs), id(valid), is_state)
-        if key in done:
-            pool_locs[name], idx = done[key]
-            if is_state:
-                index[name] = idx
-            continue
-        idx = None
-        if is_state:
-            uniq, inv = np.unique(locs[valid], return_inverse=True)
-            idx = np.full(T, -1, np.int32)
-            idx[valid] = inv.reshape(-1)
-            idx.flags.writeable = False
-            index[name] = idx
-            pool_locs[name] = uniq.astype(np.int32)
-        else:
-            pool_locs[name] = locs[valid]
-        done[key] = (pool_locs[name], idx)
-    keys, locs, entries, total = _prepare(cache, pool_locs)
-    meta = {"length": T, "slot": slot, "c128_state_scope": scope, "state_index": index,
-            "pools": tuple(rl)}
-    return _SavePlan(keys, locs, entries, total, masks, meta)
-
-
 def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: str = "page",
                      pools=None, budget: HostBudget | None = None,
                      host_kind: str | None = None, impl: str = "auto",
@@ -1278,33 +1501,95 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
     kind = _host_kind(next(iter(cache.buffers[0].devices())), host_kind)
     if not slots:
         return []
-    # One device translation for the batch; only per-pool counts come back before dispatch.
-    tr = _Translated(layout, alloc_state, slots, lens, c128_state_scope, names, target=False)
-    per_entry = np.asarray([layout.pool(n).spec.num_layers * sum(_item_bytes(layout, n))
-                            for n in names], np.int64)
-    sizes = [int(sum(int(per_entry[k]) * bucket(int(c)) for k, c in enumerate(row)))
-             for row in tr.counts]
+    # One device program per request plans it (translation + masks + compaction, on the device);
+    # the host fetches only the per-pool counts of the whole batch, in one transfer.
+    plans = _plan_saves(cache, alloc_state, slots, lens, c128_state_scope, names)
+    sizes = [pl.total + pl.code_bytes for pl in plans]
     total = sum(sizes)
     if total:  # the whole batch, all or nothing, before anything is dispatched
         budget.reserve(total, f"saving requests {slots} ({sum(lens):,} tokens)")
     handles, inflight = [], []
-    try:  # plan + dispatch request by request: request i's copy overlaps request i+1's planning
-        for i, (slot, T) in enumerate(zip(slots, lens)):
-            plan = _request_save_plan(cache, tr.request(i, share=True), slot, T,
-                                      c128_state_scope)
-            if plan.total != sizes[i]:
-                raise RuntimeError(f"internal error: request {slot} needs {plan.total} host "
-                                   f"bytes, {sizes[i]} were reserved")
-            _throttle(inflight, plan.total, limit)
-            handles.append(_dispatch_save(cache, plan, budget, kind, impl, reserved=True,
-                                          transfer=transfer))
-            inflight.append((handles[-1], plan.total))
+    try:  # queued request after request: request i's copy overlaps request i+1's gather
+        for pl, size in zip(plans, sizes):
+            _throttle(inflight, pl.total, limit)
+            handles.append(_dispatch_save(cache, pl.plan, budget, kind, impl, reserved=True,
+                                          transfer=transfer, rows=pl.rows, code=pl.code,
+                                          lease_bytes=size))
+            inflight.append((handles[-1], pl.total))
     except BaseException:
         budget.release(sum(sizes[len(handles):]))
         for h in handles:
             h.copy_in_flight.free()
         raise
     return handles
+
+
+class _RequestSave(NamedTuple):
+    plan: _SavePlan  # locs: the device plan int32[C, W] (None: empty request)
+    rows: tuple | None  # per gather key: (plan row, padded count)
+    code: Any  # device int32[C, W] or None
+    total: int  # staging bytes
+    code_bytes: int  # host bytes of the code
+
+
+def _plan_saves(cache: Cache, alloc_state, slots, lens, scope: str,
+                names: tuple[str, ...]) -> list[_RequestSave]:
+    """Plans a batch of request saves on the device; fetches only the counts (one transfer).
+
+    Raises ValueError (nothing dispatched but the pure planning programs) if the allocator maps a
+    token outside its pool."""
+    layout = cache.layout
+    fns = _plan_fns(layout, names, scope)
+    live = [i for i, T in enumerate(lens) if T]
+    outs, infos = {}, []
+    if live:
+        width = _plan_width(max(lens[i] for i in live))
+        plans_d, codes_d, info_d = fns.save(
+            alloc_state, np.asarray([slots[i] for i in live], np.int32),
+            np.asarray([lens[i] for i in live], np.int32), width=width)
+        outs = {i: (plans_d[j], codes_d[j]) for j, i in enumerate(live)}
+        infos = np.asarray(jax.device_get(info_d))  # the batch's one device->host fetch
+    P = len(names)
+    item = [sum(_item_bytes(layout, n)) for n in names]
+    columns = {n: fns.column[k] for k, n in enumerate(names)}
+    state_columns = {n: fns.column[k] for k, n in enumerate(names)
+                     if fns.state_col[fns.column[k]]}
+    out = []
+    for i, (slot, T) in enumerate(zip(slots, lens)):
+        meta = {"length": T, "slot": slot, "c128_state_scope": scope, "pools": names,
+                "columns": columns, "state_columns": state_columns}
+        if not T:
+            masks = {n: np.zeros(0, bool) for n in names}
+            out.append(_RequestSave(_SavePlan((), None, (), 0, masks,
+                                              dict(meta, state_index={})), None, None, 0, 0))
+            continue
+        info = np.asarray(infos[live.index(i)])
+        counts, bad = info[:P], info[P:2 * P]
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"the allocator maps a token of request {slot} to a {names[j]!r} "
+                             "location outside its pool; nothing was dispatched")
+        keys, rows, entries, offset = [], [], [], 0
+        for k, n in enumerate(names):
+            c = int(counts[k])
+            if not c:
+                continue
+            layers = tuple(layout.pool(n).groups[0])
+            e = PoolEntry(n, 0, layers, c, bucket(c), item[k], offset)
+            offset += e.nbytes
+            keys.append((n, layers))
+            rows.append((fns.column[k], e.padded))
+            entries.append(e)
+        plan_d, code_d = outs[i]
+        if not entries:  # nothing valid anywhere: an empty copy
+            masks = {n: np.zeros(T, bool) for n in names}
+            out.append(_RequestSave(_SavePlan((), None, (), 0, masks,
+                                              dict(meta, state_index={})), None, None, 0, 0))
+            continue
+        plan = _SavePlan(tuple(keys), plan_d, tuple(entries), offset, {}, meta)
+        out.append(_RequestSave(plan, tuple(rows), code_d, offset,
+                                int(np.prod(code_d.shape)) * 4))
+    return out
 
 
 def start_save(cache: Cache, alloc_state, request: int, **kw) -> SaveHandle:
@@ -1384,36 +1669,76 @@ def retract_batch(cache: Cache, alloc_state, requests, **kw):
                              requests)
 
 
-def _request_load_targets(layout: Layout, host_copy: HostCopy, rl: dict, slot: int):
-    """``(targets, sources, reset)`` of a request-level load (``new_mask[old_mask]``)."""
-    meta = host_copy.meta
-    if "swa" in rl:  # translation sanity: a valid SWA loc is never in the reserved page 0
-        s, v = rl["swa"]
-        tpp = layout.pool("swa").tokens_per_page
-        bad = v & (s < tpp)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"the allocator maps position {i} of request {slot} to SWA loc "
-                             f"{int(s[i])}, inside the reserved page 0")
-    targets, sources, reset = {}, {}, {}
-    for name, (new_locs, new_valid) in rl.items():
-        old_valid = host_copy.masks[name]
-        if host_copy.entry(name) is None:  # nothing was valid at save time
+def _plan_loads(cache: Cache, alloc_state, host_copies, slots, lens):
+    """Plans a batch of request loads on the device (nothing written): validates on the host,
+    uploads every small input in one call, runs one planning program per (pools, scope, width)
+    group and fetches only its counts / checks.  Raises ValueError (nothing dispatched but the
+    pure planning programs) for a bad reset row or an allocator bug.
+
+    Returns ``(device sharding, resets {i: (reset keys, rows)}, outs {i: (device plan, None)},
+    infos {i: int32 info}, small (uploaded inputs), reset_at {i: index in small})``."""
+    layout = cache.layout
+    sharding = cache.buffers[0].sharding
+    if getattr(sharding, "memory_kind", None) is not None:
+        sharding = sharding.with_memory_kind("device")
+    # Validate everything on the host first (nothing dispatched): pools / scope of each copy and
+    # the request-scoped rows to reset.
+    resets = {}
+    for i, (c, s) in enumerate(zip(host_copies, slots)):
+        if not lens[i]:
             continue
-        if layout.pool(name).spec.kind == "state":
-            both = old_valid & new_valid
-            src = meta["state_index"][name][both]
-            dst, first = np.unique(new_locs[both], return_index=True)
-            targets[name], sources[name] = dst.astype(np.int32), src[first].astype(np.int32)
-        else:
-            keep = new_valid[old_valid]  # new_mask[old_mask]
-            dst = new_locs[old_valid].astype(np.int32)
-            dst[~keep] = -1
-            targets[name] = dst
-    if meta["c128_state_scope"] == "request" and "c128_state" in rl:
-        ring = layout.geometry.c128_ring
-        reset["c128_state"] = (slot * ring + np.arange(ring)).astype(np.int32)
-    return targets, sources, reset
+        names, scope = c.meta["pools"], c.meta["c128_state_scope"]
+        _pools_of(layout, names, scope)
+        if scope == "request" and "c128_state" in names:
+            ring = layout.geometry.c128_ring
+            r = (s * ring + np.arange(ring)).astype(np.int32)
+            p = layout.pool("c128_state")
+            _check_targets(r.astype(np.int64), p, layout, "reset['c128_state']")
+            resets[i] = ((("c128_state", tuple(p.groups[0])),), r)
+    # Every small input of the batch in one host-to-device call, queued before any staging:
+    # the saved plan codes, slots, lengths and reset rows.  Then one planning program per
+    # request (translation of the new locations + new_mask[old_mask] + compaction, on the
+    # device) and one fetch of all their counts / checks.
+    planned = [i for i in range(len(slots)) if lens[i] and host_copies[i].entries]
+    groups = {}  # one planning program per (pools, scope, plan width)
+    for i in planned:
+        c = host_copies[i]
+        key = (c.meta["pools"], c.meta["c128_state_scope"], int(c._lease.code.shape[1]))
+        groups.setdefault(key, []).append(i)
+    small, where = [], {}
+    for key, idx in groups.items():
+        where[key] = len(small)
+        small += [host_copies[i]._lease.code for i in idx]
+        small += [np.asarray([slots[i] for i in idx], np.int32),
+                  np.asarray([lens[i] for i in idx], np.int32)]
+    reset_at = {}
+    for i, (_, r) in resets.items():
+        reset_at[i] = len(small)
+        small.append(r)
+    small = jax.device_put(small, sharding) if small else []
+    outs, infos = {}, {}
+    for (names, scope, width), idx in groups.items():
+        at, B = where[(names, scope, width)], len(idx)
+        fns = _plan_fns(layout, names, scope)
+        plans_d, info_d = fns.load(alloc_state, small[at + B], small[at + B + 1],
+                                   tuple(small[at:at + B]), width=width)
+        for j, i in enumerate(idx):
+            outs[i] = (plans_d[j], None)
+        infos[(names, scope, width)] = (idx, info_d)
+    fetched = jax.device_get([v[1] for v in infos.values()])  # one fetch per group
+    infos = {i: np.asarray(got[j]) for (idx, _), got in zip(infos.values(), fetched)
+             for j, i in enumerate(idx)}
+    for i in planned:
+        names = host_copies[i].meta["pools"]
+        P, C = len(names), len(infos[i]) - 2 * len(names)
+        info = infos[i]
+        for what, bad in (("outside its pool", info[C:C + P]),
+                          ("inside a reserved page 0 or on a sentinel row", info[C + P:])):
+            if bad.any():
+                k = int(np.argmax(bad))
+                raise ValueError(f"the allocator maps a token of request {slots[i]} to a "
+                                 f"{names[k]!r} location {what}; nothing was dispatched")
+    return sharding, resets, outs, infos, small, reset_at
 
 
 def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = "auto",
@@ -1470,34 +1795,59 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
     for c in host_copies:
         if c.layout != cache.layout:
             raise ValueError("a host copy was saved from a cache with a different layout")
-    groups = {}  # translations grouped by (scope, pools); empty requests short-circuit
-    for i, c in enumerate(host_copies):
-        if lens[i]:
-            groups.setdefault((c.meta["c128_state_scope"], c.meta["pools"]), []).append(i)
-    where = {}
-    for (scope, names), idx in groups.items():
-        _pools_of(cache.layout, names, scope)
-        # raises (nothing dispatched) if the allocator maps any target outside its pool, into a
-        # reserved page 0 or onto a sentinel row
-        tr = _Translated(cache.layout, alloc_state, [slots[i] for i in idx],
-                         [lens[i] for i in idx], scope, names, target=True)
-        for j, i in enumerate(idx):
-            where[i] = (tr, j)
+    layout = cache.layout
+    sharding, resets, outs, infos, small, reset_at = _plan_loads(cache, alloc_state, host_copies,
+                                                                 slots, lens)
     window = _LoadWindow(limit)  # bounds the device staging in flight, without draining
     for i, (c, s) in enumerate(zip(host_copies, slots)):
-        if i not in where:  # empty request
+        reset = resets.get(i)
+        if i not in outs and reset is None:  # empty request, or nothing saved and no reset
             if free:
                 c.free()
             continue
-        tr, j = where[i]
-        targets, sources, reset = _request_load_targets(cache.layout, c,
-                                                         tr.request(j, share=True), s)
-        plan = _load_plan(cache, c, targets, sources, reset)
-        nbytes = c.nbytes
-        window.before(nbytes)
-        cache = _dispatch_load(cache, c, plan, impl=impl, donate=donate, free=free,
-                               stagings=window.stagings())
-        window.after(nbytes)
+        entries, rows, restore = [], [], False
+        if i in outs:
+            fns = _plan_fns(layout, c.meta["pools"], c.meta["c128_state_scope"])
+            names = c.meta["pools"]
+            restored = np.asarray(infos[i])[:len(fns.state_col)]
+            for e in c.entries:
+                col = fns.column[names.index(e.pool)]
+                n = int(restored[col])
+                d_row, s_row = fns.load_rows[col]
+                if fns.state_col[col]:
+                    if not n:
+                        continue
+                    rows.append((d_row, s_row, bucket(n)))
+                else:
+                    rows.append((d_row, -1, e.padded))
+                entries.append(e)
+                restore = restore or n > 0
+        if not restore and reset is None:
+            if free:
+                c.free()
+            continue
+        reset_keys = reset[0] if reset else ()
+        reset_rows = [small[reset_at[i]]] if reset else []
+        if restore:
+            nbytes = c.nbytes
+            window.before(nbytes)
+            staging = jax.device_put(c.data, sharding)
+            new_stagings = window.stagings()
+            new_stagings.append(staging)
+            plan_d = outs[i][0]
+        else:
+            nbytes, entries, rows = 0, [], []
+            staging = jnp.zeros((0,), jnp.uint8)
+            plan_d = jnp.zeros((1, 1), jnp.int32)
+        fn = _scatter_donate if donate else _scatter
+        buffers = fn(cache.buffers, staging, plan_d, [], reset_rows, layout=layout,
+                     entries=tuple(e._replace(count=0) for e in entries), resets=reset_keys,
+                     impl=impl, rows=tuple(rows))
+        cache = Cache(tuple(buffers), layout)
+        if restore:
+            window.after(nbytes)
+        if free:
+            c.free()
     return cache
 
 
