@@ -963,3 +963,40 @@ def test_load_batch_window_gives_the_same_bytes(limit):
         ref = np_bufs(ref_cache)
     out = O.load_batch(target, state, copies, slots, max_inflight_bytes=limit)
     assert_bytes_equal(out, ref)
+
+
+def test_request_copy_masks_and_state_rows_follow_the_numpy_translation():
+    """The device-computed plan (translation + masks + compaction in one program) saves exactly
+    the numpy model's entries: per token pool the valid tokens in token order, per state pool the
+    distinct valid rows ascending; the copy's masks and state-row indices (views of its host code)
+    equal np_request_locs / np.unique, for requests of different lengths in one batch."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([75, 3, 120], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=41)
+    bufs = np_bufs(cache)
+    copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
+                                                   budget=O.HostBudget(1 << 30))]
+    for s, copy in zip(slots, copies):
+        old = np_request_locs(state, s, "page")
+        for pool, (locs, valid) in old.items():
+            np.testing.assert_array_equal(copy.masks[pool], valid)
+            p = layout.pool(pool)
+            if p.spec.kind == "state":
+                uniq, inv = np.unique(locs[valid], return_inverse=True)
+                idx = np.full(len(valid), -1)
+                idx[valid] = inv.reshape(-1)
+                np.testing.assert_array_equal(copy.meta["state_index"][pool], idx)
+                saved = uniq
+            else:
+                saved = locs[valid]
+            if not len(saved):
+                assert copy.entry(pool) is None
+                continue
+            got = copy.pool_bytes(pool)
+            assert got.shape[:2] == (p.spec.num_layers, len(saved))
+            for layer in (0, p.spec.num_layers - 1):
+                want = np.stack([np_token(bufs, layout, pool, layer, x) for x in saved])
+                np.testing.assert_array_equal(got[layer], want)
+        copy.free()
