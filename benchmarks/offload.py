@@ -45,6 +45,14 @@ planning overlapped a transfer), and loads drained the pipeline every 1 GiB.  Bo
 fetch per batch; a sliding window of in-flight copies, also used by the location-level load loop
 below).  Prediction for the rerun: request-level save ~46-50 GB/s, load ~44-48 GB/s; location
 level load ~46-49 (benchmarks/NOTES.md, "Offload").
+
+Run 2 gave 0.845 / 0.768 (request level), 0.954 / 0.860 (location level).  Run 3: the plan is
+computed and compacted on the device (one program per batch, one small fetch); extra rows make the
+run explain itself: *planning alone* (the batch's planning program + its one fetch, nothing
+moved), *transfer only* (the batch's per-request copies back to back, no planning / gather /
+scatter), *batch - transfer only* (ms per batch not hidden behind PCIe), and the location-level
+load with its index arrays uploaded beforehand (isolates the per-request pageable upload).
+Predictions in benchmarks/NOTES.md, "Offload", run 3.
 """
 from __future__ import annotations
 

@@ -1459,7 +1459,9 @@ def start_save_batch(cache: Cache, alloc_state, requests, *, c128_state_scope: s
                      max_inflight_bytes: int | None = None) -> list[SaveHandle]:
     """Starts saving several requests' whole caches to host memory; returns at once.
 
-    All translations are done first (one device round trip for the batch), the budget is charged
+    All requests are planned first, on the device, by one program (translation, masks and
+    compaction into each request's gather index array; the host fetches only the per-pool
+    counts, once for the batch: ``_plan_fns``), the budget is charged
     for the whole batch (all or nothing), then every request's gather and device-to-host copy is
     queued back to back, so the copy of one request overlaps the gather of the next.
 
@@ -1754,8 +1756,10 @@ def load_batch(cache: Cache, alloc_state, host_copies, requests, *, impl: str = 
     (same program).  Empty requests short-circuit.  Before anything is dispatched, the copies are
     checked on the host and the new locations of the whole batch on the device (one translation:
     a location outside its pool, in a reserved page 0 or on a sentinel row is an allocator bug and
-    a ValueError).  Then request after request its targets are planned and its host-to-device
-    copy and scatter queued, so planning request i+1 overlaps the copy of request i.
+    a ValueError).  That check is part of the batch's device planning program (``_plan_fns``:
+    translation, ``new_mask[old_mask]`` and compaction into each request's target / source index
+    array, all on the device; the host fetches only counts and flags, once).  Then request after
+    request only its pinned host-to-device copy and its scatter are queued.
 
     Args:
       cache: the cache.
