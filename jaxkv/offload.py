@@ -318,7 +318,10 @@ class HostCopy:
       layout: the layout (and so the geometry) the bytes were saved from; a load checks it.
       entries: one ``PoolEntry`` per saved pool, in staging order.
       host_kind: ``"pinned_host"``, ``"unpinned_host"`` or ``"numpy"``.
-      nbytes: bytes held in host memory (the staging array, padding included).
+      nbytes: bytes of the staging array held in host memory (padding included).  A
+        request-level copy also holds its plan code ``int32[C, W]`` (what its load needs: which
+        tokens were saved, each token's state row; W = next power of two >= the batch's longest
+        request): the budget is charged ``nbytes`` plus those bytes (+~0.5 % for Flash).
       masks: request level: per pool, the saved validity mask over the request's tokens
         (``bool[T]``); the saved entries are the tokens where it is True, in token order.
       meta: request level: other facts of the saved request (token count, state-row maps...).

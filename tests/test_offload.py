@@ -706,6 +706,7 @@ def test_gpu_pinned_round_trip_flash(transfer):
     copy, state = O.finish_save(O.start_save(cache, state, a, budget=O.HostBudget(1 << 34),
                                              transfer=transfer), state, a)
     assert copy.data.sharding.memory_kind == "pinned_host"
+    assert copy._lease.code.sharding.memory_kind == "pinned_host"  # the load's plan code too
     state, _ = admit(state, 300)
     state, a2 = admit(state, 1300)
     out = O.load(cache, state, copy, a2, donate=False)
