@@ -334,7 +334,6 @@ def main(argv=None):
                 if t_e2e is not None:
                     rows.append(common.row(f"end to end minus kernels only, {what} [{m}] (ms)",
                                            (t_e2e - tk) * 1e3, "ms"))
-                del kst
             except Exception as e:
                 msg = f"kernels only {what} [{m}]: {type(e).__name__}: {e}"
                 errors.append(msg + "\n" + traceback.format_exc())
