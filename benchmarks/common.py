@@ -72,6 +72,29 @@ def time_jax_loop(step: Callable, state, *, iters: int = 20, warmup: int = 3):
     return statistics.median(ts), state
 
 
+def time_jax_back_to_back(step: Callable, state=None, *, calls: int = 10, reps: int = 3,
+                          warmup: int = 2):
+    """Seconds per call of ``state = step(state)`` dispatched ``calls`` times back to back with
+    one host sync at the end (GPU-bound: dispatch overlaps the previous call's kernel), median
+    of ``reps`` such batches.  For a call without state pass ``lambda _: fn(*args)``: the last
+    output is kept only until the next call returns (outputs are not accumulated).
+
+    Returns ``(seconds_per_call, final_state)``.  Compare with ``time_jax_loop``, which syncs
+    after every call and so adds the dispatch and sync latency of each call.
+    """
+    for _ in range(warmup):
+        state = step(state)
+    jax.block_until_ready(state)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            state = step(state)
+        jax.block_until_ready(state)
+        ts.append((time.perf_counter() - t0) / calls)
+    return statistics.median(ts), state
+
+
 def device_copy_ceiling(nbytes: int = 1 << 30, iters: int = 20) -> float:
     """GB/s of a large device-to-device copy, counting bytes read + written."""
     n = nbytes // 4

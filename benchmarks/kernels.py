@@ -10,6 +10,14 @@ same run, and by the baseline a user would otherwise write on the same bytes: to
 ``index_select`` / ``index_copy_`` on 584-B rows (``[L * capacity, 584]``), ``jnp.take`` /
 donated ``.at[].set``.
 
+Timing (run 4 on): ``value`` is GPU-bound — back-to-back calls with one sync at the end (torch:
+CUDA events around 5 calls, the stream kept busy by a lead call; JAX: wall clock over 10 dispatched
+calls, dispatch overlapping the previous kernel).  The timed rows also carry ``per_call_value``:
+the timing of runs 1-3 (torch: CUDA events around each call on an idle stream, so the host-side
+launch falls inside; JAX: wall clock of each call with ``block_until_ready``).  Diagnostic rows:
+``sweep copy_pages`` (page-copy launch geometry and alignment hints, torch path) and ``diag ...
+on the JAX arrays (DLPack)`` (the torch-path launch on the jax-triton rows' arrays).
+
 Implementations: ``triton_torch`` (the Triton kernels on torch CUDA tensors), ``triton_jax``
 (the same kernels through jax-triton), ``pallas`` (Pallas, Triton lowering), ``reference``
 (XLA gather/scatter).  Pallas runs last (its own section) so that a failure there cannot take the
@@ -29,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_copy_ceiling, parser, row, time_jax, time_jax_loop, \
-    write_results
+from benchmarks.common import device_copy_ceiling, parser, row, time_jax_back_to_back, \
+    time_jax_loop, write_results
 
 import jaxkv
 from jaxkv.kernels import dispatch
@@ -44,7 +52,9 @@ def _log(*a):
     sys.stdout.flush()
 
 
-def _torch_time(fn, iters=20, warmup=3):
+def _torch_time_per_call(fn, iters=20, warmup=3):
+    """Median seconds of one call between two CUDA events on an idle stream (runs 1-2): the
+    host-side launch of the call falls inside the interval."""
     import torch
     for _ in range(warmup):
         fn()
@@ -58,6 +68,49 @@ def _torch_time(fn, iters=20, warmup=3):
         e.synchronize()
         ts.append(s.elapsed_time(e) / 1e3)
     return statistics.median(ts)
+
+
+def _torch_time(fn, calls=5, reps=4, warmup=2):
+    """Median seconds per call of ``calls`` back-to-back calls between two CUDA events, the
+    stream kept busy by a lead call enqueued before the first event (GPU time only)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()  # lead call: the stream is busy when `s` is recorded
+        s.record()
+        for _ in range(calls):
+            fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(ts)
+
+
+# How ``value`` and ``per_call_value`` of the timed rows were measured (module docstring).
+TIMING = "value: back-to-back calls, one sync; per_call_value: one sync per call (runs 1-3)"
+
+
+def _timed_row(name, moved, t, t_per_call, **kw):
+    """A result row at ``moved / t`` with the per-call timing's GB/s in ``per_call_value``."""
+    r = row(name, moved / t / 1e9, "GB/s", **kw)
+    r["per_call_value"] = moved / t_per_call / 1e9
+    r["timing"] = TIMING
+    return r
+
+
+def _torch_times(fn):
+    return _torch_time(fn), _torch_time_per_call(fn, iters=10)
+
+
+def _jax_times(step, state=None, iters=10):
+    """``(back-to-back seconds, per-call-sync seconds, state)`` of ``state = step(state)``."""
+    t, state = time_jax_back_to_back(step, state, calls=iters)
+    t1, state = time_jax_loop(step, state, iters=iters)
+    return t, t1, state
 
 
 def _pools(quick: bool):
@@ -130,19 +183,19 @@ def bench_torch(geo, pools, ceiling, rows, quick):
         del rows584, outb
         buf = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
         v, s = T.gather_tokens_torch(buf, locs, a)
-        t_g = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a))
-        t_s = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a))
-        rows.append(row(f"gather {pool} triton_torch", moved / t_g / 1e9, "GB/s", ceiling=ceiling,
-                        baseline=base[pool][0], target=TARGET_TOKENS))
-        rows.append(row(f"scatter {pool} triton_torch", moved / t_s / 1e9, "GB/s",
-                        ceiling=ceiling, baseline=base[pool][1], target=TARGET_TOKENS))
+        t_g = _torch_times(lambda: T.gather_tokens_torch(buf, locs, a))
+        t_s = _torch_times(lambda: T.scatter_tokens_torch(buf, locs, v, s, a))
+        rows.append(_timed_row(f"gather {pool} triton_torch", moved, *t_g, ceiling=ceiling,
+                               baseline=base[pool][0], target=TARGET_TOKENS))
+        rows.append(_timed_row(f"scatter {pool} triton_torch", moved, *t_s, ceiling=ceiling,
+                               baseline=base[pool][1], target=TARGET_TOKENS))
         # whole-page copy: the pages holding the first n/4 tokens -> random other pages
         P = max(1, min(pa.num_pages // 2, (n // a.tpp) // 2 or 1))
         perm = torch.randperm(pa.num_pages, device=dev, generator=g).to(torch.int32)
         sp, dp = perm[:P].contiguous(), perm[P:2 * P].contiguous()
         pmoved = 2 * L * P * pa.page_bytes
         dst = torch.empty_like(buf)
-        t_p = _torch_time(lambda: T.copy_pages_torch(buf, dst, sp, dp, pa, pa))
+        t_p = _torch_times(lambda: T.copy_pages_torch(buf, dst, sp, dp, pa, pa))
         pv = buf.view(L * pa.num_pages, pa.page_bytes) if shape[1] == pa.page_bytes else None
         base_p = None
         if pv is not None:
@@ -153,15 +206,17 @@ def bench_torch(geo, pools, ceiling, rows, quick):
             base_p = pmoved / t_b / 1e9
             rows.append(row(f"torch page copy {pool} (index_select+index_copy_)", base_p, "GB/s",
                             ceiling=ceiling))
-        rows.append(row(f"copy_pages {pool} triton_torch ({L}L x {P} pages x {pa.page_bytes} B)",
-                        pmoved / t_p / 1e9, "GB/s", ceiling=ceiling, baseline=base_p,
-                        target=TARGET_PAGES))
+        pg = T.page_params(pa, pa, shape[1], shape[1])
+        rows.append(_timed_row(
+            f"copy_pages {pool} triton_torch ({L}L x {P} pages x {pa.page_bytes} B; "
+            f"{pg['G']} pages x {pg['BLOCK']} words / program)", pmoved, *t_p, ceiling=ceiling,
+            baseline=base_p, target=TARGET_PAGES))
         # token-granular copy (SGLang transfer_cache_dsv4_mla): value + whole scale slot
         cmoved = 2 * L * n * (a.value_bytes + a.scale_stride)
         dl = torch.randperm(a.capacity, device=dev, generator=g)[:n].to(torch.int32)
-        t_c = _torch_time(lambda: T.copy_tokens_torch(buf, dst, locs, dl, a, a))
-        rows.append(row(f"copy_tokens {pool} triton_torch", cmoved / t_c / 1e9, "GB/s",
-                        ceiling=ceiling, baseline=base_tc, target=TARGET_TOKENS))
+        t_c = _torch_times(lambda: T.copy_tokens_torch(buf, dst, locs, dl, a, a))
+        rows.append(_timed_row(f"copy_tokens {pool} triton_torch", cmoved, *t_c,
+                               ceiling=ceiling, baseline=base_tc, target=TARGET_TOKENS))
         _log(rows[-5:])
         del buf, dst, v, s
         gc.collect()
@@ -191,46 +246,77 @@ def bench_jax(geo, pools, ceiling, rows, base, impls, quick, max_buf_bytes=None)
             rows584 = _rand_jax(key, (L * a.capacity, a.value_bytes + a.scale_stride))
             ridx = (jnp.arange(L)[:, None] * a.capacity + locs[None]).reshape(-1)
             take = jax.jit(lambda r, i: jnp.take(r, i, axis=0))
-            t = time_jax(take, rows584, ridx, iters=iters)
-            rows.append(row(f"jnp.take {pool}", bmoved / t / 1e9, "GB/s", ceiling=ceiling))
+            t, t1, out = _jax_times(lambda _: take(rows584, ridx), iters=iters)
+            del out
+            rows.append(_timed_row(f"jnp.take {pool}", bmoved, t, t1, ceiling=ceiling))
             upd = take(rows584, ridx)
             setf = jax.jit(lambda r, i, u: r.at[i].set(u), donate_argnums=0)
-            t, rows584 = time_jax_loop(lambda r: setf(r, ridx, upd), rows584, iters=iters)
-            rows.append(row(f"jnp .at[].set (donated) {pool}", bmoved / t / 1e9, "GB/s",
-                            ceiling=ceiling))
+            t, t1, rows584 = _jax_times(lambda r: setf(r, ridx, upd), rows584, iters=iters)
+            rows.append(_timed_row(f"jnp .at[].set (donated) {pool}", bmoved, t, t1,
+                                   ceiling=ceiling))
             del rows584, upd
         buf = _rand_jax(key, shape)
         for impl in [i for i in impls if i != "baseline"]:
             try:
                 gat = jax.jit(lambda b, l, impl=impl: dispatch.gather_tokens(b, l, a, impl=impl))
                 v, s = gat(buf, locs)
-                t = time_jax(gat, buf, locs, iters=iters)
+                t, t1, out = _jax_times(lambda _: gat(buf, locs), iters=iters)
+                del out
                 tag = f" ({n} tok)" if n != pools[0][2] else ""
-                rows.append(row(f"gather {pool} {impl}{tag}", moved / t / 1e9, "GB/s", ceiling=ceiling,
-                                baseline=base.get(pool, (None,))[0], target=TARGET_TOKENS))
+                rows.append(_timed_row(f"gather {pool} {impl}{tag}", moved, t, t1,
+                                       ceiling=ceiling, baseline=base.get(pool, (None,))[0],
+                                       target=TARGET_TOKENS))
                 sca = jax.jit(lambda b, l, v, s, impl=impl: dispatch.scatter_tokens(
                     b, l, v, s, a, impl=impl), donate_argnums=0)
-                t, buf = time_jax_loop(lambda b: sca(b, locs, v, s), buf, iters=iters)
-                rows.append(row(f"scatter {pool} {impl}{tag}", moved / t / 1e9, "GB/s",
-                                ceiling=ceiling, baseline=base.get(pool, (None, None))[1],
-                                target=TARGET_TOKENS))
-                del v, s
+                t, t1, buf = _jax_times(lambda b: sca(b, locs, v, s), buf, iters=iters)
+                rows.append(_timed_row(f"scatter {pool} {impl}{tag}", moved, t, t1,
+                                       ceiling=ceiling, baseline=base.get(pool, (None, None))[1],
+                                       target=TARGET_TOKENS))
                 P = max(1, min(pa.num_pages // 2, (n // a.tpp) // 2 or 1))
                 perm = jax.random.permutation(jax.random.key(2), pa.num_pages).astype(jnp.int32)
                 sp, dp = perm[:P], perm[P:2 * P]
                 cp = jax.jit(lambda d, b, x, y, impl=impl: dispatch.copy_pages(
                     b, d, x, y, pa, pa, impl=impl), donate_argnums=0)
                 dst = jnp.zeros_like(buf)
-                t, dst = time_jax_loop(lambda d: cp(d, buf, sp, dp), dst, iters=iters)
-                rows.append(row(f"copy_pages {pool} {impl}{tag}", 2 * L * P * pa.page_bytes / t / 1e9,
-                                "GB/s", ceiling=ceiling, target=TARGET_PAGES))
-                del dst
+                t, t1, dst = _jax_times(lambda d: cp(d, buf, sp, dp), dst, iters=iters)
+                rows.append(_timed_row(f"copy_pages {pool} {impl}{tag}",
+                                       2 * L * P * pa.page_bytes, t, t1, ceiling=ceiling,
+                                       target=TARGET_PAGES))
                 _log(rows[-3:])
+                if impl == "triton":
+                    _diag_torch_on_jax(rows, ceiling, pool, a, pa, buf, dst, locs, v, s, sp, dp,
+                                       moved, 2 * L * P * pa.page_bytes)
+                del dst, v, s
             except Exception as e:  # keep the other rows
                 traceback.print_exc()
                 rows.append(row(f"{pool} {impl} FAILED: {type(e).__name__}", 0.0, "GB/s"))
         del buf
         gc.collect()
+
+
+def _diag_torch_on_jax(rows, ceiling, pool, a, pa, buf, dst, locs, v, s, sp, dp, moved, pmoved):
+    """The torch-path launch (same Triton kernels, CUDA-event timing) on the JAX arrays of the
+    jax-triton rows, shared through DLPack: tells whether a jax-triton gap comes from the
+    memory XLA allocated (slow here too) or from the jax-triton call / its timing (fast here)."""
+    try:
+        import torch
+        from torch.utils.dlpack import from_dlpack
+        from jaxkv.kernels import triton_kernels as T
+        tb, td, tl_, tv, ts_, tsp, tdp = (from_dlpack(x) for x in (buf, dst, locs, v, s, sp, dp))
+        torch.cuda.synchronize()
+        t = _torch_times(lambda: T.scatter_tokens_torch(tb, tl_, tv, ts_, a))
+        rows.append(_timed_row(f"diag scatter {pool} triton_torch on the JAX arrays (DLPack)",
+                               moved, *t, ceiling=ceiling))
+        t = _torch_times(lambda: T.copy_pages_torch(tb, td, tsp, tdp, pa, pa))
+        rows.append(_timed_row(f"diag copy_pages {pool} triton_torch on the JAX arrays "
+                               "(DLPack)", pmoved, *t, ceiling=ceiling))
+        torch.cuda.synchronize()
+        del tb, td, tl_, tv, ts_, tsp, tdp
+        _log(rows[-2:])
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the other rows
+        traceback.print_exc()
+        rows.append(row(f"diag {pool} torch on JAX arrays FAILED: {type(e).__name__}", 0.0,
+                        "GB/s"))
 
 
 def sweep_triton(geo, rows):
@@ -247,13 +333,70 @@ def sweep_triton(geo, rows):
             T.TUNE.clear()
             T.TUNE.update(BT=bt, num_warps=nw)
             v, s = T.gather_tokens_torch(buf, locs, a)
-            tg = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a), iters=10)
-            ts = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a), iters=10)
+            tg = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a))
+            ts = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a))
             rows.append(row(f"sweep c4 BT={bt} warps={nw} gather", moved / tg / 1e9, "GB/s"))
             rows.append(row(f"sweep c4 BT={bt} warps={nw} scatter", moved / ts / 1e9, "GB/s"))
             _log(rows[-2:])
     T.TUNE.clear()
     del buf
+
+
+def sweep_pages(geo, ceiling, rows, quick):
+    """Page-copy launch geometry on the torch path (C128: 1,728-B pages; C4: 37,440-B pages):
+    words per program (``page_words``; C128 at 256 = one page per program, the geometry of
+    runs 1-3) x warps, and the alignment hints off at the default geometry.  Also the token
+    gather/scatter of C4 with the hints off (the default rows have them on)."""
+    import torch
+    from jaxkv.kernels import triton_kernels as T
+    for pool, pages, n in _pools(quick)[1]:
+        if pool not in ("c128", "c4"):
+            continue
+        shape, a, pa = _layout(geo, pool, pages)
+        L = pa.num_layers
+        P = max(1, min(pa.num_pages // 2, (n // a.tpp) // 2 or 1))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        perm = torch.randperm(pa.num_pages, device="cuda", generator=g).to(torch.int32)
+        sp, dp = perm[:P].contiguous(), perm[P:2 * P].contiguous()
+        buf = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(buf)
+        pmoved = 2 * L * P * pa.page_bytes
+        configs = [(w, nw, True) for w in (256, 512, 1024, 2048, 4096) for nw in (2, 4, 8)]
+        configs.append((None, None, False))
+        for words, nw, align in configs:
+            T.TUNE.clear()
+            T.TUNE.update(page_words=words, page_warps=nw, align=align)
+            m = T.page_params(pa, pa, shape[1], shape[1])
+            try:
+                t = _torch_time(lambda: T.copy_pages_torch(buf, dst, sp, dp, pa, pa))
+                rows.append(row(f"sweep copy_pages {pool} words/program={words or T.PAGE_WORDS} "
+                                f"(G={m['G']} x BLOCK={m['BLOCK']}, NCH={m['NCH']}) "
+                                f"warps={nw or T.PAGE_WARPS} align_hints={align}",
+                                pmoved / t / 1e9, "GB/s", ceiling=ceiling))
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                traceback.print_exc()
+                rows.append(row(f"sweep copy_pages {pool} {words} {nw} FAILED: "
+                                f"{type(e).__name__}", 0.0, "GB/s"))
+            _log(rows[-1])
+        T.TUNE.clear()
+        if pool == "c4":
+            locs = torch.randperm(a.capacity, device="cuda", generator=g)[:n].to(torch.int32)
+            moved = 2 * L * n * (a.value_bytes + a.scale_bytes)
+            for align in (True, False):
+                T.TUNE.update(align=align)
+                v, s = T.gather_tokens_torch(buf, locs, a)
+                tg = _torch_time(lambda: T.gather_tokens_torch(buf, locs, a))
+                ts = _torch_time(lambda: T.scatter_tokens_torch(buf, locs, v, s, a))
+                rows.append(row(f"sweep gather c4 triton_torch align_hints={align}",
+                                moved / tg / 1e9, "GB/s", ceiling=ceiling))
+                rows.append(row(f"sweep scatter c4 triton_torch align_hints={align}",
+                                moved / ts / 1e9, "GB/s", ceiling=ceiling))
+                _log(rows[-2:])
+                del v, s
+            T.TUNE.clear()
+        del buf, dst
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _pallas_beyond_2gib(rows) -> bool:
@@ -281,8 +424,8 @@ def _pallas_beyond_2gib(rows) -> bool:
 
 def main(argv=None):
     p = parser("kernels")
-    p.add_argument("--sections", default="torch,jax,formats,pallas",
-                   help="comma list of: sweep, torch, jax, formats, pallas")
+    p.add_argument("--sections", default="torch,pagesweep,jax,formats,pallas",
+                   help="comma list of: sweep, torch, pagesweep, jax, formats, pallas")
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
     geo, pools = _pools(args.quick or not gpu)
@@ -294,8 +437,10 @@ def main(argv=None):
         import torch
         x = torch.randint(0, 256, (1 << 31,), dtype=torch.uint8, device="cuda")
         y = torch.empty_like(x)
-        c_torch = 2 * x.numel() / _torch_time(lambda: y.copy_(x)) / 1e9
-        rows.append(row("device copy, torch copy_ (2 GiB, read+write)", c_torch, "GB/s"))
+        t = _torch_times(lambda: y.copy_(x))
+        rows.append(_timed_row("device copy, torch copy_ (2 GiB, read+write)", 2 * x.numel(),
+                               *t))
+        c_torch = rows[-1]["value"]
         ceiling = max(c_jax, c_torch)
         del x, y
         torch.cuda.empty_cache()
@@ -309,6 +454,9 @@ def main(argv=None):
         write_results(rows, args.out, "kernels", title="jaxkv kernels")
     if gpu and "torch" in sections:
         base = bench_torch(geo, pools, ceiling, rows, args.quick)
+        write_results(rows, args.out, "kernels", title="jaxkv kernels")
+    if gpu and "pagesweep" in sections:
+        sweep_pages(geo, ceiling, rows, args.quick)
         write_results(rows, args.out, "kernels", title="jaxkv kernels")
     if "jax" in sections:
         impls = ["baseline", "reference"] + (["triton"] if gpu else [])
