@@ -11,7 +11,12 @@ Addressing is ``kernels.addressing``: for layer ``l`` and location ``loc`` (``pa
 tpp)``), the value is at byte ``(row_base[l] + page*row_step) * C + col_base[l] + t*V`` of the
 row-major buffer and the scale at ``... + tpp*V + t*S``.  All byte offsets are 64-bit inside the
 kernels (pools are many GB).  Bytes are moved in the widest word (8/4/2/1 B) that divides every
-offset and width of the op, so an 8-B word load replaces eight byte loads.
+offset and width of the op (``_as_words``: the one pointer cast, a ``@triton.jit`` device
+function), so an 8-B word load replaces eight byte loads; the host also passes the alignment of
+the page-side offsets it knows (``AV``/``AS``/``AL`` words, ``tl.multiple_of``), which lets the
+compiler use 16-B vector accesses.  Everything static is a constexpr (row widths, capacities, page
+counts, strides): the torch and jax-triton launches compile the same kernel.  Page copies move G
+whole pages per program when pages are small (``page_geometry``).
 
 Kernel signatures put every input (arrays and scalars) first and outputs last, the order jax-triton
 uses; in-place kernels take the destination twice (``dst_in``, ``dst_out``: aliased).
