@@ -1001,3 +1001,107 @@ def test_request_copy_masks_and_state_rows_follow_the_numpy_translation():
                 want = np.stack([np_token(bufs, layout, pool, layer, x) for x in saved])
                 np.testing.assert_array_equal(got[layer], want)
         copy.free()
+
+
+@pytest.mark.parametrize("order", ["default", "run3"])
+def test_load_batch_queues_copies_ahead_of_scatters(monkeypatch, order):
+    """Queue order of load_batch (a GPU copy into a new device array waits for the work already
+    queued on the compute stream, so a copy queued after a scatter would wait for it): every
+    request's host-to-device copy is queued before the previous request's scatter, and the first
+    copy before the batch's planning program.  The run-3 order (``ahead=False, early=False``,
+    the benchmark's A/B row) queues each scatter right after its copy.  Both restore the same
+    bytes as loading one request at a time."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90, 33], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=41)
+    copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
+                                                   budget=O.HostBudget(1 << 30))]
+    target = random_cache(layout, seed=42)
+    ref = np_bufs(target)
+    for c, s in zip(copies, slots):  # reference: one request at a time
+        ref = np_bufs(O.load(jaxkv.Cache(tuple(jnp.asarray(b) for b in ref), layout), state, c,
+                             s))
+    events, staged = [], {}
+    real_put, real_plan_fns = jax.device_put, O._plan_fns
+    data_ids = {id(c.data): k for k, c in enumerate(copies)}
+
+    def put_spy(x, *a, **k):
+        out = real_put(x, *a, **k)
+        if id(x) in data_ids:
+            events.append(("copy", data_ids[id(x)]))
+            staged[id(out)] = data_ids[id(x)]
+        return out
+
+    def wrap_scatter(f):
+        def g(buffers, staging, *a, **k):
+            events.append(("scatter", staged.get(id(staging))))
+            return f(buffers, staging, *a, **k)
+        return g
+
+    def plan_fns_spy(*a):
+        fns = real_plan_fns(*a)
+
+        def load(*x, **k):
+            events.append(("plan", None))
+            return fns.load(*x, **k)
+        return fns._replace(load=load)
+
+    monkeypatch.setattr(jax, "device_put", put_spy)
+    monkeypatch.setattr(O, "_plan_fns", plan_fns_spy)
+    monkeypatch.setattr(O, "_scatter", wrap_scatter(O._scatter))
+    if order == "default":
+        out = O.load_batch(target, state, copies, slots)
+    else:
+        sl, lens = O._check_slots(state, slots)
+        out = O._load_batch(target, state, copies, sl, lens, impl="auto", donate=False,
+                            free=False, limit=O.MAX_INFLIGHT_BYTES, ahead=False, early=False)
+    monkeypatch.setattr(jax, "device_put", real_put)
+    assert_bytes_equal(out, ref)
+    pos = {e: n for n, e in enumerate(events)}
+    n = len(copies)
+    assert [e for e in events if e[0] == "scatter"] == [("scatter", k) for k in range(n)], events
+    assert [e for e in events if e[0] == "copy"] == [("copy", k) for k in range(n)], events
+    if order == "default":
+        assert pos[("copy", 0)] < pos[("plan", None)], events
+        for k in range(n - 1):
+            assert pos[("copy", k + 1)] < pos[("scatter", k)], events
+    else:
+        assert pos[("plan", None)] < pos[("copy", 0)], events
+        for k in range(n - 1):
+            assert pos[("scatter", k)] < pos[("copy", k + 1)], events
+
+
+def test_load_batch_early_copies_respect_the_window(monkeypatch):
+    """With max_inflight_bytes=0 only one copy is queued before the planning program (one copy
+    always goes); the others follow it, each after the oldest in flight was awaited."""
+    layout = LM_REQ
+    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
+    slots = [int(x) for x in np.asarray(slots)]
+    cache = random_cache(layout, seed=43)
+    copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
+                                                   budget=O.HostBudget(1 << 30))]
+    events = []
+    real_before, real_plan_fns = O._LoadWindow.before, O._plan_fns
+
+    def before(self, nbytes):
+        events.append(("await", len(self.inflight)))
+        return real_before(self, nbytes)
+
+    def plan_fns_spy(*a):
+        fns = real_plan_fns(*a)
+
+        def load(*x, **k):
+            events.append(("plan", None))
+            return fns.load(*x, **k)
+        return fns._replace(load=load)
+
+    monkeypatch.setattr(O._LoadWindow, "before", before)
+    monkeypatch.setattr(O, "_plan_fns", plan_fns_spy)
+    target = random_cache(layout, seed=44)
+    out = O.load_batch(target, state, copies, slots, max_inflight_bytes=0)
+    assert events == [("plan", None), ("await", 1), ("await", 1)], events
+    ref = O.load_batch(target, state, copies, slots)
+    assert_bytes_equal(out, np_bufs(ref))
