@@ -53,6 +53,15 @@ moved), *transfer only* (the batch's per-request copies back to back, no plannin
 scatter), *batch - transfer only* (ms per batch not hidden behind PCIe), and the location-level
 load with its index arrays uploaded beforehand (isolates the per-request pageable upload).
 Predictions in benchmarks/NOTES.md, "Offload", run 3.
+
+Run 3 gave save 0.947, load 0.869: the load spent ~0.6 ms per request outside its copy.  Cause
+(read in PJRT's GPU client): a copy into a new device array waits for the work already queued on
+the compute stream (device memory is allocated in compute-stream order), so copy i+1, queued after
+scatter i, waited for it: copies and scatters serialised.  ``load_batch`` now queues each copy one
+request ahead of the previous scatter and the first window's copies before the planning program.
+Run-4 rows: the run-3 order (A/B, same run), copies ahead without the early copies, the scatter
+alone per request (staging already on the device), and the scatter compile count of the timed
+loads.  Predictions in benchmarks/NOTES.md, "Offload", run 4.
 """
 from __future__ import annotations
 
@@ -191,6 +200,14 @@ def seed_load(cache, host, locs_per_request):
 # ---------------------------------------------------------------------------------------------
 
 
+def _compiled_scatters() -> int:
+    """Programs compiled so far by the offload scatters (jit cache entries; -1 when unknown)."""
+    try:
+        return O._scatter_donate._cache_size() + O._scatter._cache_size()
+    except Exception:
+        return -1
+
+
 def main(argv=None) -> int:
     p = common.parser("offload")
     p.add_argument("--requests", type=int, default=None)
@@ -256,7 +273,53 @@ def main(argv=None) -> int:
         jax.block_until_ready(c.buffers)
         box[0] = c
 
+    load_all()  # compiles (first call)
+    n_compiled = _compiled_scatters()
     t_load = common.time_call(load_all, iters)
+    scatter_compiles = _compiled_scatters() - n_compiled  # after the first call (expected 0)
+
+    # the same with the run-3 queue order (copy i+1 queued after scatter i, no copy before the
+    # planning program), and with copies ahead but no early copies: A/B of the order in one run
+    sl, lens = O._check_slots(state, slots)
+
+    def load_order_all(ahead, early):
+        c = box[0]
+        for _ in range(rounds):
+            c = O._load_batch(c, state, copies, sl, lens, impl="auto", donate=True, free=False,
+                              limit=O.MAX_INFLIGHT_BYTES, ahead=ahead, early=early)
+        jax.block_until_ready(c.buffers)
+        box[0] = c
+
+    t_load_run3 = common.time_call(lambda: load_order_all(False, False), iters)
+    t_load_ahead = common.time_call(lambda: load_order_all(True, False), iters)
+
+    # scatter only: every request's scatter program (the one load_batch queues) with its staging
+    # already on the device, back to back, nothing transferred; per request
+    sharding, resets, outs, infos, small, reset_at = O._plan_loads(box[0], state, copies, slots,
+                                                                   [T] * R)
+    items = [O._request_scatter(cache.layout, c, i, outs, infos, resets, small, reset_at)
+             for i, c in enumerate(copies)]
+    dev_staging = [jax.device_put(c.data, sharding) for c in copies]
+    jax.block_until_ready(dev_staging)
+
+    def scatter_only():
+        c = box[0]
+        for _ in range(rounds):
+            for i, (it, st) in enumerate(zip(items, dev_staging)):
+                entries, rows_, _, reset_keys, reset_rows = it
+                bufs = O._scatter_donate(c.buffers, st, outs[i][0], [], reset_rows,
+                                         layout=c.layout, entries=entries, resets=reset_keys,
+                                         impl="auto", rows=rows_)
+                c = jaxkv.Cache(tuple(bufs), c.layout)
+        jax.block_until_ready(c.buffers)
+        box[0] = c
+
+    t_scatter = common.time_call(scatter_only, iters)
+    staging_bytes = sum(c.nbytes for c in copies)
+    del dev_staging, items, outs, small
+    print(f"load scatter: impl {dispatch._resolve('auto', 'scatter_tokens')}; scatter programs "
+          f"compiled during the timed request-level loads (after a first call): "
+          f"{scatter_compiles}", flush=True)
     cache = box[0]
     # bit-exactness spot check: re-saving after the loads gives the same bytes
     again = O.save(cache, state, slots[0], budget=budget)
@@ -444,6 +507,10 @@ def main(argv=None) -> int:
                    gbs(nbytes, t_save_jit), "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
         common.row(f"load, request level ({R} requests, donated)", gbs(nbytes, t_load), "GB/s",
                    ceiling=h2d, baseline=seed_l, target=tgt),
+        common.row("load, request level, run-3 order (copy i+1 queued after scatter i)",
+                   gbs(nbytes, t_load_run3), "GB/s", ceiling=h2d, baseline=seed_l, target=tgt),
+        common.row("load, request level, copies ahead of scatters, no copy before planning",
+                   gbs(nbytes, t_load_ahead), "GB/s", ceiling=h2d, baseline=seed_l, target=tgt),
         common.row("save, location level (precomputed locations)", gbs(lbytes, t_save_locs),
                    "GB/s", ceiling=d2h, baseline=seed_s, target=tgt),
         common.row("load, location level (precomputed locations)", gbs(lbytes, t_load_locs),
@@ -463,6 +530,16 @@ def main(argv=None) -> int:
                    1e3 * (t_save - t_d2h_req) / rounds, "ms"),
         common.row("load: batch time - transfer-only time (request level)",
                    1e3 * (t_load - t_h2d_req) / rounds, "ms"),
+        common.row("load, run-3 order: batch time - transfer-only time",
+                   1e3 * (t_load_run3 - t_h2d_req) / rounds, "ms"),
+        common.row("load, run-3 order: (batch - transfer only - planning) per request",
+                   1e3 * (t_load_run3 - t_h2d_req - t_plan_load) / (R * rounds), "ms"),
+        common.row("load: scatter only per request (staging on device, back to back)",
+                   1e3 * t_scatter / (R * rounds), "ms"),
+        common.row("load: scatter only, staging bytes per second (device)",
+                   gbs(rounds * staging_bytes, t_scatter), "GB/s"),
+        common.row("load: scatter programs compiled during the timed loads", scatter_compiles,
+                   "count"),
         common.row("save latency per request (request level)", 1e3 * t_save / (R * rounds), "ms"),
         common.row("load latency per request (request level)", 1e3 * t_load / (R * rounds), "ms"),
     ]
