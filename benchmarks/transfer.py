@@ -20,13 +20,19 @@ alternate request by request so that host load changes hit both alike.  The
 ceiling on DRAM is the kernel's cross-memory attach (``process_vm_writev``, the copy UCX's ``cma``
 transport makes) of the packed descriptors of *other* random blocks (as cache-cold as the
 transfer) into the decode process; rows "raw cma" time the same syscall with each layout's
-descriptors.  On VRAM the ceiling is an in-process device copy of the same bytes.
+descriptors.  On VRAM the ceiling is an in-process device copy of the same bytes (GPU-bound).
+
+VRAM (``--mem vram``): first the transport probes (``VRAM_PROBES``: fresh process pairs, each
+bounded in time, written to ``transfer-vram-<gpu>-probes.{txt,json}`` with the transport UCX chose
+for GPU-to-GPU writes), then the measurement in a fresh process with the first JAX configuration
+that used ``cuda_ipc`` (else the default settings, labelled so in the table title).
 
 Findings (benchmarks/NOTES.md "Transfer"): on host memory UCX copies with ``cma``, one syscall per
-descriptor (~2.8 us each on the 2-core box) on top of one core's copy (~4.4 GB/s there); packed
-runs at 0.88-0.95 of the raw-cma ceiling at 16-64 blocks and is ~1.7-1.9x faster than layer-major,
-short of the 3x target, which on DRAM would need a copy ~3x faster relative to the per-descriptor
-cost.  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
+descriptor (~2.8 us each on the 2-core box, ~1.5-1.9 us on the H100 host) on top of one core's copy
+(~4.4 GB/s there, ~5.2 GB/s cold on the H100 host); packed runs at 0.77-0.95 of the raw-cma
+ceiling and is 1.4-1.9x faster than layer-major, short of the 3x target, which on DRAM would need
+a copy ~3x faster relative to the per-descriptor cost.  The first VRAM run moved GPU memory over
+tcp/lo ("software emulation", 0.45-0.53 GB/s): no ``cuda_ipc``.  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
 default here, ``--progress-thread`` turns it on for both layouts.  Every wait is bounded (10 s per
 request, the decode process's replies by its liveness and a timeout).
 
@@ -35,9 +41,14 @@ a smoke run; ``--mem vram`` to register GPU memory on the GPU machine).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing as mp
 import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -154,10 +165,11 @@ def _cma_seconds(pid: int, local: np.ndarray, remote: np.ndarray) -> float:
 
 def _memcpy_gbps(nbytes: int, mem: str, iters: int = 10) -> float:
     """Ceiling: GB/s (bytes moved once) of an in-process copy of ``nbytes``."""
-    if mem == "vram":
+    if mem == "vram":  # GPU-bound (back to back): the copy itself, not launch + sync latency
         x = jax.device_put(np.random.default_rng(0).integers(0, 256, nbytes, np.uint8),
                            jax.devices()[0])
-        t = common.time_jax(jax.jit(lambda a: a + jnp.uint8(1)), x, iters=iters)
+        f = jax.jit(lambda a: a + jnp.uint8(1))
+        t, _ = common.time_jax_back_to_back(lambda _: f(x), None, calls=iters)
         return nbytes / t / 1e9
     src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -183,10 +195,371 @@ def _recv(conn, proc, timeout: float, what: str):
 
 
 def _ucx_settings(progress_thread: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("UCX_") or k == "XLA_PYTHON_CLIENT_ALLOCATOR"}
     env.setdefault("UCX_TLS", "(default)")
     return (", ".join(f"{k}={v}" for k, v in sorted(env.items()))
             + f", NIXL progress thread {'on' if progress_thread else 'off'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# VRAM: which UCX transport moves GPU memory between the two processes?  (probes)
+#
+# The first H100 run moved VRAM at 0.45-0.53 GB/s: UCX_PROTO_INFO said "remote memory write ...
+# from cuda/GPU0 to cuda | software emulation | tcp/lo", i.e. no cuda_ipc.  Each probe below is a
+# fresh pair of processes (allocator settings are read when JAX starts) that registers one GPU
+# buffer per side with NIXL directly and WRITEs 16 blocks of 1,039,680 B, once as 16 descriptors
+# and once as 16 x 64 descriptors of 16,245 B; it records the transport UCX chose (PROTO_INFO),
+# the ep configurations (UCX_LOG_LEVEL=info: lanes), how the CUDA driver sees both buffers
+# (``cuda_ipc_info``), times and a bit-exact check.  The measurement then runs with the first JAX
+# configuration whose transport is cuda_ipc (else the default, labelled).
+
+BLOCK_STRIDE = 1_039_680  # DSv4-Flash packed block (bytes); 64 x 16,245
+PROBE_BLOCKS = 16
+_PROBE_TLS = "self,tcp,cuda_copy,cuda_ipc"
+# (name, environment, buffer kind, what it tests)
+_CTX = {"JAXKV_PROBE_CUDA_CONTEXT": "1"}
+# (name, environment, buffer kind, what it tests); JAXKV_PROBE_CUDA_CONTEXT=1: the probe makes the
+# primary CUDA context current on the thread calling NIXL (what Agent.register/add_peer now do)
+VRAM_PROBES = (
+    ("jax-bfc", {}, "jax", "XLA's default BFC allocator, UCX default transports, no CUDA context "
+     "made current (the first run)"),
+    ("torch-control", {}, "torch",
+     "control: torch caching allocator (cudaMalloc) buffers, UCX default transports"),
+    ("jax-bfc-ctx", _CTX, "jax", "BFC + primary CUDA context current on the NIXL thread"),
+    ("jax-platform", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, "jax",
+     "XLA platform allocator (one cuMemAlloc per buffer)"),
+    ("jax-platform-ctx", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", **_CTX}, "jax",
+     "platform allocator + primary CUDA context current"),
+    ("jax-bfc-ctx-tls", {"UCX_TLS": _PROBE_TLS, **_CTX}, "jax",
+     f"BFC + context, UCX_TLS={_PROBE_TLS}"),
+)
+
+_UCX_LINE = re.compile(r"^\[[\d.]+\]\s+\[[^\]]*?:\s*(\d+)\s*:\s*\d+\]\s?(.*)$")
+
+
+def parse_ucx_output(text: str) -> dict:
+    """The transports of GPU-to-GPU remote writes in UCX output (``UCX_PROTO_INFO=y`` tables,
+    ``UCX_LOG_LEVEL=info`` lines), per process id.
+
+    Returns ``{"gpu_writes": [{"pid", "scope", "op", "range", "description", "config"}...],
+    "transports": sorted configs of those rows, "uses_cuda_ipc": bool, "ep_lanes": info lines
+    naming an ep configuration ("cfg#"), "cuda_ipc_lines": other lines mentioning cuda_ipc}``.
+    A GPU-to-GPU write is a table titled "remote memory write ... from cuda... to cuda...".
+    """
+    titles: dict[str, list[str]] = {}
+    rows, lanes, ipc = [], [], []
+    for raw in text.splitlines():
+        m = _UCX_LINE.match(raw.strip())
+        if not m:
+            continue
+        pid, body = m.group(1), m.group(2).strip()
+        if body.startswith("+-"):
+            continue
+        if body.startswith("|") and body.endswith("|"):
+            cells = [c.strip() for c in body[1:-1].split("|")]
+            if len(cells) == 1:  # a title line: "<agent> <scope> cfg#N", then the operation
+                t = titles.setdefault(pid, [])
+                if "cfg#" in cells[0]:
+                    titles[pid] = [cells[0]]
+                else:
+                    t.append(cells[0])
+            elif len(cells) == 3 and cells[0] != "Range":
+                t = titles.get(pid, [])
+                op = t[1] if len(t) > 1 else ""
+                if re.search(r"remote memory write.* from cuda\S* to cuda", op):
+                    rows.append({"pid": int(pid), "scope": t[0] if t else "", "op": op,
+                                 "range": cells[0], "description": cells[1],
+                                 "config": cells[2]})
+            continue
+        if "cfg#" in body and ("INFO" in body or "rma(" in body or "am(" in body):
+            lanes.append(body)
+        elif "cuda_ipc" in body:
+            ipc.append(body)
+    # "self" tables are an agent's loopback to itself: cuda_ipc is never used there
+    peer = [r for r in rows if " self " not in f" {r['scope']} "]
+    transports = sorted({f"{r['config']} ({r['description']})" for r in peer})
+    return {"gpu_writes": peer, "transports": transports,
+            "uses_cuda_ipc": any("cuda_ipc" in r["config"] for r in peer),
+            "ep_lanes": lanes[:12], "cuda_ipc_lines": ipc[:12]}
+
+
+def _probe_alloc(kind: str, nbytes: int, seed: int):
+    """(owner object, device address, host copy uint8[nbytes]) of a fresh GPU buffer."""
+    host = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    if kind == "torch":
+        import torch
+        t = torch.from_numpy(host).to("cuda:0")
+        torch.cuda.synchronize()
+        return t, int(t.data_ptr()), host
+    x = jax.device_put(host, jax.devices()[0])
+    x.block_until_ready()
+    return x, int(x.unsafe_buffer_pointer()), host
+
+
+def _probe_mem(kind: str) -> str:
+    """NIXL memory type of a probe buffer (DRAM when JAX has no GPU: a CPU smoke test)."""
+    return "VRAM" if kind == "torch" or jax.devices()[0].platform == "gpu" else "DRAM"
+
+
+def _probe_bytes(kind: str, owner, blocks) -> bytes:
+    a = owner.cpu().numpy() if kind == "torch" else np.asarray(owner)
+    return b"".join(a[b * BLOCK_STRIDE:(b + 1) * BLOCK_STRIDE].tobytes() for b in blocks)
+
+
+def _gpu_tag(kind: str) -> str:
+    try:
+        if kind == "torch":
+            import torch
+            k = torch.cuda.get_device_name(0).lower()
+            return next((t for t in ("h100", "h200", "b200", "a100") if t in k), "gpu")
+        return common.gpu_name()
+    except Exception:  # noqa: BLE001 - a name for files only
+        return "gpu"
+
+
+def _safe_ipc_info(addr):
+    from jaxkv.interop import transfer as T
+    try:
+        return T.cuda_ipc_info(addr)
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _probe_context() -> dict:
+    """Whether a CUDA context is current on this (the NIXL) thread; with
+    ``JAXKV_PROBE_CUDA_CONTEXT=1`` the primary one is made current first."""
+    from jaxkv.interop import transfer as T
+    out = {}
+    try:
+        out["context_current_before"] = bool(T.cuda_current_context())
+        if os.environ.get("JAXKV_PROBE_CUDA_CONTEXT") == "1":
+            out["context_set_by_probe"] = T.ensure_cuda_context(0)
+        out["context_current"] = bool(T.cuda_current_context())
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        out["context_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _probe_decode(conn, kind: str, nblocks: int):
+    """Decode side of a probe: one registered GPU buffer; serves metadata and its bytes."""
+    from jaxkv.interop import transfer as T
+    nixl_agent, nixl_agent_config = T._import_nixl()
+    ag = nixl_agent("probe-decode", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    owner, addr, _ = _probe_alloc(kind, nblocks * BLOCK_STRIDE, seed=2)
+    ctx = _probe_context() if _probe_mem(kind) == "VRAM" else {}
+    ag.register_memory([(addr, nblocks * BLOCK_STRIDE, 0, "")], _probe_mem(kind))
+    info = {**_safe_ipc_info(addr), **ctx} if _probe_mem(kind) == "VRAM" else {}
+    conn.send((ag.get_agent_metadata(), addr, info))
+    while True:
+        while not conn.poll(0.001):
+            ag.get_new_notifs()  # drives the worker (a TCP fallback needs the target's progress)
+        cmd, arg = conn.recv()
+        if cmd == "exit":
+            conn.send(None)
+            return
+        if cmd == "peer":
+            ag.add_remote_agent(arg)
+            conn.send(None)
+        elif cmd == "bytes":
+            conn.send(_probe_bytes(kind, owner, arg))
+
+
+def _probe_main(kind: str) -> dict:
+    """One probe (run in a fresh process by ``_run_probe``): prints ``PROBE_RESULT {json}``."""
+    from jaxkv.interop import transfer as T
+    n = PROBE_BLOCKS
+    out = {"kind": kind, "gpu": _gpu_tag(kind),
+           "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "(default)"),
+           "ucx_tls": os.environ.get("UCX_TLS", "(default)")}
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_probe_decode, args=(child, kind, n), daemon=True)
+    proc.start()
+    try:
+        nixl_agent, nixl_agent_config = T._import_nixl()
+        ag = nixl_agent("probe-prefill",
+                        nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        owner, addr, host = _probe_alloc(kind, n * BLOCK_STRIDE, seed=1)
+        mem = _probe_mem(kind)
+        out["mem"] = mem
+        if mem == "VRAM":
+            out["prefill_buffer"] = {**_safe_ipc_info(addr), **_probe_context()}
+        ag.register_memory([(addr, n * BLOCK_STRIDE, 0, "")], mem)
+        md, daddr, dinfo = _recv(conn, proc, 120, "probe metadata")
+        out["decode_buffer"] = dinfo
+        ag.add_remote_agent(md)
+        conn.send(("peer", ag.get_agent_metadata()))
+        _recv(conn, proc, 60, "peer ack")
+        rng = np.random.default_rng(0)
+        for pieces in (1, 64):
+            piece = BLOCK_STRIDE // pieces
+            ts = []
+            for it in range(4):
+                src = rng.permutation(n)
+                dst = rng.permutation(n)
+                j = np.arange(pieces, dtype=np.uint64) * np.uint64(piece)
+                loc = (np.uint64(addr) + src.astype(np.uint64)[:, None] * np.uint64(BLOCK_STRIDE)
+                       + j[None, :]).reshape(-1)
+                rem = (np.uint64(daddr) + dst.astype(np.uint64)[:, None] * np.uint64(BLOCK_STRIDE)
+                       + j[None, :]).reshape(-1)
+                col = np.full(loc.size, piece, np.uint64)
+                zero = np.zeros(loc.size, np.uint64)
+                lx = ag.get_xfer_descs(np.stack([loc, col, zero], 1), mem)
+                rx = ag.get_xfer_descs(np.stack([rem, col, zero], 1), mem)
+                t0 = time.perf_counter()
+                h = ag.initialize_xfer("WRITE", lx, rx, "probe-decode", b"probe")
+                st = ag.transfer(h)
+                deadline = time.monotonic() + 15
+                while st == "PROC" and time.monotonic() < deadline:
+                    st = ag.check_xfer_state(h)
+                ts.append(time.perf_counter() - t0)
+                h.release()
+                if st != "DONE":
+                    raise RuntimeError(f"probe WRITE of {loc.size} descriptors ended {st}")
+            key = "block" if pieces == 1 else "split64"
+            out[f"{key}_descriptors"] = int(n * pieces)
+            out[f"{key}_first_us"] = ts[0] * 1e6  # includes opening the peer's IPC handle
+            out[f"{key}_us"] = statistics.median(ts[1:]) * 1e6
+            out[f"{key}_gbps"] = n * BLOCK_STRIDE / statistics.median(ts[1:]) / 1e9
+        conn.send(("bytes", [int(b) for b in dst]))
+        got = _recv(conn, proc, 60, "bytes")
+        want = b"".join(host[b * BLOCK_STRIDE:(b + 1) * BLOCK_STRIDE].tobytes() for b in src)
+        out["bit_exact"] = got == want
+    except Exception as e:  # noqa: BLE001 - recorded; the caller decides
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            conn.send(("exit", None))
+            conn.poll(5)
+        except OSError:
+            pass
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    print("PROBE_RESULT " + json.dumps(out), flush=True)
+    return out
+
+
+def _run_probe(name: str, env: dict, kind: str, timeout: float) -> dict:
+    """Runs one probe in a fresh process with ``env`` added; never raises."""
+    full = dict(os.environ)
+    full.update(env)
+    full.update(UCX_PROTO_INFO="y", UCX_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.transfer", "--probe", kind],
+                           env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=timeout, text=True, errors="replace")
+        text, rc = p.stdout, p.returncode
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+        rc = "timeout"
+    rec = {"name": name, "env": env, "kind": kind, "rc": rc,
+           "seconds": round(time.monotonic() - t0, 1)}
+    res = [ln for ln in text.splitlines() if ln.startswith("PROBE_RESULT ")]
+    if res:
+        rec.update(json.loads(res[-1][len("PROBE_RESULT "):]))
+    else:
+        rec["error"] = rec.get("error") or f"no result (rc {rc}); output tail: {text[-1500:]}"
+    rec.update(parse_ucx_output(text))
+    errs = [ln.strip() for ln in text.splitlines()
+            if re.search(r"UCX\s+(ERROR|WARN)|NIXL\s+(ERROR|WARN)|Traceback", ln)]
+    rec["warnings"] = errs[:10]
+    return rec
+
+
+def _probe_summary(rec: dict) -> str:
+    def buf(b):
+        if not isinstance(b, dict):
+            return "?"
+        if "verdict" not in b:
+            return b.get("error", "?")
+        return (f"{b['verdict']}; allocation {b.get('size', 0) / 2**20:.1f} MiB at "
+                f"+{b['addr'] - b.get('base', b['addr'])} B, handle types "
+                f"{b.get('handle_types')}, errors {b.get('errors')}; CUDA context current on "
+                f"the NIXL thread: before {b.get('context_current_before')}, at NIXL calls "
+                f"{b.get('context_current')} {b.get('context_error', '')}")
+    lines = [f"## {rec['name']}: {rec.get('what', '')}",
+             f"env {rec['env'] or '(none added)'}; rc {rec['rc']}; {rec['seconds']} s",
+             f"GPU-to-GPU write transport (UCX_PROTO_INFO, peer ep): "
+             f"{', '.join(rec['transports']) or '(no table seen)'} -> uses cuda_ipc: "
+             f"{rec['uses_cuda_ipc']}"]
+    if "block_us" in rec:
+        lines.append(f"16 blocks as 16 descriptors: {rec['block_us']:.0f} us "
+                     f"({rec['block_gbps']:.2f} GB/s, first {rec['block_first_us']:.0f} us); "
+                     f"as 1024 descriptors of 16,245 B: {rec['split64_us']:.0f} us "
+                     f"({rec['split64_gbps']:.2f} GB/s); ratio "
+                     f"{rec['split64_us'] / rec['block_us']:.2f}x; bit-exact "
+                     f"{rec.get('bit_exact')}")
+    lines.append(f"prefill buffer: {buf(rec.get('prefill_buffer'))}")
+    lines.append(f"decode buffer: {buf(rec.get('decode_buffer'))}")
+    if rec.get("error"):
+        lines.append(f"error: {rec['error']}")
+    for key, title in (("ep_lanes", "ep configurations (UCX info)"),
+                       ("cuda_ipc_lines", "other lines naming cuda_ipc"),
+                       ("warnings", "warnings/errors")):
+        if rec.get(key):
+            lines.append(f"{title}:")
+            lines += [f"    {x}" for x in rec[key]]
+    return "\n".join(lines)
+
+
+def _vram_with_probes(args) -> int:
+    """Probes (fresh processes), then the VRAM measurement in a fresh process with the first
+    JAX configuration that uses cuda_ipc.  This process never touches the GPU."""
+    t_start = time.monotonic()
+    budget = args.probe_budget
+    recs, chosen = [], None
+    for name, env, kind, what in VRAM_PROBES:
+        left = budget - (time.monotonic() - t_start)
+        if left < 15:
+            recs.append({"name": name, "env": env, "kind": kind, "what": what, "rc": "skipped",
+                         "seconds": 0, "transports": [], "uses_cuda_ipc": False,
+                         "error": f"probe budget of {budget} s spent"})
+            continue
+        rec = _run_probe(name, env, kind, timeout=min(40.0, left))
+        rec["what"] = what
+        recs.append(rec)
+        print(_probe_summary(rec) + "\n", flush=True)
+        if (chosen is None and kind == "jax" and rec["uses_cuda_ipc"]
+                and rec.get("bit_exact")):
+            chosen = rec
+    gpu = next((r["gpu"] for r in recs if r.get("gpu") not in (None, "gpu")), "gpu")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"transfer-vram-{gpu}-probes")
+    if chosen is not None:
+        label = f"probe {chosen['name']}: {', '.join(chosen['transports'])}"
+    else:
+        ctl = next((r for r in recs if r["kind"] == "torch"), None)
+        label = ("no JAX configuration used cuda_ipc (torch control: "
+                 f"{'cuda_ipc' if ctl and ctl['uses_cuda_ipc'] else 'no cuda_ipc either'}); "
+                 f"default settings: {', '.join(recs[0]['transports']) or '?'}")
+    head = (f"VRAM transport probes ({len(recs)}; {time.monotonic() - t_start:.0f} s); "
+            f"measurement: {label}\n"
+            "Each probe: two fresh processes on one GPU, NIXL UCX backend, WRITE of 16 blocks of "
+            "1,039,680 B (16 descriptors, then 1024 of 16,245 B); env added to "
+            f"{_ucx_settings(args.progress_thread)}\n\n")
+    with open(stem + ".txt", "w") as f:
+        f.write(head + "\n\n".join(_probe_summary(r) for r in recs) + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump(recs, f, indent=1, default=str)
+    print(head, flush=True)
+    env = dict(os.environ)
+    env.update(chosen["env"] if chosen else {})
+    cmd = [sys.executable, "-m", "benchmarks.transfer", "--mem", "vram", "--no-probe",
+           "--out", args.out, "--label", label,
+           "--iters", str(args.iters if chosen else min(args.iters, 10))]
+    if args.quick:
+        cmd.append("--quick")
+    if args.progress_thread:
+        cmd.append("--progress-thread")
+    left = max(30.0, args.time_budget - (time.monotonic() - t_start))
+    try:
+        return subprocess.run(cmd, env=env, timeout=left).returncode
+    except subprocess.TimeoutExpired:
+        print(f"VRAM measurement not done within {left:.0f} s", flush=True)
+        return 124
 
 
 def main(argv=None):
@@ -196,7 +569,23 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--progress-thread", action="store_true",
                    help="NIXL progress threads (busy-poll: ~0.5 core per agent)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="VRAM: measure with the current settings, no transport probes")
+    p.add_argument("--probe-budget", type=float, default=110.0,
+                   help="VRAM: seconds for all transport probes")
+    p.add_argument("--time-budget", type=float, default=205.0,
+                   help="VRAM: seconds for probes + measurement")
+    p.add_argument("--label", default="", help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.probe:
+        _probe_main(args.probe)
+        return []
+    if args.mem == "vram" and not args.no_probe:
+        rc = _vram_with_probes(args)
+        if rc:
+            raise SystemExit(rc)
+        return []
     from jaxkv.interop import transfer as T
     mem = args.mem
     has_gpu = jax.devices()[0].platform == "gpu"
@@ -215,7 +604,8 @@ def main(argv=None):
         print(open(path).read())
         raise
     title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback; "
-             f"{_ucx_settings(args.progress_thread)}")
+             f"{_ucx_settings(args.progress_thread)}"
+             + (f"; {args.label}" if args.label else ""))
     stem = common.write_results(rows, args.out, suite, title=title)
     with open(stem + ".md") as f:
         print(f.read())

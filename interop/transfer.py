@@ -64,8 +64,9 @@ from jaxkv.layout import Layout
 
 __all__ = [
     "Agent", "MemRegion", "PendingTransfer", "Registration", "RemoteCache", "Transfer",
-    "TransferError", "TransferInFlightError", "block_descriptors", "descriptor_count",
-    "memory_regions", "nixl_available",
+    "TransferError", "TransferInFlightError", "block_descriptors", "cuda_current_context",
+    "cuda_ipc_info", "descriptor_count", "ensure_cuda_context", "memory_regions",
+    "nixl_available",
 ]
 
 _NOTIF_PREFIX = b"jaxkv:"
@@ -362,6 +363,138 @@ def _touched_blocks(layout: Layout, norm) -> frozenset:
 
 
 # ---------------------------------------------------------------------------------------------
+# VRAM diagnostics: can a peer process map this memory with CUDA IPC (UCX ``cuda_ipc``)?
+
+# CUpointer_attribute / CUmemAllocationHandleType values (cuda.h)
+_CU_PTR_LEGACY_IPC, _CU_PTR_HANDLE_TYPES, _CU_PTR_MEMPOOL = 10, 14, 17
+_CU_HANDLE_NAMES = {1: "posix_fd", 2: "win32", 4: "win32_kmt", 8: "fabric"}
+
+
+def cuda_ipc_info(addr: int, device: int = 0) -> dict:
+    """How the CUDA driver sees the allocation holding device address ``addr`` (diagnostics).
+
+    UCX's ``cuda_ipc`` transport (the fast path between two processes on one node) exports a
+    registered region with a *legacy* IPC handle (``cuIpcGetMemHandle``) when the allocation is
+    legacy-IPC capable (``cuMemAlloc``); VMM (``cuMemCreate``) and memory-pool
+    (``cudaMallocAsync``) allocations need a FABRIC handle (multi-node NVLink systems).  Anything
+    else is packed as "no IPC": the peer cannot map it and UCX falls back to staging through the
+    host over TCP ("software emulation" in ``UCX_PROTO_INFO``).
+
+    Returns a dict: ``base``/``size`` (``cuMemGetAddressRange``: the whole allocation), ``legacy_ipc``
+    (bool), ``handle_types`` (names of the allowed shareable handle types), ``mempool`` (bool),
+    ``vmm`` (``cuMemRetainAllocationHandle`` succeeded), ``ipc_handle`` (``cuIpcGetMemHandle``
+    succeeded), ``verdict`` (one line) and ``errors`` (driver calls that failed, with codes).
+
+    Raises:
+      ValueError: ``addr`` is not a positive int.
+      OSError: no CUDA driver (``libcuda.so.1``) on this machine.
+    """
+    import ctypes
+    if isinstance(addr, bool) or not isinstance(addr, (int, np.integer)) or int(addr) <= 0:
+        raise ValueError(f"addr must be a positive int device address, got {addr!r}")
+    addr = int(addr)
+    cu = ctypes.CDLL("libcuda.so.1")
+    errors = {}
+
+    def call(name, *args):
+        r = getattr(cu, name)(*args)
+        if r != 0:
+            errors[name] = int(r)
+        return r == 0
+
+    c_u64 = ctypes.c_uint64
+    out: dict = {"addr": addr}
+    call("cuInit", 0)
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    pushed = (call("cuDeviceGet", ctypes.byref(dev), int(device))
+              and call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+              and call("cuCtxPushCurrent_v2", ctx))
+    try:
+        base, size = c_u64(), ctypes.c_size_t()
+        if call("cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), c_u64(addr)):
+            out["base"], out["size"] = int(base.value), int(size.value)
+        legacy, types, pool = ctypes.c_int(), c_u64(), ctypes.c_void_p()
+        if call("cuPointerGetAttribute", ctypes.byref(legacy), _CU_PTR_LEGACY_IPC, c_u64(addr)):
+            out["legacy_ipc"] = bool(legacy.value)
+        if call("cuPointerGetAttribute", ctypes.byref(types), _CU_PTR_HANDLE_TYPES, c_u64(addr)):
+            out["handle_types"] = [n for b, n in _CU_HANDLE_NAMES.items() if types.value & b]
+        if call("cuPointerGetAttribute", ctypes.byref(pool), _CU_PTR_MEMPOOL, c_u64(addr)):
+            out["mempool"] = bool(pool.value)
+        h = c_u64()
+        out["vmm"] = bool(cu.cuMemRetainAllocationHandle(ctypes.byref(h), ctypes.c_void_p(addr))
+                          == 0)
+        if out["vmm"]:
+            cu.cuMemRelease(h)
+        ipc = (ctypes.c_char * 64)()
+        out["ipc_handle"] = call("cuIpcGetMemHandle", ipc, c_u64(addr))
+    finally:
+        if pushed:
+            cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    if out.get("legacy_ipc") and out.get("ipc_handle"):
+        verdict = "legacy CUDA IPC capable (cuMemAlloc): cuda_ipc can map it"
+    elif out.get("vmm") or out.get("mempool"):
+        kind = "VMM (cuMemCreate)" if out.get("vmm") else "memory pool (cudaMallocAsync)"
+        verdict = (f"{kind}, not legacy-IPC capable: cuda_ipc needs a FABRIC handle "
+                   f"({'allowed' if 'fabric' in out.get('handle_types', []) else 'not allowed'})")
+    else:
+        verdict = "not legacy-IPC capable (unknown allocation kind)"
+    out["verdict"], out["errors"] = verdict, errors
+    return out
+
+
+def cuda_current_context() -> int:
+    """The CUDA context current on the calling thread (0: none), from the driver API.
+
+    Raises:
+      OSError: no CUDA driver (``libcuda.so.1``).
+    """
+    import ctypes
+    cu = ctypes.CDLL("libcuda.so.1")
+    cu.cuInit(0)
+    ctx = ctypes.c_void_p()
+    if cu.cuCtxGetCurrent(ctypes.byref(ctx)) != 0:
+        return 0
+    return int(ctx.value or 0)
+
+
+def ensure_cuda_context(device: int = 0) -> bool:
+    """Makes ``device``'s primary CUDA context current on the calling thread if none is.
+
+    JAX (XLA) activates its context only around its own driver calls, so the Python thread that
+    calls NIXL usually has no current context (torch, through the runtime API, leaves one).
+    UCX's ``cuda_ipc`` unpacks a peer's memory key in the *current* context when the key names
+    no device; without one it finds the peer unreachable and moves VRAM through the host over
+    TCP.  XLA and torch both use the primary context, so making it current changes nothing else.
+    ``Agent.register`` (VRAM) and ``Agent.add_peer`` (with VRAM registered) call this.
+
+    Returns True when it set the context, False when one was already current.
+
+    Raises:
+      OSError: no CUDA driver (``libcuda.so.1``).
+      RuntimeError: the driver refused (error code in the message).
+    """
+    import ctypes
+    cu = ctypes.CDLL("libcuda.so.1")
+    if cuda_current_context():
+        return False
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    for name, args in (("cuDeviceGet", (ctypes.byref(dev), int(device))),
+                       ("cuDevicePrimaryCtxRetain", (ctypes.byref(ctx), dev)),
+                       ("cuCtxSetCurrent", (ctx,))):
+        r = getattr(cu, name)(*args)
+        if r != 0:
+            raise RuntimeError(f"{name} failed with CUDA error {r}")
+    return True
+
+
+def _ensure_cuda_context_quiet(device: int) -> None:
+    try:
+        ensure_cuda_context(device)
+    except (OSError, RuntimeError):  # no driver / refused: UCX decides as before
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
 # Ownership helpers
 
 
@@ -439,6 +572,10 @@ class Agent:
         if not isinstance(metadata, (bytes, bytearray)):
             raise ValueError(f"metadata must be bytes from Agent.metadata(), got "
                              f"{type(metadata).__name__}")
+        vram = [r for g in self._regs if not g.released for r in g.regions
+                if r.mem_type == "VRAM"]
+        if vram:  # the peer's memory keys are unpacked here (ensure_cuda_context)
+            _ensure_cuda_context_quiet(vram[0].device)
         try:
             name = self._nixl.add_remote_agent(bytes(metadata))
         except Exception as e:
@@ -497,6 +634,8 @@ class Agent:
         if len(mem) != 1:
             raise ValueError(f"cache buffers mix memory types {mem}")
         mem_type = mem.pop()
+        if mem_type == "VRAM":  # see ensure_cuda_context: else cuda_ipc may be unreachable
+            _ensure_cuda_context_quiet(regions[0].device)
         try:
             reg_descs = self._nixl.register_memory(
                 [(r.addr, r.nbytes, r.device, "") for r in regions], mem_type)

@@ -75,6 +75,93 @@ def test_regions_packed_one_layer_major_one_per_buffer():
         assert (r.addr, r.nbytes) == (b.unsafe_buffer_pointer(), b.nbytes)
 
 
+def _ucx_table(pid, scope, op, rows):
+    """A UCX_PROTO_INFO table as UCX prints it (every line with the log prefix of ``pid``)."""
+    pre = f"[1795399417.452342] [vm:{pid} :0]   "
+    w = 60
+    out = [pre + "+" + "-" * w + "+", pre + f"| {scope:<{w - 2}} |", pre + f"| {op:<{w - 2}} |",
+           pre + "+" + "-" * w + "+", pre + "| Range | Description | Config |",
+           pre + "+" + "-" * w + "+"]
+    out += [pre + f"| {r} | {d} | {c} |" for r, d, c in rows]
+    return out + [pre + "+" + "-" * w + "+"]
+
+
+def test_ucx_output_parser_finds_the_gpu_write_transport():
+    """The benchmark's parser of UCX output: GPU-to-GPU remote writes of peer endpoints only,
+    lines of two processes interleaved, self endpoints and host-memory tables ignored."""
+    B = pytest.importorskip("benchmarks.transfer")
+    gpu_op = "remote memory write by ucp_put*(multi) from cuda/GPU0 to cuda"
+    a = (_ucx_table(11, "prefill self cfg#0", gpu_op, [("0..inf", "zero-copy", "cuda_copy/cuda")])
+         + _ucx_table(11, "prefill intra-node cfg#2", "remote memory write by ucp_put* from host "
+                      "memory to host", [("0..inf", "zero-copy", "cma/memory")])
+         + _ucx_table(11, "prefill intra-node cfg#2", gpu_op,
+                      [("0..8192", "zero-copy", "cuda_ipc/cuda"),
+                       ("8193..inf", "multi-frag zero-copy", "cuda_ipc/cuda")]))
+    b = _ucx_table(22, "decode intra-node cfg#2", gpu_op,
+                   [("0..inf", "software emulation", "tcp/lo")])
+    mixed = []
+    for i in range(max(len(a), len(b))):  # line by line interleaving of the two processes
+        mixed += a[i:i + 1] + b[i:i + 1]
+    info = ("[1795399417.452342] [vm:11 :0]     ucp_worker.c:1888 UCX  INFO  ucp_context_0 "
+            "intra-node cfg#2 rma(cuda_ipc/cuda tcp/lo) am(tcp/lo)")
+    text = "\n".join(["unrelated line | a | b | c |", info] + mixed)
+    r = B.parse_ucx_output(text)
+    assert r["uses_cuda_ipc"]
+    assert r["transports"] == ["cuda_ipc/cuda (multi-frag zero-copy)", "cuda_ipc/cuda (zero-copy)",
+                               "tcp/lo (software emulation)"]
+    assert {w["pid"] for w in r["gpu_writes"]} == {11, 22}
+    assert all("self" not in w["scope"] for w in r["gpu_writes"])
+    assert r["ep_lanes"] == [info.split("]", 2)[2].strip()]
+    only_tcp = B.parse_ucx_output("\n".join(b))
+    assert not only_tcp["uses_cuda_ipc"]
+    assert only_tcp["transports"] == ["tcp/lo (software emulation)"]
+    assert B.parse_ucx_output("no ucx output")["transports"] == []
+
+
+def test_cuda_ipc_info_argument_checks():
+    for bad in (0, -5, True, 1.5, "0x10", None):
+        with pytest.raises(ValueError, match="addr"):
+            T.cuda_ipc_info(bad)
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        for f in (lambda: T.cuda_ipc_info(1 << 20), T.cuda_current_context,
+                  T.ensure_cuda_context):
+            with pytest.raises(OSError):
+                f()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_info_on_a_jax_gpu_buffer():
+    x = jax.device_put(np.arange(1 << 20, dtype=np.uint8), jax.devices("gpu")[0])
+    x.block_until_ready()
+    addr = x.unsafe_buffer_pointer()
+    info = T.cuda_ipc_info(addr)
+    assert info["base"] <= addr and addr + x.nbytes <= info["base"] + info["size"]
+    assert isinstance(info["legacy_ipc"], bool) and info["verdict"]
+    if info["legacy_ipc"]:  # what UCX's cuda_ipc relies on: a legacy handle can be made
+        assert info["ipc_handle"] and not info["vmm"]
+
+
+@pytest.mark.gpu
+def test_ensure_cuda_context_sets_the_primary_context_once_per_thread():
+    import threading
+    jax.device_put(np.zeros(8, np.uint8), jax.devices("gpu")[0]).block_until_ready()
+    got = {}
+
+    def body():  # a fresh thread has no current context
+        got["before"] = T.cuda_current_context()
+        got["first"] = T.ensure_cuda_context(0)
+        got["after"] = T.cuda_current_context()
+        got["second"] = T.ensure_cuda_context(0)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    assert got == {"before": 0, "first": True, "after": got["after"], "second": False}
+    assert got["after"] != 0
+
+
 @pytest.mark.parametrize("kind", ["packed", "lm"])
 def test_descriptors_point_at_the_pages(kind):
     """Every descriptor's bytes (read from raw memory) are the page read_pages gives."""
