@@ -279,7 +279,8 @@ def _bench_torch_pool(geo, pool, pages, n, ceiling, rows, quick, sweep_indexer):
     # peak: buf + dst + gathered tokens (~2.5 buffers; the baseline ~2) + a margin
     free = _torch_free_bytes()
     full = n
-    shape, a, pa, pages, n = _fit(geo, pool, pages, n, free and (free - (2 << 30)) / 2.6)
+    fit = (free - (2 << 30)) / 2.6 if free and free > (4 << 30) else None
+    shape, a, pa, pages, n = _fit(geo, pool, pages, n, fit)
     tag = f" ({n} tok)" if n != full else ""
     L, tok = a.num_layers, a.value_bytes + a.scale_bytes
     moved = 2 * L * n * tok
@@ -405,8 +406,8 @@ def _bench_jax_pool(geo, pool, pages, n, n_full, ceiling, rows, base, impls, qui
                     max_buf_bytes):
     iters = 5 if quick else 10
     free = _jax_free_bytes()
-    if free:  # peak: buffer + copy destination + gathered tokens + in-flight outputs (~3x)
-        fit = (free - (2 << 30)) / 3
+    if free and free > (4 << 30):  # peak: buffer + copy destination + gathered tokens +
+        fit = (free - (2 << 30)) / 3  # in-flight outputs (~3x); a nonsense reading is ignored
         max_buf_bytes = min(max_buf_bytes or fit, fit)
     shape, a, pa, pages, n = _fit(geo, pool, pages, n, max_buf_bytes)
     L, tok = a.num_layers, a.value_bytes + a.scale_bytes
