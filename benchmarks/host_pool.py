@@ -26,9 +26,10 @@ the token path; every call is the public API end to end, host-side planning incl
   pages: 2 page transfers per ~64 tokens; ``"triton"`` writes 576 + 8 B per token);
 * ``"triton"`` token transfers both ways (``token_path="direct"``, the default, and
   ``"staged"``: whole host pages gathered on the device, one window per page), and for
-  ``"triton"`` rows that split each call: host-side planning alone (the numpy plan used before
-  and the device-checked plan now), the kernels alone with the plan precomputed, and end to end
-  minus kernels;
+  ``"triton"`` rows that split each call: host-side planning alone (the numpy plan used before;
+  now: page-granular host checks for page calls, device checks for token calls), the kernels
+  alone with the plan precomputed (also with the other host-line setting of the kernel,
+  ``jaxkv.host_pool._HOST_LINE_ALIGN``), and end to end minus kernels;
 * baseline: what a user would do without a pinned pool: gather the pages on the device,
   ``jax.device_get`` into pageable NumPy memory and a NumPy row assignment into a NumPy pool.
 
@@ -242,21 +243,23 @@ def main(argv=None):
         return hp._windows(host, cache, POOL, plan)
 
     def fast_plan(h_, d_):
-        """The "triton" method's plan now: host range checks, one upload, the checks as one
-        device program, token windows derived on the device; on GPU everything the call does
-        before its kernels (``_triton_plan``), waited for."""
+        """The "triton" method's plan now: page-aligned calls validated on the host at page
+        granularity (no device work before the kernels); token calls: host range checks, one
+        upload, the checks as one device program, token windows derived on the device.  On GPU
+        everything the call does before its kernels (``_triton_plan``), waited for."""
         plan = hp._fast_plan(host, p, h_, d_, layers, "host")
         if gpu:
             _, _, calls = hp._triton_plan(host, cache, POOL, plan)
             jax.block_until_ready([a for _, arrs in calls for a in arrs])
-        elif not plan.page_aligned:
+        elif not plan.page_aligned and getattr(plan, "fast", False):   # (small: numpy plan)
             jax.block_until_ready(hp._token_windows_fn(tpp, s.value_bytes, s.scale_stride, 1,
                                                        (16, 2048))(plan.h_dev, plan.d_dev))
         return plan
 
-    for label, h_, d_ in (("page-aligned", hslots, dslots),
-                          (f"{n_tokens // 1024}K-token", tslots, tlocs)):
-        for kind, fn in (("numpy, before", numpy_plan), ("device checks, now", fast_plan)):
+    for label, h_, d_, now in (("page-aligned", hslots, dslots, "page-granular host checks, now"),
+                               (f"{n_tokens // 1024}K-token", tslots, tlocs,
+                                "device checks, now")):
+        for kind, fn in (("numpy, before", numpy_plan), (now, fast_plan)):
             try:
                 ms = common.time_call(lambda: fn(h_, d_), iters) * 1e3
                 rows.append(common.row(f"host-side plan of a {label} call [{kind}] (ms)", ms,
@@ -307,37 +310,47 @@ def main(argv=None):
 
         def kernel_only(what, h_, d_, to_host, nbytes, ceiling, t_e2e, verify):
             """The same transfer with its plan made once, outside the timing (``_triton_plan``:
-            window arrays on the device): the kernels alone, and end to end minus that."""
+            window arrays on the device): the kernels alone, and end to end minus that; then
+            the kernels alone with the other host-line setting (``hp._HOST_LINE_ALIGN``: warp
+            accesses aligned to 128-B host lines, new in run 5, or not, as in runs 3-4)."""
             if m != "triton" or not gpu:
                 return
-            try:
-                plan = hp._fast_plan(state["host"], p, h_, d_, layers,
-                                     "host" if to_host else "device")
-                bb, addr, calls = hp._triton_plan(state["host"], cache, POOL, plan)
-                kst = {"cache": cache}
+            default = hp._HOST_LINE_ALIGN
+            for line_align in (default, not default):
+                tag = "" if line_align == default else (
+                    ", host lines aligned" if line_align else ", host lines unaligned, before")
+                try:
+                    hp._HOST_LINE_ALIGN = line_align
+                    plan = hp._fast_plan(state["host"], p, h_, d_, layers,
+                                         "host" if to_host else "device")
+                    bb, addr, calls = hp._triton_plan(state["host"], cache, POOL, plan)
+                    kst = {"cache": cache}
 
-                def go():
-                    c = kst["cache"]
-                    dev = hp._triton_kernels(c, bb, addr, calls, to_host,
-                                             donate=c is not cache)
-                    if not to_host:
-                        bufs = list(c.buffers)
-                        bufs[bb] = dev
-                        kst["cache"] = jaxkv.Cache(tuple(bufs), c.layout)
-                go()
-                verify(kst["cache"])
-                tk = common.time_call(go, iters, warmup=1)
-                v = nbytes / tk / 1e9
-                rows.append(common.row(f"kernels only (plan precomputed) {what} [{m}]", v,
-                                       "GB/s", ceiling=ceiling))
-                print(f"kernels only {what}: {v:.1f} GB/s ({tk * 1e3:.1f} ms)", flush=True)
-                if t_e2e is not None:
-                    rows.append(common.row(f"end to end minus kernels only, {what} [{m}] (ms)",
-                                           (t_e2e - tk) * 1e3, "ms"))
-            except Exception as e:
-                msg = f"kernels only {what} [{m}]: {type(e).__name__}: {e}"
-                errors.append(msg + "\n" + traceback.format_exc())
-                print("FAILED " + msg[:300], flush=True)
+                    def go():
+                        c = kst["cache"]
+                        dev = hp._triton_kernels(c, bb, addr, calls, to_host,
+                                                 donate=c is not cache)
+                        if not to_host:
+                            bufs = list(c.buffers)
+                            bufs[bb] = dev
+                            kst["cache"] = jaxkv.Cache(tuple(bufs), c.layout)
+                    go()
+                    verify(kst["cache"])
+                    tk = common.time_call(go, iters, warmup=1)
+                    v = nbytes / tk / 1e9
+                    rows.append(common.row(f"kernels only (plan precomputed) {what} [{m}{tag}]",
+                                           v, "GB/s", ceiling=ceiling))
+                    print(f"kernels only {what}{tag}: {v:.1f} GB/s ({tk * 1e3:.1f} ms)",
+                          flush=True)
+                    if t_e2e is not None and not tag:
+                        rows.append(common.row(f"end to end minus kernels only, {what} [{m}] "
+                                               "(ms)", (t_e2e - tk) * 1e3, "ms"))
+                except Exception as e:
+                    msg = f"kernels only {what} [{m}{tag}]: {type(e).__name__}: {e}"
+                    errors.append(msg + "\n" + traceback.format_exc())
+                    print("FAILED " + msg[:300], flush=True)
+                finally:
+                    hp._HOST_LINE_ALIGN = default
 
         def backup_pages():
             state["host"] = hp.backup_from_device(state["host"], cache, POOL, hslots, dslots,

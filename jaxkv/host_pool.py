@@ -721,40 +721,89 @@ def _in_range(a: np.ndarray, cap: int) -> bool:
 _DEVICE_PLAN_MIN = 1 << 15
 
 
+def _runs_of_pages(x: np.ndarray, tpp: int) -> bool:
+    """Whether ``x`` is a sequence of whole pages, each ``page * tpp + [0 .. tpp-1]`` (the
+    definition of ``_whole_pages``) -- up to integer wrap-around, which the caller's range
+    check of the first entries excludes (a run starting in ``[0, cap - tpp]`` cannot wrap).
+    The test on every ``tpp``-th entry first (rejects a token call at once), then one
+    ``np.diff`` pass in the caller's dtype, no int64 copy (0.12 ms for 352K int32 on the CPU
+    box, a third of the broadcast compare ``g == g[:, :1] + arange(tpp)``)."""
+    if x.size % tpp or np.any(x[::tpp] % tpp):
+        return False
+    if tpp > 1:
+        dd = np.diff(x)
+        dd[tpp - 1::tpp] = 1             # page boundaries: any step
+        return bool((dd == 1).all())
+    return True
+
+
+def _host_page_plan(host: HostPool, p, h: np.ndarray, d: np.ndarray, dest: str):
+    """SPEC §7 checks of a page-aligned call on the host, at page granularity.
+
+    ``None`` when the call is not made of whole pages on both sides (the token path; nothing
+    checked yet); ``False`` when a check fails (the caller re-runs the numpy ``_Plan`` for its
+    exact error); else ``(host_pages, device_pages)`` (int64, one entry per page).  Checks: the
+    page structure (``_runs_of_pages``), the range of each run's first and last slot (hence of
+    every slot), duplicate destination pages (a sort of ``N / tpp`` pages) and the host pages'
+    allocation -- no device work, no sync (~0.5 ms for 352K slots on the 2-core CPU box; run 4
+    on the H100: numpy ``_Plan`` 2.7 ms, its device-checked plan 3.8 ms)."""
+    tpp = host.spec.tokens_per_page
+    if not (_runs_of_pages(h, tpp) and _runs_of_pages(d, tpp)):
+        return None
+    hfirst, dfirst = h[::tpp], d[::tpp]
+    if not (_in_range(hfirst, host.spec.capacity - tpp + 1)
+            and _in_range(dfirst, p.capacity - tpp + 1)):
+        return False
+    hpages = hfirst.astype(np.int64) // tpp
+    dpages = dfirst.astype(np.int64) // tpp
+    srt = np.sort(hpages if dest == "host" else dpages)
+    if np.any(srt[1:] == srt[:-1]) or not host.allocated[hpages].all():
+        return False
+    return hpages, dpages
+
+
 def _fast_plan(host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[int, ...],
                dest: str, min_device: int | None = None):
     """The ``"triton"`` method's plan, with the same validation and errors as ``_Plan``.
 
-    Host side: range checks by min/max, the two index arrays padded to a size bucket (int32,
-    -1 padding) and uploaded in one ``device_put``; the duplicate / allocation / whole-page checks
-    run as one jitted device program (``_validate_fn``, one small read-back).  Any failed check
-    re-runs the numpy ``_Plan``, which raises the exact error (so messages are unchanged); pools
-    whose slots do not fit int32, and calls of fewer than ``min_device`` (default
-    ``_DEVICE_PLAN_MIN``) indices, use the numpy plan.  Page-aligned transfers then take their
-    (``tpp`` times fewer) pages on the host; token transfers keep their indices on the device.
-    Measured on the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window
-    arrays) / ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
+    Range checks by min/max on the host first (pools whose slots do not fit int32 and range
+    errors: the numpy ``_Plan``).  Page-aligned calls are then validated on the host at page
+    granularity (``_host_page_plan``: no device work, no sync; run 4's device-checked plan of a
+    page call took 3.8 ms on the H100, mostly its sync and uploads).  Token calls of at least
+    ``min_device`` (default ``_DEVICE_PLAN_MIN``) indices: the two index arrays padded to a size
+    bucket (int32, -1 padding) and uploaded in one ``device_put``, the duplicate / allocation
+    checks run as one jitted device program (``_validate_fn``, one small read-back) and the
+    indices stay on the device; smaller token calls use the numpy plan.  Any failed check re-runs
+    the numpy ``_Plan``, which raises the exact error (so messages are unchanged).  Measured on
+    the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window arrays) /
+    ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
     s = host.spec
     tpp = s.tokens_per_page
     lim = 2**31 - 2 * tpp
+    if s.capacity >= lim or p.capacity >= lim:
+        return _Plan(host, p, h, d, layers, dest, staging=False)
+    pages = _host_page_plan(host, p, h, d, dest)
+    if pages is False:
+        _Plan(host, p, h, d, layers, dest, staging=False)   # raises the exact error
+        raise ValueError("host_indices / device_indices failed validation (out-of-range or "
+                         "duplicate destinations or unallocated host pages)")
+    if pages is not None:
+        hpages, dpages = pages
+        n = _bucket(hpages.size)
+        return _FastPlan(layers, True, dev_pages=_pad(dpages, n, -1), host_pages=hpages,
+                         n_pages=n, n_host_pages=int(hpages.size))
     small = h.size < (_DEVICE_PLAN_MIN if min_device is None else min_device)
-    if small or s.capacity >= lim or p.capacity >= lim or not (
-            _in_range(h, s.capacity) and _in_range(d, p.capacity)):
+    if small or not (_in_range(h, s.capacity) and _in_range(d, p.capacity)):
         return _Plan(host, p, h, d, layers, dest, staging=False)  # raises on a range error
     count = h.size
     nb = _bucket(count)
     hd, dd, al = jax.device_put((_pad(h, nb, -1), _pad(d, nb, -1), host.allocated), s.device)
-    ok, aligned = np.asarray(_validate_fn(tpp, dest == "host")(hd, dd, al, np.int32(count)))
+    # (the device's whole-page flag agrees with the host test above: not page-aligned here)
+    ok, _ = np.asarray(_validate_fn(tpp, dest == "host")(hd, dd, al, np.int32(count)))
     if not ok:
         _Plan(host, p, h, d, layers, dest, staging=False)   # raises the exact error
         raise ValueError("host_indices / device_indices failed validation (duplicate "
                          "destinations or unallocated host pages)")
-    if aligned:
-        hpages = h[::tpp].astype(np.int64) // tpp
-        dpages = d[::tpp].astype(np.int64) // tpp
-        n = _bucket(hpages.size)
-        return _FastPlan(layers, True, dev_pages=_pad(dpages, n, -1), host_pages=hpages,
-                         n_pages=n, n_host_pages=int(hpages.size))
     return _FastPlan(layers, False, h_dev=hd, d_dev=dd, n_pages=0, n_host_pages=0)
 
 
@@ -878,16 +927,22 @@ def _dev_addressing(cache: Cache, pool: str, layers):
 def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, lay, host_addr, out,
                       DEV_ROW: tl.constexpr, HOST_ROW: tl.constexpr, W: tl.constexpr,
                       BLOCK: tl.constexpr, ROWS: tl.constexpr, ALIGN: tl.constexpr,
-                      NL: tl.constexpr, TO_HOST: tl.constexpr):
+                      NL: tl.constexpr, TO_HOST: tl.constexpr, SHIFT: tl.constexpr = 0):
     """Copies windows of ``W`` 4-byte words between the device buffer and host memory at
     ``host_addr``, for each of ``NL`` layers: window ``i`` of layer ``l`` is at device byte offset
     ``(dev_row[i] + lay[3l]) * DEV_ROW + dev_col[i] + lay[3l+1]`` and host byte offset
     ``(host_row[i] + lay[3l+2]) * HOST_ROW + host_col[i]`` (int32 index arrays: per window, not per
     window and layer).  Rows < 0 mark padding windows (skipped).  ``TO_HOST``: device -> host
     (``out`` is a dummy), else host -> device (``out`` aliases ``dev_in``).  Grid:
-    ``(num_windows / ROWS, cdiv(W, BLOCK), NL)`` (``_grid``): program ``(i, j, l)`` copies words
-    ``[j * BLOCK, (j + 1) * BLOCK)`` of windows ``i * ROWS .. i * ROWS + ROWS - 1`` of layer ``l``
-    as one ``[ROWS, BLOCK]`` tile.  The window arrays are padded to a multiple of ``ROWS``."""
+    ``(num_windows / ROWS, cdiv(W + SHIFT, BLOCK), NL)`` (``_grid``): program ``(i, j, l)`` copies
+    words ``[j * BLOCK, (j + 1) * BLOCK)`` of windows ``i * ROWS .. i * ROWS + ROWS - 1`` of layer
+    ``l`` as one ``[ROWS, BLOCK]`` tile.  The window arrays are padded to a multiple of ``ROWS``.
+    ``SHIFT`` (> 0: the largest shift, ``32 - ALIGN`` words): each window's words are counted from
+    the 128-B host line that holds its first byte (word ``k`` of the tile row is window word
+    ``k - hs``, ``hs = (host address of the window % 128) / 4``; words outside the window are
+    masked), so every warp's 512-B host access covers whole 128-B lines instead of straddling
+    5 lines when the window starts 64 B into a line (every other C4 page: 37,440 = 292.5 x 128).
+    The device side takes the same shift (HBM tolerates it)."""
     i = tl.program_id(0)
     j = tl.program_id(1)
     l = tl.program_id(2)
@@ -899,10 +954,19 @@ def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, lay, host_ad
     dc = tl.load(dev_col + w).to(tl.int64) + tl.load(lay + 3 * l + 1).to(tl.int64)
     hr = hr0.to(tl.int64) + tl.load(lay + 3 * l + 2).to(tl.int64)
     hc = tl.load(host_col + w).to(tl.int64)
-    dbase = tl.multiple_of(tl.where(ok, (dr * DEV_ROW + dc) // 4, 0), ALIGN)
-    hbase = tl.multiple_of(tl.where(ok, (hr * HOST_ROW + hc) // 4, 0), ALIGN)
+    hoff = hr * HOST_ROW + hc                       # host byte offset of the window
+    doff = (dr * DEV_ROW + dc) // 4                 # device word offset of the window
     offs = j * BLOCK + tl.arange(0, BLOCK)
-    m = ok[:, None] & (offs < W)[None, :]
+    if SHIFT:
+        hs = tl.multiple_of(((host_addr + hoff) % 128) // 4, ALIGN)   # words into the line
+        dbase = tl.multiple_of(tl.where(ok, doff - hs, 0), ALIGN)
+        hbase = tl.multiple_of(tl.where(ok, hoff // 4 - hs, 0), ALIGN)
+        widx = offs[None, :] - hs[:, None]          # word index inside the window
+        m = ok[:, None] & (widx >= 0) & (widx < W)
+    else:
+        dbase = tl.multiple_of(tl.where(ok, doff, 0), ALIGN)
+        hbase = tl.multiple_of(tl.where(ok, hoff // 4, 0), ALIGN)
+        m = ok[:, None] & (offs < W)[None, :]
     host = host_addr.to(tl.pointer_type(tl.uint32))
     # The compiler cannot know the alignment of a pointer made from an integer: without this
     # hint every host access is a 4-B access (checked in the PTX); with it, 16-B (ALIGN = 4) ones.
@@ -921,7 +985,8 @@ def _copy_windows_src(dev_in, dev_row, dev_col, host_row, host_col, lay, host_ad
 
 def _grid(num_windows: int, meta: dict) -> tuple[int, int, int]:
     """Launch grid of the window-copy kernel (``num_windows`` already a multiple of ROWS)."""
-    return (-(-num_windows // meta["ROWS"]), -(-meta["W"] // meta["BLOCK"]), meta["NL"])
+    words = meta["W"] + meta.get("SHIFT", 0)
+    return (-(-num_windows // meta["ROWS"]), -(-words // meta["BLOCK"]), meta["NL"])
 
 
 def _pad_windows(arrays: tuple, rows: int) -> tuple:
@@ -967,6 +1032,10 @@ def _pow2(n: int) -> int:
 # 2,048 per program.  (The first version ran one 4-KB program per window chunk: one program per
 # token value and one per 8-B scale slot -- 11M tiny programs for 256K tokens x 21 layers.)
 _TILE_WORDS = 4096
+# Whether wide windows are copied in host-line-aligned warp accesses (the kernel's ``SHIFT``).
+# Unmeasured on the GPU when written (run 5 compares: benchmark rows "kernels only ... [host
+# lines unaligned, before]"); False gives the kernel of runs 3-4.
+_HOST_LINE_ALIGN = True
 
 
 def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr: int,
@@ -984,10 +1053,13 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
     align = 4 if (g % 16 == 0 and host_addr % 16 == 0) else \
         (2 if (g % 8 == 0 and host_addr % 8 == 0) else 1)
     words = width // 4
-    block = min(_TILE_WORDS // 2, _pow2(words))
+    # Host-line alignment (the kernel's SHIFT) for windows of >= 512 B (a warp's access): pages
+    # and token values; not 8-B scale slots (a shift would need 16x wider tiles there).
+    shift = (32 - align) if (_HOST_LINE_ALIGN and words >= 128) else 0
+    block = min(_TILE_WORDS // 2, _pow2(words + shift))
     rows = max(1, _TILE_WORDS // block)
     return dict(DEV_ROW=dev_row_bytes, HOST_ROW=host_row_bytes, W=words, BLOCK=block,
-                ROWS=rows, ALIGN=align, NL=int(num_layers))
+                ROWS=rows, ALIGN=align, NL=int(num_layers), SHIFT=shift)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1105,9 +1177,35 @@ def _triton_plan(host: HostPool, cache: Cache, pool: str, plan):
         meta = window_params(width, row_bytes, host.spec.page_bytes, addr, cols,
                              len(plan.layers))
         if not padded:
-            arrays = tuple(jnp.asarray(a) for a in _pad_windows(arrays, meta["ROWS"]))
+            arrays = _upload_windows(_pad_windows(arrays, meta["ROWS"]), host.spec.device)
         calls.append((meta, arrays))
     return b, addr, calls
+
+
+_DEVICE_CONSTS: dict = {}
+
+
+def _upload_windows(arrays: tuple, device: jax.Device) -> tuple:
+    """The kernel's int32 window arrays on ``device``: all-zero arrays (the page path's columns)
+    and the per-layer array (static geometry) from a small cache of device constants, the others
+    in one ``device_put`` (the page call of run 4 uploaded 5 arrays one by one)."""
+    out, todo = [None] * len(arrays), []
+    for i, a in enumerate(arrays):
+        key = (device, a.size, None) if i < 4 and not a.any() else \
+            ((device, a.size, a.tobytes()) if i == 4 else None)
+        if key is not None and key in _DEVICE_CONSTS:
+            out[i] = _DEVICE_CONSTS[key]
+        else:
+            todo.append((i, a, key))
+    if todo:
+        got = jax.device_put(tuple(a for _, a, _ in todo), device)
+        if len(_DEVICE_CONSTS) > 64:
+            _DEVICE_CONSTS.clear()
+        for (i, _, key), x in zip(todo, got):
+            out[i] = x
+            if key is not None:
+                _DEVICE_CONSTS[key] = x
+    return tuple(out)
 
 
 def _triton_kernels(cache: Cache, b: int, addr: int, calls, to_host: bool, donate: bool):
@@ -1155,7 +1253,8 @@ def _staged_plan_fn(tpp: int, V: int, S: int, step: int, rows_page: int, rows_to
 
     A host page is *full* when all its ``tpp`` slots appear (found on the indices sorted by host
     slot: distinct slots per run of one page, segmented by ``cummax`` / ``cummin``); the first
-    copy of each slot is staged, further copies (a load may read a host slot twice) go direct.  Returns ``(src, page_windows, token_windows)``:
+    copy of each slot is staged, further copies (a load may read a host slot twice) go direct.
+    Returns ``(src, page_windows, token_windows)``:
     ``src`` int32[Pmax*tpp] (``Pmax = n // tpp``): the device location of each staging slot
     (staging page ``q`` slot ``t``), -1 where unused; ``page_windows``: ``(dev_row, dev_col,
     host_row, host_col)`` of the staging pages (dev_row = ``q``, host_row = the host page), padded

@@ -448,9 +448,17 @@ def _interpret(h, cache, pool, hidx, didx, to_host, layer=None):
 @pytest.mark.parametrize("geo_name,pool", [("dsv4", "c4"), ("dsv4", "c4_indexer"),
                                            ("v32", "kv")])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_triton_window_kernel_interpreted(geo_name, pool, aligned):
+@pytest.mark.parametrize("line_align", [True, False])
+def test_triton_window_kernel_interpreted(monkeypatch, geo_name, pool, aligned, line_align):
+    """The window kernel (Triton's interpreter, raw host address) against the numpy reference,
+    with host-line-aligned warp accesses (``SHIFT``: window words counted from the 128-B host
+    line of the window's first byte, the words before it masked) and without (runs 3-4)."""
+    monkeypatch.setattr(hp, "_HOST_LINE_ALIGN", line_align)
     _, cache, h, poison = _setup(geo_name, pool, seed=23)
     s = h.spec
+    meta = hp.window_params(s.page_bytes, s.page_bytes, s.page_bytes, hp.buffer_address(h),
+                            (0,), 1)
+    assert (meta["SHIFT"] > 0) == line_align          # pages are >= 512 B in every pool here
     tpp = s.tokens_per_page
     rng = np.random.default_rng(29)
     n = 2 * tpp if aligned else 2 * tpp - 3
@@ -513,12 +521,17 @@ def _ptx(meta, to_host, num_warps):
 @pytest.mark.parametrize("width,cols,vec", [(37440, (0,), "v4"), (576, (0, 36864), "v4"),
                                             (8, (0, 36864), "v2")])
 @pytest.mark.parametrize("to_host", [True, False])
-def test_triton_kernel_host_accesses_are_wide(width, cols, vec, to_host):
+@pytest.mark.parametrize("line_align", [True, False])
+def test_triton_kernel_host_accesses_are_wide(monkeypatch, width, cols, vec, to_host,
+                                              line_align):
     """The kernel compiled for sm_90: host-memory accesses are 16-B (8-B for 8-B scale slots)
-    vector accesses.  The pointer made from the host address carries no alignment for the
+    vector accesses, with and without the host-line shift (its masks must not break the
+    vectorization).  The pointer made from the host address carries no alignment for the
     compiler; without the kernel's hint every host store was a 4-B st.global.b32."""
     import re
+    monkeypatch.setattr(hp, "_HOST_LINE_ALIGN", line_align)
     meta = hp.window_params(width, 37440, 37440, 1 << 20, cols, 21)
+    assert (meta["SHIFT"] > 0) == (line_align and width >= 512)
     ptx = _ptx(meta, to_host, max(1, min(8, meta["ROWS"] * meta["BLOCK"] // 512)))
     stores = set(re.findall(r"st\.global[.\w]*", ptx))
     loads = set(re.findall(r"ld\.global[.\w]*", ptx))
@@ -956,6 +969,20 @@ def _fast_cases(s, cap_dev, rng):
         "dup_dev": (toks, np.r_[dev[:toks.size - 1], dev[0]]),
         "dup_page": (np.r_[pages[:tpp], pages[:tpp]], dev[:2 * tpp]),
         "unalloc": (np.r_[toks[:-1], 9 * tpp], dev[:toks.size]),
+        # page-aligned calls (validated on the host at page granularity by the fast plan)
+        "page_host_oob": ((np.r_[0, s.capacity // tpp][:, None] * tpp + np.arange(tpp)).ravel(),
+                          (np.r_[1, 2][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_dev_oob": (pages[:2 * tpp],
+                         (np.r_[1, cap_dev // tpp][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_neg": (np.r_[pages[:tpp], pages[tpp:2 * tpp] - 8 * tpp],
+                     (np.r_[1, 2][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_unalloc": ((np.r_[0, 9][:, None] * tpp + np.arange(tpp)).ravel(),
+                         (np.r_[1, 2][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_dup_host": (np.r_[pages[:tpp], pages[:tpp]],
+                          (np.r_[1, 2][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_dup_dev": (pages[:2 * tpp], (np.r_[3, 3][:, None] * tpp + np.arange(tpp)).ravel()),
+        "page_int32_top": (pages[:2 * tpp],      # a whole "page" at the top of int32
+                           np.r_[np.arange(tpp), 2**31 - tpp + np.arange(tpp)]),
     }
 
 
@@ -1002,6 +1029,63 @@ def test_fast_plan_matches_numpy_plan(geo_name, pool, dest):
             ref_keep = padded[0] >= 0
             for x, y in zip(padded[:4], dev_arrays):
                 np.testing.assert_array_equal(np.asarray(y)[keep], x[ref_keep])
+
+
+def test_fast_plan_of_page_call_does_no_device_work(monkeypatch):
+    """A page-aligned "triton" call is validated on the host at page granularity: no device
+    program, no upload, no sync before its kernels (run 4: the device-checked plan cost 3.8 ms
+    of a 4.3-GB page call, mostly that sync); token calls still check on the device."""
+    _, cache, h, _ = _setup("dsv4", "c4", seed=7)
+    h, _ = hp.alloc(h, 4 * h.spec.tokens_per_page)
+    p = cache.layout.pool("c4")
+    layers = tuple(range(h.spec.num_layers))
+    cases = _fast_cases(h.spec, p.capacity, np.random.default_rng(11))
+    calls = []
+    real = hp._validate_fn
+    monkeypatch.setattr(hp, "_validate_fn", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(jax, "device_put", lambda *a, **k: calls.append(a))
+    for dest in ("host", "device"):
+        plan = hp._fast_plan(h, p, *cases["pages"], layers, dest, min_device=0)
+        assert plan.page_aligned and calls == []
+    monkeypatch.undo()
+    monkeypatch.setattr(hp, "_validate_fn", lambda *a: calls.append(a) or real(*a))
+    plan = hp._fast_plan(h, p, *cases["tokens"], layers, "host", min_device=0)
+    assert not plan.page_aligned and len(calls) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_runs_of_pages_matches_whole_pages(data):
+    """The fast plan's page-structure test (one np.diff pass in the caller's dtype) against the
+    numpy plan's ``_whole_pages`` (int64): same answer for runs, broken runs, shifted runs,
+    counts that are not multiples, int32 and int64; with the range check of the first slot of
+    each run (what ``_host_page_plan`` adds) it never accepts a run that wraps around int32."""
+    tpp = data.draw(st.sampled_from([1, 2, 3, 4, 8]))
+    npg = data.draw(st.integers(1, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    pages = rng.integers(0, 50, npg)
+    x = (pages[:, None] * tpp + np.arange(tpp)).ravel()
+    kind = data.draw(st.sampled_from(["runs", "poke", "shift", "short", "top"]))
+    if kind == "poke":
+        x[rng.integers(x.size)] += int(rng.integers(1, 3))
+    elif kind == "shift":
+        x = x + 1
+    elif kind == "short" and x.size > 1:
+        x = x[:-1]
+    elif kind == "top":    # a run ending at (or wrapping past) the top of int32
+        x = np.r_[x[:tpp * (npg - 1)], (2**31 - tpp) // tpp * tpp + np.arange(tpp)]
+        x = x.astype(np.int64)
+        if tpp == 3:       # 2**31 - 2 is a multiple of 3: the int32 run wraps
+            x[-tpp:] = 2147483646 + np.arange(tpp)
+    for dtype in (np.int32, np.int64):
+        xi = x.astype(dtype)          # (wraps modulo 2**32 for int32, as a caller's array would)
+        want = hp._whole_pages(xi.astype(np.int64), tpp) is not None
+        got = hp._runs_of_pages(xi, tpp)
+        if want:
+            assert got
+        elif got:   # only a wrapped int32 run; the range check of the first slots rejects it
+            assert dtype is np.int32 and kind == "top"
+            assert not hp._in_range(xi[::tpp], 2**31 - 2 * tpp - tpp + 1)
 
 
 @pytest.mark.parametrize("case,match", [("dup_host", "duplicate"), ("unalloc", "not allocated"),
