@@ -227,10 +227,10 @@ VRAM_PROBES = (
     ("torch-control", {}, "torch",
      "control: torch caching allocator (cudaMalloc) buffers, UCX default transports"),
     ("jax-bfc-ctx", _CTX, "jax", "BFC + primary CUDA context current on the NIXL thread"),
-    ("jax-platform", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, "jax",
-     "XLA platform allocator (one cuMemAlloc per buffer)"),
     ("jax-platform-ctx", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", **_CTX}, "jax",
-     "platform allocator + primary CUDA context current"),
+     "XLA platform allocator (one cuMemAlloc per buffer) + primary CUDA context current"),
+    ("jax-platform", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, "jax",
+     "platform allocator, no context made current (diagnosis only: Agent sets the context)"),
     ("jax-bfc-ctx-tls", {"UCX_TLS": _PROBE_TLS, **_CTX}, "jax",
      f"BFC + context, UCX_TLS={_PROBE_TLS}"),
 )
