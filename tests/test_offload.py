@@ -1013,7 +1013,7 @@ def test_load_batch_queues_copies_ahead_of_scatters(monkeypatch, order):
     bytes as loading one request at a time."""
     layout = LM_REQ
     state = A.init_state(A.config_from_layout(layout, NREQ, 120))
-    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90, 33], jnp.int32))
+    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
     slots = [int(x) for x in np.asarray(slots)]
     cache = random_cache(layout, seed=41)
     copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
