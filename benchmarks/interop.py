@@ -16,6 +16,13 @@ Rows (BENCH.md format, ``DIR/interop-<gpu>.json/.md/.png``):
   ceiling; target >= 0.90) and against the seed's path (per pool and layer: gather, then a
   pageable ``.cpu()``; resume: pageable ``.to(device)`` then scatter; target >= 4x).
 
+Each part (``exchange``: the size sweep; ``steps``: the per-step rows; ``retract``: the torch
+pool) runs in its own child process with the fast DLPack paths on.  If a child dies (a crash in
+native code, e.g. the double free jaxlib 0.11.2 + CUDA produced with the removed direct_stream
+import), a ``<part>: child crashed ...`` row (target not met) records it and the part is run again
+with ``JAXKV_DLPACK_FAST=0`` (the public DLPack API; its rows carry ``[fast paths off]``), so one
+failure never costs the other parts' numbers.  ``--parts exchange,retract`` runs a subset.
+
 On the GPU machine::
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false TRITON_CACHE_DIR=/tmp/triton-cache
@@ -103,9 +110,12 @@ def _interleaved_us(fns: dict, rounds: int, iters: int) -> dict:
     return {k: statistics.median(v) / 1e3 for k, v in samples.items()}
 
 
-def _set_fast(on: bool):
-    I.dlpack._EXPORT["enabled"] = on
-    I.dlpack._FAST["enabled"] = on
+def _set_fast(on: bool | tuple) -> tuple:
+    """Sets both fast paths (a bool, or a tuple from an earlier call); returns the old state."""
+    old = (I.dlpack._EXPORT["enabled"], I.dlpack._FAST["enabled"])
+    I.dlpack._EXPORT["enabled"], I.dlpack._FAST["enabled"] = (
+        on if isinstance(on, tuple) else (on, on))
+    return old
 
 
 def bench_exchange(quick: bool) -> list[dict]:
@@ -138,10 +148,18 @@ def bench_exchange(quick: bool) -> list[dict]:
     for name, ms in (("to_torch", medians[0::2]), ("from_torch", medians[1::2])):
         rows.append(common.row(f"{name} size dependence (max/min over sizes)", max(ms) / min(ms),
                                "x", target={"value": 2.0}, higher_is_better=False))
-    rows += _exchange_steps(pairs[1][1], pairs[1][2], rounds, iters)
     del pairs, fns
     gc.collect()
     return rows
+
+
+def bench_steps(quick: bool) -> list[dict]:
+    rounds, iters = (4, 100) if quick else (10, 300)
+    n = 1 << 20
+    x = jax.device_put(jnp.zeros((n // 2,), jnp.bfloat16), jax.devices()[0])
+    x.block_until_ready()
+    t = torch.zeros(n // 2, dtype=torch.bfloat16, device=DEV)
+    return _exchange_steps(x, t, rounds, iters)
 
 
 def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
@@ -183,25 +201,18 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
             keep.clear()
 
     def public_to():
-        _set_fast(False)
+        old = _set_fast(False)
         try:
             return I.to_torch(x)
         finally:
-            _set_fast(True)
+            _set_fast(old)
 
     def public_from():
-        _set_fast(False)
+        old = _set_fast(False)
         try:
             return I.from_torch(t)
         finally:
-            _set_fast(True)
-
-    def direct_from():
-        D._FAST["direct_stream"] = True
-        try:
-            return I.from_torch(t)
-        finally:
-            D._FAST["direct_stream"] = False
+            _set_fast(old)
 
     fns = {
         "to_torch (total)": lambda: I.to_torch(x),
@@ -219,17 +230,21 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         "from_torch (total)": lambda: I.from_torch(t),
         "from_torch keep result (no destroy)": keep_from,
         "from_torch public path (fast path off)": public_from,
-        "from_torch direct_stream (no handshake; JAX event on torch's stream)": direct_from,
         "from: handshake (event record + JAX stream wait)": handshake,
         "from: torch._C._to_dlpack (capsule dropped)": lambda: torch._C._to_dlpack(t),
         "from: capsule + jaxlib dlpack_managed_tensor_to_buffer":
             lambda: to_buffer(torch._C._to_dlpack(t)),
         "from: _fast_import (handshake + capsule + import)": lambda: D._fast_import(t),
     }
+    if not (D._FAST["enabled"] and D._EXPORT["enabled"]):  # fast paths off (JAXKV_DLPACK_FAST=0
+        # or switched off): time only what the bridge runs, never jaxlib's entry points directly
+        fns = {k: v for k, v in fns.items() if not k.startswith(("to:", "from:"))}
     _sync()
     res = _interleaved_us(fns, rounds, iters)
     keep.clear()
     D._exported.pop(-1, None)
+    if "from: _fast_import (handshake + capsule + import)" not in res:
+        return [common.row(f"step {k}", v, "us") for k, v in res.items()]
     res["to: destroy tensor (total - keep)"] = res["to_torch (total)"] - res[
         "to_torch keep result (no destroy)"]
     res["from: destroy array (total - keep)"] = res["from_torch (total)"] - res[
@@ -421,9 +436,65 @@ def _retract_steps(pool, full, copy, iters: int) -> dict:
     return out
 
 
+PARTS = {"exchange": bench_exchange, "steps": bench_steps, "retract": bench_retract}
+_LIMITS = {"exchange": 150, "steps": 100, "retract": 240}  # seconds per child process
+
+
+def _run_part(part: str, quick: bool, fast: bool) -> tuple[int, list[dict], str]:
+    """Runs one part in a child interpreter (a crash there must not cost the other parts):
+    (returncode, rows, output tail).  ``fast=False`` sets ``JAXKV_DLPACK_FAST=0``."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "rows.json")
+        cmd = [sys.executable, "-m", "benchmarks.interop", "--part", part, "--rows-json", path]
+        env = dict(os.environ, JAXKV_DLPACK_FAST="1" if fast else "0", PYTHONFAULTHANDLER="1")
+        try:
+            r = subprocess.run(cmd + (["--quick"] if quick else []), env=env,
+                               capture_output=True, text=True, timeout=_LIMITS[part])
+            rc, out = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = 124, f"timed out after {_LIMITS[part]} s\n{e.stdout or ''}{e.stderr or ''}"
+        rows = []
+        if rc == 0 and os.path.exists(path):
+            with open(path) as f:
+                rows = json.load(f)
+    return rc, rows, out[-3000:] if isinstance(out, str) else str(out)[-3000:]
+
+
 def main(argv=None):
-    args = common.parser("interop").parse_args(argv)
-    rows = bench_exchange(args.quick) + bench_retract(args.quick)
+    p = common.parser("interop")
+    p.add_argument("--part", choices=sorted(PARTS), help="(internal) run one part in-process")
+    p.add_argument("--rows-json", help="(internal) where --part writes its rows")
+    p.add_argument("--parts", default="exchange,steps,retract",
+                   help="comma-separated parts to run (each in its own process)")
+    args = p.parse_args(argv)
+    if args.part:  # child: one part, rows to a file
+        import json
+        rows = PARTS[args.part](args.quick)
+        with open(args.rows_json, "w") as f:
+            json.dump(rows, f)
+        return
+    rows = []
+    for part in [q for q in args.parts.split(",") if q]:
+        rc, part_rows, out = _run_part(part, args.quick, fast=True)
+        print(f"--- {part} (fast paths on): rc={rc}\n{out.strip()[-1500:]}", flush=True)
+        if rc != 0:  # record the failure, then the same part on the public DLPack path
+            rows.append(common.row(f"{part}: child crashed with the fast DLPack paths on "
+                                   f"(rc={rc}; negative = signal)", 1.0, "crashed",
+                                   target={"value": 0.0}, higher_is_better=False))
+            rc, part_rows, out = _run_part(part, args.quick, fast=False)
+            print(f"--- {part} (fast paths off, JAXKV_DLPACK_FAST=0): rc={rc}\n"
+                  f"{out.strip()[-1500:]}", flush=True)
+            for r in part_rows:
+                r["name"] += " [fast paths off]"
+            if rc != 0:
+                rows.append(common.row(f"{part}: child failed with the fast paths off too "
+                                       f"(rc={rc})", 1.0, "crashed", target={"value": 0.0},
+                                       higher_is_better=False))
+        rows += part_rows
     stem = common.write_results(rows, args.out, "interop",
                                 title="jaxkv.interop: DLPack exchange and torch-pool retract")
     for r in rows:

@@ -35,8 +35,13 @@ Both directions use the DLPack stream handshake, so no host synchronisation is n
   current stream.  JAX computations using the returned array see every torch write enqueued on the
   current stream *before* the call.
 * Both directions take a fast path (jaxlib's and torch's C++ DLPack entry points with cached
-  devices, streams and one reusable event) that performs exactly this handshake; it checks
-  itself on first use and falls back to ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``.
+  devices, streams and one reusable event) that performs exactly this handshake and passes
+  jaxlib exactly the arguments the public API passes; it checks itself on first use and falls
+  back to ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``.  If jaxlib or torch ever raises
+  inside the fast path, the capsule is kept alive forever (never destroyed, so never freed
+  twice -- at worst one tensor leaks), the fast path is switched off for the process with a
+  warning, and the public API answers.  ``JAXKV_DLPACK_FAST=0`` in the environment switches
+  both fast paths off from the start.
 * Writes made by torch into shared memory *after* the exchange are not ordered with JAX work.
   Re-export after each torch step (an exchange costs a few microseconds), or synchronise.  Before
   torch overwrites memory that running JAX computations still read, ``jax.block_until_ready``
@@ -60,6 +65,7 @@ A buffer has exactly one owner, the library that allocated it; the other side ho
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 import weakref
@@ -129,6 +135,26 @@ def _record(table: dict, ptr: int, obj) -> None:
             _sweep()
 
 
+# Capsules whose consumer raised: kept alive for the life of the process (see ``_quarantine``).
+_QUARANTINE: list = []
+
+
+def _quarantine(cap, flags: dict, where: str, err: Exception) -> None:
+    """Keeps ``cap`` alive forever and switches the fast path ``flags`` off for the process.
+
+    A DLPack consumer that raises may or may not already have taken the tensor (arranged to call
+    its deleter); the capsule's own destructor would call the deleter again if the consumer had
+    not renamed it "used_dltensor" -- a double free.  Never destroying the capsule turns that
+    into at most one leaked tensor.  The public API then serves this call and every later one.
+    """
+    _QUARANTINE.append(cap)
+    flags["enabled"] = False
+    warnings.warn(f"jaxkv.interop.{where}: the fast DLPack path failed ({type(err).__name__}: "
+                  f"{err}); it is off for this process and the public DLPack API is used "
+                  "(one capsule is kept alive on purpose: at most one tensor leaks)",
+                  RuntimeWarning, stacklevel=3)
+
+
 def buffer_pointer(array: jax.Array) -> int:
     """Device address of a single-device JAX array's buffer (``unsafe_buffer_pointer``)."""
     return int(array.unsafe_buffer_pointer())
@@ -176,7 +202,9 @@ def _check_jax_array(array, arg: str = "array") -> None:
 # JAX device.  Internal API: used only when it imports, and checked on first use against the
 # array (pointer, shape, element size); any failure falls back to ``torch.from_dlpack``, which
 # then reports the error.
-_EXPORT = {"enabled": True, "checked": False}
+_ENV_FAST = os.environ.get("JAXKV_DLPACK_FAST", "1").strip().lower() not in ("0", "false", "off",
+                                                                              "no")
+_EXPORT = {"enabled": _ENV_FAST, "checked": False}
 _EXPORT_DEV: dict = {}  # jax device -> torch CUDA index, -1 for CPU, None where unsupported
 
 
@@ -232,8 +260,13 @@ def _fast_export(array: jax.Array, device):
     if idx >= 0 and array.sharding.memory_kind not in (None, "device"):
         return None  # pinned-host arrays: the public path knows their DLPack device type
     try:
-        t = api[1](api[0](array, stream=_torch_stream(idx) if idx >= 0 else None))
-    except Exception:  # noqa: BLE001 - the public path reports the error properly
+        cap = api[0](array, stream=_torch_stream(idx) if idx >= 0 else None)
+    except Exception:  # noqa: BLE001 - no capsule made: the public path reports the error
+        return None
+    try:
+        t = api[1](cap)
+    except Exception as e:  # noqa: BLE001 - torch may or may not have taken the tensor
+        _quarantine(cap, _EXPORT, "to_torch", e)
         return None
     if not _EXPORT["checked"]:  # first use: must look exactly like the public path's result
         if (tuple(t.shape) != tuple(array.shape) or t.element_size() != array.dtype.itemsize
@@ -339,11 +372,20 @@ def _x64_enabled() -> bool:
 # ``jax.dlpack.from_dlpack`` ends in).  Internal API, so it is used only when it imports and
 # passes a self-check on first use, else the public API.
 #
-# ``_FAST["direct_stream"]`` (off by default, measured by the benchmark): skip the handshake and
-# give jaxlib torch's current stream itself, so JAX records the buffer's definition event there
-# (what jaxlib does with a producer's stream for ``__cuda_array_interface__``); one event record
-# instead of record + wait + record.
-_FAST = {"enabled": True, "checked": False, "direct_stream": False}
+# jaxlib's contract (0.10 and 0.11 alike: ``dlpack_managed_tensor_to_buffer(dlpack, device,
+# stream, copy, dl_device_type)``): ``stream`` is ``device.get_stream_for_external_ready_events()``
+# (or None where that is UNIMPLEMENTED, e.g. CPU) -- XLA looks the value up among its own
+# external-ready-event streams -- and on success jaxlib renames the capsule "used_dltensor" and
+# owns the tensor (torch's deleter runs when the JAX buffer dies).  The fast path passes exactly
+# what ``jax.dlpack.from_dlpack`` passes.  An earlier variant (``direct_stream``) passed torch's
+# current stream instead; on jaxlib 0.11.2 + CUDA that aborted the process with a double free
+# ("free(): double free detected in tcache 2", "Fatal Python error: Aborted" while
+# ``_fast_import``'s frame was torn down, i.e. while the capsule was dropped; only the
+# direct_stream test and benchmark row died, the handshake variant passed): most likely jaxlib
+# rejected the foreign stream after arranging to call the tensor's deleter, the capsule kept its
+# "dltensor" name, and torch's capsule destructor freed the tensor a second time.  The variant
+# is gone; ``_quarantine`` covers any other failure inside jaxlib.
+_FAST = {"enabled": _ENV_FAST, "checked": False}
 _DEVICES: dict = {}
 _handshake_lock = threading.Lock()
 
@@ -392,6 +434,8 @@ def _fast_import(src: torch.Tensor):
         return None
     xla_bridge, to_buffer, five_args, get_device = api
     try:
+        if src.data_ptr() % 64:
+            return None  # JAX may refuse (CPU: 64-B alignment): the public API says so properly
         idx = src.get_device()  # -1 on CPU
         if idx < 0 and src.is_pinned():
             return None  # pinned host memory: the public API knows its DLPack device type
@@ -400,20 +444,19 @@ def _fast_import(src: torch.Tensor):
             current = get_device() if get_device is not None else torch.cuda.current_device()
             if current != idx or ext is None:
                 return None  # torch's own rules (and errors) for other devices / no stream
-            if _FAST["direct_stream"] and _export_api() is not None:
-                stream = _torch_stream(idx)  # JAX's definition event on torch's stream
-            else:
-                with _handshake_lock:  # what Tensor.__dlpack__(stream) does, cached objects
-                    event.record()  # torch's current stream
-                    ext.wait_event(event)
+            with _handshake_lock:  # what Tensor.__dlpack__(stream) does, cached objects
+                event.record()  # torch's current stream
+                ext.wait_event(event)
         cap = torch._C._to_dlpack(src)
+    except Exception:  # noqa: BLE001 - nothing handed to jaxlib yet: the public API answers
+        return None
+    try:
         if five_args:
             out = to_buffer(cap, device, stream, False, dl_type)
         else:
             out = to_buffer(cap, device, stream, False)
-    except Exception as e:  # noqa: BLE001 - the public API reports the error properly
-        if "aligned" in str(e):
-            raise ValueError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - jaxlib may or may not own the tensor now
+        _quarantine(cap, _FAST, "from_torch", e)
         return None
     if not _FAST["checked"]:  # first use: the result must look exactly like the public API's
         ok = (isinstance(out, jax.Array) and tuple(out.shape) == tuple(src.shape)

@@ -3,7 +3,11 @@
 CPU by default (torch CPU + JAX CPU; the pool's Triton path runs in Triton's interpreter on tiny
 sizes).  ``-m gpu`` runs the CUDA tests (stream semantics, pinned retract, XLA's donation error).
 """
+import functools
 import gc
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -674,9 +678,204 @@ def test_retract_errors_and_empty():
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory safety of the exchange (double free / leak), in a child process: a double free aborts
+# the process, which must fail one test, not kill the test session.
+
+_STRESS = r"""
+import gc, os, sys, time, warnings
+import numpy as np, torch, jax, jax.numpy as jnp
+from jaxkv.interop import dlpack as D
+from jaxkv.interop import from_torch, to_torch
+dev, n = sys.argv[1], int(sys.argv[2])
+warnings.simplefilter("error", RuntimeWarning)  # a quarantined capsule fails the run
+rng = np.random.default_rng(1)
+ref = rng.integers(-2**31, 2**31 - 1, size=(4096,), dtype=np.int64).astype(np.int32)
+src = torch.from_numpy(ref).clone().to(dev)  # torch allocator: 64-B aligned
+count = getattr(src, "_use_count", None)  # refs to src's TensorImpl (torch >= 2.x)
+base = count() if count else None
+streams = [None] + ([torch.cuda.Stream()] if dev == "cuda" else [])
+kept_j, kept_t, kept_fresh = [], [], []
+for i in range(n):
+    with torch.cuda.stream(streams[i % len(streams)]) if dev == "cuda" else torch.no_grad():
+        y = from_torch(src)      # torch -> JAX (src's memory)
+        t2 = to_torch(y)         # JAX -> torch (a second torch tensor on the same memory)
+        z = from_torch(t2)       # torch -> JAX again
+    if i % 7 == 0:
+        kept_j.append(z)
+    if i % 11 == 0:
+        kept_t.append(t2)
+    if i % 2:
+        del y, t2, z
+    else:
+        del z, t2, y
+    if i % 64 == 0:
+        gc.collect()
+    if i % 5 == 0:  # a temporary tensor that dies before its JAX array
+        vals = rng.integers(0, 2**31 - 1, size=(257,), dtype=np.int32)
+        tmp = torch.from_numpy(vals).clone().to(dev)
+        kept_fresh.append((from_torch(tmp), vals))
+        del tmp
+    if i % 13 == 0:  # a JAX array that dies before its torch views
+        x = jnp.asarray(ref) + i
+        kept_t.append(to_torch(x))
+        kept_fresh.append((kept_t[-1], ref + i))
+        del x
+gc.collect()
+torch.cuda.synchronize() if dev == "cuda" else None
+a = t = None
+for a in kept_j:
+    assert np.array_equal(np.asarray(a), ref), "a kept JAX array lost its values"
+for a, vals in kept_fresh:
+    got = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    assert np.array_equal(got, vals), "an array outlived by its source lost its values"
+for t in kept_t[: len(kept_t) // 2]:
+    if t.numel() == ref.size and t.data_ptr() == src.data_ptr():
+        assert np.array_equal(t.cpu().numpy(), ref)
+del kept_j, kept_t, kept_fresh, a, t
+if base is not None:  # every reference the exchanges took on src is given back exactly once
+    for _ in range(100):
+        gc.collect()
+        if count() == base:
+            break
+        time.sleep(0.05)
+    assert count() == base, f"src use count {count()} != {base} before the exchanges"
+assert np.array_equal(src.cpu().numpy(), ref)
+assert not D._QUARANTINE, "a fast-path capsule was quarantined"
+print("STRESS-OK", dev, n, "fast", D._FAST["enabled"], D._EXPORT["enabled"],
+      "checked", D._FAST["checked"], D._EXPORT["checked"], "use_count", base)
+"""
+
+
+def _run_stress(dev: str, n: int, fast: bool = True, timeout: float = 300.0):
+    """Runs ``_STRESS`` in a child interpreter; returns (returncode, output)."""
+    import jaxkv as _pkg  # the child imports the same jaxkv
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_pkg.__file__)))
+    env = dict(os.environ, JAXKV_DLPACK_FAST="1" if fast else "0", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [
+                   os.environ.get("PYTHONPATH")] if p]))
+    if dev == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    try:
+        r = subprocess.run([sys.executable, "-c", _STRESS, dev, str(n)], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return -999, f"timed out after {timeout} s: {e.stdout}{e.stderr}"
+    return r.returncode, (r.stdout + r.stderr)[-4000:]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_exchange_stress_no_double_free_or_leak(fast):
+    """Hundreds of exchanges both ways (arrays and tensors dropped in varying orders, sources
+    dying before their views, gc in between), then every kept array is read back and the source
+    tensor's reference count must return exactly to where it was: a deleter run twice (double
+    free) aborts the child or lowers the count, a deleter never run raises it.  With
+    ``JAXKV_DLPACK_FAST=0`` the fast paths are off from the start (the public DLPack API)."""
+    n = 300 if fast else 80  # the public path is ~5x slower per exchange
+    rc, out = _run_stress("cpu", n, fast)
+    assert rc == 0, f"child exited with {rc} (negative = killed by that signal):\n{out}"
+    assert f"STRESS-OK cpu {n} fast {fast} {fast} checked {fast} {fast}" in out, out
+
+
+def test_fast_import_failure_quarantines_capsule(monkeypatch):
+    """If jaxlib raises inside the fast import, the capsule is kept alive (never freed twice),
+    the fast path turns itself off with a warning, and the public API gives the right answer."""
+    from jaxkv.interop import dlpack
+    api = dlpack._import_api()
+    if api is None:
+        pytest.skip("jaxlib's import entry point is not available")
+    calls = []
+
+    def failing(cap, *args):
+        calls.append(cap)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(dlpack._FAST, "api", (api[0], failing) + tuple(api[2:]))
+    monkeypatch.setitem(dlpack._FAST, "enabled", True)
+    monkeypatch.setattr(dlpack, "_QUARANTINE", [])
+    t = torch.from_numpy(_random_bytes((64, 32))).clone()
+    with pytest.warns(RuntimeWarning, match="fast DLPack path failed"):
+        y = I.from_torch(t)
+    assert len(calls) == 1 and dlpack._QUARANTINE == calls  # the capsule is held, not dropped
+    assert not dlpack._FAST["enabled"]
+    assert y.unsafe_buffer_pointer() == t.data_ptr()
+    assert np.array_equal(np.asarray(y), t.numpy())
+    y2 = I.from_torch(t)  # later calls: the public path, no second failure
+    assert len(calls) == 1 and np.array_equal(np.asarray(y2), t.numpy())
+
+
+def test_fast_export_failure_quarantines_capsule(monkeypatch):
+    from jaxkv.interop import dlpack
+    api = dlpack._export_api()
+    if api is None:
+        pytest.skip("jaxlib's export entry point is not available")
+    calls = []
+
+    def failing(cap):
+        calls.append(cap)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(dlpack._EXPORT, "api", (api[0], failing, api[2]))
+    monkeypatch.setitem(dlpack._EXPORT, "enabled", True)
+    monkeypatch.setattr(dlpack, "_QUARANTINE", [])
+    x = _random_jax((16, 8), jnp.int32)
+    with pytest.warns(RuntimeWarning, match="fast DLPack path failed"):
+        t = I.to_torch(x)
+    assert len(calls) == 1 and dlpack._QUARANTINE == calls and not dlpack._EXPORT["enabled"]
+    assert t.data_ptr() == x.unsafe_buffer_pointer() and np.array_equal(t.numpy(), np.asarray(x))
+
+
+def test_fast_import_skips_unaligned_without_calling_jaxlib(monkeypatch):
+    """Unaligned memory never reaches jaxlib through the fast path (the public API reports it)."""
+    from jaxkv.interop import dlpack
+    api = dlpack._import_api()
+    if api is None:
+        pytest.skip("jaxlib's import entry point is not available")
+    calls = []
+    monkeypatch.setitem(dlpack._FAST, "api", (api[0], lambda *a: calls.append(a)) + api[2:])
+    monkeypatch.setitem(dlpack._FAST, "enabled", True)
+    t = torch.from_numpy(_random_bytes((300,))).clone()[5:]
+    assert dlpack._fast_import(t) is None and not calls and dlpack._FAST["enabled"]
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU (run on the device machine: pytest -m gpu tests/test_interop.py)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_canary():
+    """The CUDA exchange stress in a child process, once per session: (returncode, output)."""
+    return _run_stress("cuda", 400, fast=True)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_fast_path_guard(request, monkeypatch):
+    """Before any in-process GPU test, the fast paths must survive the stress in a child; if
+    the child crashed, they are switched off here (for every GPU test of this module) so a
+    crash fails test_gpu_exchange_stress instead of killing the session and every test after
+    it."""
+    if request.node.get_closest_marker("gpu") is not None and torch.cuda.is_available():
+        rc, _ = _gpu_canary()
+        if rc not in (0, 1):  # killed by a signal (double free, abort) or timed out; 1 = a
+            # failed check (e.g. a leak), reported by test_gpu_exchange_stress
+            from jaxkv.interop import dlpack
+            monkeypatch.setitem(dlpack._FAST, "enabled", False)
+            monkeypatch.setitem(dlpack._EXPORT, "enabled", False)
+    yield
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_exchange_stress():
+    """CUDA exchange stress in a child process (fast paths on; default and side streams): no
+    double free, no leak, values intact; then the same with the fast paths off."""
+    rc, out = _gpu_canary()
+    assert rc == 0, f"fast paths: child exited with {rc} (if killed by a signal, this module's " \
+        f"in-process GPU tests ran with the fast paths off):\n{out}"
+    assert "STRESS-OK cuda 400 fast True True checked True True" in out, out
+    rc, out = _run_stress("cuda", 100, fast=False)
+    assert rc == 0 and "STRESS-OK cuda 100 fast False False" in out, f"public path: {rc}\n{out}"
 
 
 @pytest.mark.gpu
@@ -710,12 +909,9 @@ def test_gpu_stream_semantics():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("direct", [False, True])
-def test_gpu_import_orders_after_torch_writes(direct, monkeypatch):
-    """from_torch (handshake, or the direct_stream variant: JAX's definition event recorded on
-    torch's current stream) makes JAX wait for torch writes enqueued before the call."""
-    from jaxkv.interop import dlpack
-    monkeypatch.setitem(dlpack._FAST, "direct_stream", direct)
+def test_gpu_import_orders_after_torch_writes():
+    """from_torch (the handshake: JAX's external-ready stream waits on torch's current stream)
+    makes JAX wait for torch writes enqueued before the call, on the default and a side stream."""
     for stream in (None, torch.cuda.Stream()):
         with torch.cuda.stream(stream):
             t = torch.zeros(1 << 24, dtype=torch.int32, device="cuda")
