@@ -554,12 +554,44 @@ def _vram_with_probes(args) -> int:
         cmd.append("--quick")
     if args.progress_thread:
         cmd.append("--progress-thread")
+    env.setdefault("UCX_PROTO_INFO", "y")  # the measured run's own transport is recorded too
     left = max(30.0, args.time_budget - (time.monotonic() - t_start))
+    rc, text = _run_tee(cmd, env, left)
+    seen = parse_ucx_output(text)
+    line = (f"GPU-to-GPU write transport in the measured run (its UCX_PROTO_INFO, peer ep): "
+            f"{', '.join(seen['transports']) or '(no table seen)'}; rc {rc}")
+    print(line, flush=True)
+    for path in (stem + ".txt", os.path.join(args.out, f"transfer-vram-{gpu}.md")):
+        if os.path.exists(path):
+            with open(path, "a") as f:
+                f.write("\n" + line + "\n")
+    return rc
+
+
+def _run_tee(cmd, env, timeout: float) -> tuple[int, str]:
+    """Runs ``cmd``, echoing its output live, bounded by ``timeout``; (rc, output)."""
+    import threading
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+
+    def pump():
+        for ln in proc.stdout:
+            lines.append(ln)
+            sys.stdout.write(ln)
+        sys.stdout.flush()
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
     try:
-        return subprocess.run(cmd, env=env, timeout=left).returncode
+        rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"VRAM measurement not done within {left:.0f} s", flush=True)
-        return 124
+        proc.kill()
+        proc.wait()
+        print(f"VRAM measurement not done within {timeout:.0f} s", flush=True)
+        rc = 124
+    th.join(10)
+    return rc, "".join(lines)
 
 
 def main(argv=None):
