@@ -72,7 +72,10 @@ Device memory
   before it runs (``SaveHandle.gather_memory``): above ``gather_bound(staging)`` (about twice
   the staging) ``impl="auto"`` falls back to the reference gather and an explicit impl raises
   ``GatherTooLarge`` (nothing dispatched).  Batches keep at most ``MAX_INFLIGHT_BYTES`` (1 GiB;
-  ``max_inflight_bytes=``) of staging in flight, waiting for the oldest transfers first.
+  ``max_inflight_bytes=``) of staging in flight, waiting for the oldest transfers first.  A batch
+  load queues each request's host-to-device copy before the previous request's scatter: on GPU a
+  copy into a new device array waits for the compute work queued before it, so the other order
+  serialises copies and scatters.
 
 Compilation
   Location counts are rounded up to size buckets (at most 1/8 padding, padded with ``-1``) so that
