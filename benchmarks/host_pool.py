@@ -143,6 +143,23 @@ def _write(rows, errors, out, skipped=()):
     return stem
 
 
+# Other tiles (ROWS, BLOCK in 4-B words) measured for the page kernels (kernels-only rows):
+# 8 KB (1 page chunk per program, 4 warps) and 32 KB (4 page chunks, 8 warps) around the
+# default 16 KB (2 x 2048).
+PAGE_TILES = ((1, 2048), (4, 2048))
+
+
+def _retile(meta: dict, arrays: tuple, rows: int, block: int):
+    """A precomputed kernel call (``_triton_plan``) with another ``[rows, block]`` tile: the
+    window arrays re-padded (-1) to a multiple of ``rows``."""
+    n = arrays[0].shape[0]
+    m = -(-n // rows) * rows
+    if m != n:
+        fill = jnp.full((m - n,), -1, jnp.int32)
+        arrays = tuple(jnp.concatenate([a, fill]) for a in arrays[:4]) + tuple(arrays[4:])
+    return dict(meta, ROWS=rows, BLOCK=block), arrays
+
+
 # Why the "xla" method is not measured on GPU (it raises ValueError there, see jaxkv.host_pool).
 XLA_GPU_SKIP = ("skipped [xla] on GPU: the xla method is not supported on GPU by XLA 0.11 for a "
                 "host-memory pool (second H100 run: 'Bitcast cannot have different memory spaces "
@@ -308,22 +325,28 @@ def main(argv=None):
                                        target=target))
                 return None
 
-        def kernel_only(what, h_, d_, to_host, nbytes, ceiling, t_e2e, verify):
+        def kernel_only(what, h_, d_, to_host, nbytes, ceiling, t_e2e, verify, tiles=()):
             """The same transfer with its plan made once, outside the timing (``_triton_plan``:
             window arrays on the device): the kernels alone, and end to end minus that; then
             the kernels alone with the other host-line setting (``hp._HOST_LINE_ALIGN``: warp
-            accesses aligned to 128-B host lines, new in run 5, or not, as in runs 3-4)."""
+            accesses aligned to 128-B host lines, new in run 5, or not, as in runs 3-4), and
+            with other tiles ``(ROWS, BLOCK)`` per program (default: 16 KB, ``_TILE_WORDS``)."""
             if m != "triton" or not gpu:
                 return
             default = hp._HOST_LINE_ALIGN
-            for line_align in (default, not default):
+            variants = [(default, None), (not default, None)] + [(default, t) for t in tiles]
+            for line_align, tile in variants:
                 tag = "" if line_align == default else (
                     ", host lines aligned" if line_align else ", host lines unaligned, before")
+                if tile is not None:
+                    tag += f", tile {tile[0]}x{tile[1]} words"
                 try:
                     hp._HOST_LINE_ALIGN = line_align
                     plan = hp._fast_plan(state["host"], p, h_, d_, layers,
                                          "host" if to_host else "device")
                     bb, addr, calls = hp._triton_plan(state["host"], cache, POOL, plan)
+                    if tile is not None:
+                        calls = [_retile(meta, arrays, *tile) for meta, arrays in calls]
                     kst = {"cache": cache}
 
                     def go():
@@ -361,7 +384,8 @@ def main(argv=None):
                 page_bytes_total, d2h, 0.90,
                 lambda: _verify_pages(state["host"], cache, b, hpages, dpages, rng))
         kernel_only("backup pages", hslots, dslots, True, page_bytes_total, d2h, t,
-                    lambda c: _verify_pages(state["host"], cache, b, hpages, dpages, rng))
+                    lambda c: _verify_pages(state["host"], cache, b, hpages, dpages, rng),
+                    tiles=PAGE_TILES)
 
         # load the same host pages into other (random) device pages
         dst_pages = rng.permutation(dev_pages)[:n_pages]
@@ -380,7 +404,8 @@ def main(argv=None):
         t = run(f"load pages [{m}] {page_bytes_total / 1e9:.1f} GB", load_pages,
                 page_bytes_total, h2d, 0.90, verify_load)
         kernel_only("load pages", hslots, dst_slots, False, page_bytes_total, h2d, t,
-                    lambda c: _verify_pages(state["host"], c, b, hpages, dst_pages, rng))
+                    lambda c: _verify_pages(state["host"], c, b, hpages, dst_pages, rng),
+                    tiles=PAGE_TILES)
         del cstate
 
         def backup_tokens():
