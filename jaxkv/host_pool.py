@@ -91,23 +91,31 @@ Methods (how the host side is written)
   padding) and copied as one ``tpp * (V + S)``-byte window per page, the page kernel's access
   pattern; the remaining tokens go direct.  Costs a device gather/scatter pass and device memory
   of about the staged payload.  Which one is faster is measured by ``benchmarks/host_pool.py``.
-  Planning of a ``"triton"`` call (``_fast_plan``): from 32K indices (``_DEVICE_PLAN_MIN``) the
-  host only range-checks (min/max) and uploads the indices; duplicates, allocation and the
-  whole-page test run as one jitted device program (one 2-bool read-back; a failed check re-runs
-  the numpy plan for its exact error), and token window arrays are derived on the device.  The
-  numpy plan it replaces took ~9 ms (page call) / ~25 ms (256K tokens, window arrays included)
-  on the CPU box, on the critical path of every call (run 3 on the H100: 7.5 / 10 ms measured
-  for the plan alone); the host part is now ~0.5 ms.
+  Planning of a ``"triton"`` call (``_fast_plan``; any failed check re-runs the numpy plan for
+  its exact error): a page-aligned call is validated on the host at page granularity
+  (``_host_page_plan``: one ``np.diff`` pass per index array for the page structure, then range,
+  duplicates and allocation on the ``N / tpp`` pages; no device work or sync before the
+  kernels); a token call of >= 32K indices (``_DEVICE_PLAN_MIN``) is range-checked on the host
+  (min/max), its indices uploaded once, duplicates and allocation checked by one jitted device
+  program (one read-back) and its window arrays derived on the device.  H100 run 4: numpy plan
+  2.7 ms (page call) / 29 ms (256K tokens, window arrays included); device-checked plan 3.8 /
+  2.1 ms -- the page call's read-back waited for its uploads, hence the host page checks since
+  (~0.5 ms on the quiet CPU box).
   ``method="auto"`` (``_AUTO_METHOD``): ``"xla"`` on CPU; ``"triton"`` on GPU (it passed the GPU
   tests of every pool in both H100 runs and writes in place without donation, so registered
   addresses always stay valid).  On GPU, where ``"triton"`` cannot run (no jax-triton, sizes not
   multiples of 4 bytes) ``"auto"`` raises ``ValueError``; a pool placed in device memory uses
   ``"xla"`` (plain device ops).
 
-Cost of each option, against the pinned copy ceiling ``C`` (``jax.device_put`` between memory
-kinds: 53.2 GB/s D2H, 52.5 GB/s H2D on the H100 of the second run;
-``benchmarks/results/host_pool-<gpu>.md`` has the measurements; rates are end to end, host-side
-planning included):
+Measured on the H100 (run 4, ceiling ``C`` = ``jax.device_put`` between memory kinds, 54.7 GB/s
+both ways; ``benchmarks/results/host_pool-h100.md``; benchmarks/NOTES.md has the history):
+page-aligned 4.32-GB calls 0.885 C backup / 0.873 C load end to end, the kernels alone 0.934 /
+0.914 C (4.6 / 4.1 ms per call were host planning, removed since); 256K random tokens 0.870 /
+0.855 C (kernels alone 0.917 / 0.901), ``"staged"`` tokens 0.80 / 0.73 C.  Since run 4 the
+kernel aligns each warp's host access to 128-B lines (``_HOST_LINE_ALIGN``; unmeasured).
+
+History of the options, against the pinned copy ceiling ``C`` (53.2 GB/s D2H, 52.5 GB/s H2D on
+the H100 of the second run; rates are end to end, host-side planning included):
   * page path, ``"triton"``: second run 0.84 C backup, 0.82 C load (97 ms per 4.32-GB call), of
     which ~10 ms was host-side planning (the "host-side plan" row) plus per-layer index arrays:
     the kernel itself ran at ~0.93 C.  Now the window arrays are per page, shared by the 21
@@ -1241,8 +1249,9 @@ def _triton_run(host: HostPool, cache: Cache, pool: str, plan, to_host: bool,
 # for C4, the page padding untouched); the other tokens take the direct per-token windows.
 
 TOKEN_PATHS = ("auto", "direct", "staged")
-# What token_path="auto" takes: "direct" until the H100 run compares the two
-# (benchmarks/host_pool.py rows "[triton/staged]").
+# What token_path="auto" takes: "direct" -- H100 run 4, 256K random tokens end to end: direct
+# 0.870 / 0.855 of the ceiling (backup / load), staged 0.798 / 0.734 (its device gather/scatter
+# pass costs more than the page-shaped host writes save).
 _AUTO_TOKEN_PATH = "direct"
 
 
