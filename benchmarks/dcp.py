@@ -10,13 +10,24 @@ Merge (SPEC §9), per decode batch of T tokens x 128 heads x 512 (float32 partia
   * ``merge_packed``: the producer emits the chunk-major packed layout (``dcp.pack_partials``:
     ``[N, T, h*(512+1)]``, the attention's output fusion writes it), one whole-block
     ``all_to_all``, one elementwise merge pass (``dcp.merge_packed``),
-  * ``bare_a2a``: the ``all_to_all`` of the packed bytes alone (``merge_packed`` minus the merge),
-  * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials.
+  * ``merge_gather``: the same packed layout, one ``all_gather`` of all of it (N x the bytes;
+    each rank merges its own chunk: ``merge_packed(collective="all_gather")``), for tiny T,
+  * ``bare_a2a`` / ``bare_ag``: the ``all_to_all`` / ``all_gather`` of the packed bytes alone
+    (``merge_packed`` / ``merge_gather`` minus the merge),
+  * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials,
+  * ``merge_auto`` rows: the variant ``dcp.auto_method`` picks for a packed producer at each T
+    (the headline), and an ``auto crossover`` row: the largest T at which ``merge_gather`` beat
+    ``merge_packed`` here, against the one ``dcp.AUTO_GATHER_MAX_BYTES`` implies.
 Each is timed as ``K`` chained iterations inside one jitted ``shard_map`` loop (iteration ``i+1``
 reads one element written from iteration ``i``'s result; the whole result is loop-carried, so it
-is computed whole), so the numbers are device time per merge, not Python dispatch.  Target: merge
-<= 1.15 x the bare reduce-scatter (``baseline_ratio >= 1/1.15``).  Row names say the collectives
-and the bytes each rank sends.  ``HLO ...`` rows (and ``dcp-hlo-*.txt`` files in ``--out``) give
+is computed whole), so the numbers are device time per merge, not Python dispatch.  Every
+(variant, T) is compiled and warmed up first; then ``ROUNDS`` rounds each time every T (ascending
+in even rounds, descending in odd ones) and at each T every variant back to back in an order
+rotated per round, ``REPS`` calls each.  A row's value is the median of all its calls, and the
+.md's "spread" table adds min, max and the median over rounds of the per-round ratio to the bare
+reduce-scatter of the same round (paired: drift between rounds cancels).  Target: merge <= 1.15 x
+the bare reduce-scatter (``baseline_ratio >= 1/1.15``).  Row names say the collectives and the
+bytes each rank sends.  ``HLO ...`` rows (and ``dcp-hlo-*.txt`` files in ``--out``) give
 each variant's budget from the compiled HLO at T = 64: kernels, collectives, HBM bytes outside
 the collectives.  Predictions and findings: benchmarks/NOTES.md, "DCP".
 
@@ -55,10 +66,17 @@ KINDS = {
     "merge_packed": ("packed", "packed", "1 all-to-all",
                      "producer-packed chunk-major [N,T,h*(Dv+1)], whole-block all_to_all, "
                      "one merge pass"),
+    "merge_gather": ("packed_gather", "packed", "1 all-gather",
+                     "producer-packed chunk-major, all_gather of all of it (N x the bytes), "
+                     "merge of the own chunk"),
     "bare_a2a": (None, "packed", "1 all-to-all",
                  "bare all_to_all of the packed bytes (merge_packed's collective alone)"),
+    "bare_ag": (None, "packed", "1 all-gather",
+                "bare all_gather of the packed bytes (merge_gather's collective alone)"),
 }
-MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed")
+MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed", "merge_gather")
+BARES = ("bare_a2a", "bare_ag")
+ROUNDS, REPS = 8, 3  # GPU run; --quick: 2, 2
 
 
 def sent_bytes(kind: str, T: int, n: int) -> int:
@@ -68,6 +86,8 @@ def sent_bytes(kind: str, T: int, n: int) -> int:
         return o * (n - 1) // n
     if kind == "merge_rs":
         return (o * (n - 1) // n) + lse * (n - 1)  # reduce-scatter + all-gather of the LSEs
+    if kind in ("merge_gather", "bare_ag"):
+        return (o + lse) * (n - 1)  # ring all-gather: the whole packed buffer to N-1 ranks
     return (o + lse) * (n - 1) // n  # all-to-alls: N-1 of N chunks of [out | lse] leave the rank
 
 
@@ -79,12 +99,17 @@ def _one(kind: str, axis: str, n: int):
         if kind == "bare":
             r = lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)
             return r, l[:, :r.shape[1]]
+        h = HEADS // n
         if kind == "bare_a2a":
             g = lax.all_to_all(x, axis, 0, 0, tiled=True)
-            h = HEADS // n
             return g[0, :, :h * DV].reshape(-1, h, DV), g[1 % n, :, h * DV:]
+        if kind == "bare_ag":
+            g = lax.all_gather(x, axis, axis=0, tiled=False)  # [N, N, T, h*(DV+1)]
+            return g[0, 0, :, :h * DV].reshape(-1, h, DV), g[1 % n, 0, :, h * DV:]
         if layout == "packed":
-            return dcp.merge_packed(x, axis, "e", dv=DV)
+            return dcp.merge_packed(x, axis, "e", dv=DV,
+                                    collective="all_gather" if kind == "merge_gather"
+                                    else "all_to_all")
         return dcp.merge(x, l, axis, "e", method=method)
     return one
 
@@ -129,39 +154,139 @@ def _loop(kind: str, mesh, iters: int):
     return jax.jit(f)
 
 
-def bench_merge(mesh, sizes, iters, reps):
+def _auto_kind(T: int, n: int) -> str:
+    """The benchmark variant of ``dcp.auto_method`` for a packed producer at T."""
+    m = dcp.auto_method(T, HEADS, DV, n, packed_input=True)
+    return {"packed_gather": "merge_gather", "packed": "merge_packed",
+            "all_to_all_packed": "merge_a2a_packed", "reduce_scatter": "merge_rs"}[m]
+
+
+def bench_merge(mesh, sizes, iters, reps, rounds):
+    """Times every (variant, T): all compiled and warmed up first, then ``rounds`` interleaved
+    rounds (see the module docstring).  ``iters`` chained merges per call (doubled for T <= 16
+    so that a call's dispatch + sync is < ~1% of it).
+
+    Returns ``(rows, stats, spread_md)``: ``stats[T][kind]`` = dict of per-merge seconds
+    ``median`` / ``min`` / ``max`` over all calls, ``rounds`` (per-round medians), ``paired``
+    (median over rounds of this round's bare / this round's kind: a baseline_ratio) and
+    ``paired_ratio`` (median over rounds of kind / bare).
+    """
+    import statistics
+    import time
+
     n = mesh.shape["dcp"]
-    rows, raw = [], []
     rng = np.random.default_rng(0)
+    sh = jax.sharding.NamedSharding(mesh, P("dcp"))
+    kinds = ("bare",) + MERGES + BARES
+    prepared = {}
     for T in sizes:
         o = jnp.asarray(rng.normal(size=(n, T, HEADS, DV)).astype(np.float32))
         lse = jnp.asarray((rng.normal(size=(n, T, HEADS)) * 4).astype(np.float32))
         lse = lse.at[0, 0, :].set(-jnp.inf)  # an empty rank for one token: the -inf path runs
-        sh = jax.sharding.NamedSharding(mesh, P("dcp"))
-        t = {}
-        for kind in KINDS:
+        k = iters * 2 if T <= 16 else iters
+        for kind in kinds:
             x, l = (jax.device_put(a, sh) for a in _inputs(kind, o, lse, n))
-            f = _loop(kind, mesh, iters)
-            t[kind] = common.time_jax(f, x, l, iters=reps, warmup=2) / iters
+            prepared[(T, kind)] = (_loop(kind, mesh, k), x, l, k)
+    t0 = time.perf_counter()
+    for f, x, l, _ in prepared.values():  # compile + warm up everything before any timing
+        for _ in range(2):
+            jax.block_until_ready(f(x, l))
+    print(f"compiled + warmed up {len(prepared)} loops in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    calls = {key: [] for key in prepared}
+    per_round = {key: [] for key in prepared}
+    t0 = time.perf_counter()
+    for rd in range(rounds):
+        for T in (sizes if rd % 2 == 0 else sizes[::-1]):
+            order = kinds[rd % len(kinds):] + kinds[:rd % len(kinds)]
+            for kind in order:
+                f, x, l, k = prepared[(T, kind)]
+                ts = []
+                for _ in range(reps):
+                    t1 = time.perf_counter()
+                    jax.block_until_ready(f(x, l))
+                    ts.append((time.perf_counter() - t1) / k)
+                calls[(T, kind)] += ts
+                per_round[(T, kind)].append(statistics.median(ts))
+    print(f"{rounds} rounds x {reps} calls of every loop in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    stats = {}
+    for (T, kind), ts in calls.items():
+        pr, bare = per_round[(T, kind)], per_round[(T, "bare")]
+        stats.setdefault(T, {})[kind] = {
+            "median": statistics.median(ts), "min": min(ts), "max": max(ts), "rounds": pr,
+            "paired": statistics.median(b / v for b, v in zip(bare, pr)),
+            "paired_ratio": statistics.median(v / b for b, v in zip(bare, pr))}
+
+    rows, spread = [], []
+    for T in sizes:
+        st = stats[T]
+        t = {kind: st[kind]["median"] for kind in kinds}
         nbytes = T * HEADS * DV * 4  # per-rank partial output bytes
-        raw.append((T, t))
+
+        def extra(kind, st=st, T=T):
+            """JSON-only fields of a row: the spread of ``kind``'s timings at T."""
+            return {"min_us": st[kind]["min"] * 1e6, "max_us": st[kind]["max"] * 1e6,
+                    "round_medians_us": [v * 1e6 for v in st[kind]["rounds"]],
+                    "paired_baseline_ratio": st[kind]["paired"],
+                    "baseline_min_us": st["bare"]["min"] * 1e6,
+                    "calls": len(calls[(T, kind)]), "iters_per_call": prepared[(T, kind)][3]}
+
         for kind in MERGES:
-            rows.append(common.row(
+            r = common.row(
                 f"{kind} T={T} x {HEADS}h x {DV} f32 (N={n}; {KINDS[kind][2]}, sends "
                 f"{sent_bytes(kind, T, n) / 2**20:.3f} MiB/rank)",
                 t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
-                target={"baseline_ratio": round(1 / 1.15, 4)}, higher_is_better=False))
-        rows.append(common.row(f"bare_a2a T={T} (packed bytes, no merge; sends "
-                               f"{sent_bytes('bare_a2a', T, n) / 2**20:.3f} MiB/rank) vs bare "
-                               f"psum_scatter", t["bare_a2a"] * 1e6, "us",
-                               baseline=t["bare"] * 1e6, higher_is_better=False))
-        rows.append(common.row(f"bare psum_scatter T={T} ({nbytes / 2**20:.2f} MiB/rank, sends "
-                               f"{sent_bytes('bare', T, n) / 2**20:.3f} MiB) bus GB/s",
-                               nbytes * (n - 1) / n / t["bare"] / 1e9, "GB/s"))
-        print(f"T={T:4d}  bare {t['bare']*1e6:8.1f} us  " + "  ".join(
-            f"{k} {t[k]*1e6:7.1f} us ({t[k]/t['bare']:.3f}x)" for k in MERGES + ("bare_a2a",)),
-            flush=True)
-    return rows, raw
+                target={"baseline_ratio": round(1 / 1.15, 4)}, higher_is_better=False)
+            rows.append({**r, **extra(kind)})
+        ak = _auto_kind(T, n)
+        r = common.row(f"merge_auto T={T} (N={n}; dcp.auto_method picks {ak} for a packed "
+                       f"producer) vs bare psum_scatter", t[ak] * 1e6, "us",
+                       baseline=t["bare"] * 1e6, target={"baseline_ratio": round(1 / 1.15, 4)},
+                       higher_is_better=False)
+        rows.append({**r, **extra(ak), "picks": ak})
+        for kind in BARES:
+            r = common.row(f"{kind} T={T} (packed bytes, no merge; {KINDS[kind][2]}, sends "
+                           f"{sent_bytes(kind, T, n) / 2**20:.3f} MiB/rank) vs bare "
+                           f"psum_scatter", t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
+                           higher_is_better=False)
+            rows.append({**r, **extra(kind)})
+        rows.append({**common.row(f"bare psum_scatter T={T} ({nbytes / 2**20:.2f} MiB/rank, "
+                                  f"sends {sent_bytes('bare', T, n) / 2**20:.3f} MiB) bus GB/s",
+                                  nbytes * (n - 1) / n / t["bare"] / 1e9, "GB/s"),
+                     **extra("bare")})
+        print(f"T={T:4d}  bare {t['bare']*1e6:7.1f} us (min {st['bare']['min']*1e6:6.1f})  " +
+              "  ".join(f"{k} {t[k]*1e6:6.1f} ({t[k]/t['bare']:.3f}x, paired "
+                        f"{st[k]['paired_ratio']:.3f}x)" for k in MERGES + BARES) +
+              f"  auto -> {ak}", flush=True)
+        for kind in kinds:
+            v = st[kind]
+            spread.append(f"| {T} | {kind} | {v['median']*1e6:.1f} | {v['min']*1e6:.1f} | "
+                          f"{v['max']*1e6:.1f} | {t[kind] / t['bare']:.3f} | "
+                          f"{v['paired_ratio']:.3f} | {v['min'] / st['bare']['min']:.3f} |")
+    # the crossover: the largest T (from T = smallest) up to which merge_gather beat merge_packed
+    measured = 0
+    for T in sizes:
+        if stats[T]["merge_gather"]["median"] < stats[T]["merge_packed"]["median"]:
+            measured = T
+        else:
+            break
+    table = max([T for T in sizes if _auto_kind(T, n) == "merge_gather"], default=0)
+    rows.append(common.row(
+        f"auto crossover N={n}: largest T (x {HEADS}h x {DV}) up to which merge_gather beat "
+        f"merge_packed here (baseline: the T up to which dcp.AUTO_GATHER_MAX_BYTES picks it, "
+        f"{dcp.auto_gather_max_bytes(n) / 2**20:.3f} MiB)", float(measured), "tokens",
+        baseline=float(table) or None))
+    rows[-1].update(target=f"value == {table} (the table agrees)", meets_target=measured == table)
+    print(f"auto crossover: merge_gather beat merge_packed up to T={measured}; the table says "
+          f"T={table} ({'agrees' if measured == table else 'UPDATE dcp.AUTO_GATHER_MAX_BYTES'})",
+          flush=True)
+    spread_md = ("\n## Timing spread (us per merge; ratios to the bare psum_scatter)\n\n"
+                 f"{rounds} interleaved rounds x {reps} calls; median / min / max over all "
+                 "calls; 'paired' = median over rounds of the per-round ratio; 'of mins' = min / "
+                 "bare's min.\n\n| T | variant | median | min | max | ratio | paired | of mins "
+                 "|\n|---|---|---|---|---|---|---|---|\n" + "\n".join(spread) + "\n")
+    return rows, stats, spread_md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,12 +480,14 @@ def main(argv=None):
     print(f"devices: {len(devs)} x {devs[0].device_kind}", flush=True)
     check_merge(mesh)
     sizes = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    iters, reps = (4, 3) if args.quick else (100, 10)
+    iters, reps, rounds = (4, 2, 2) if args.quick else (100, REPS, ROUNDS)
     rows = budget_rows(mesh, 16 if args.quick else 64, args.out)
-    merge_rows, _ = bench_merge(mesh, sizes, iters, reps)
+    merge_rows, _, spread_md = bench_merge(mesh, sizes, iters, reps, rounds)
     rows += merge_rows + capacity_rows(mesh, args.quick)
     stem = common.write_results(rows, args.out, "dcp", title=f"DCP merge and capacity "
                                 f"(N={len(devs)})")
+    with open(stem + ".md", "a") as fh:
+        fh.write(spread_md)
     print(f"wrote {stem}.json/.md/.png")
 
 

@@ -38,7 +38,10 @@ same bytes with one collective and no pass before it: the attention's output is 
 chunk-major packed layout ``[N, B, h*(Dv+1)]`` (``pack_partials``: head chunk ``r`` with its LSEs
 is one contiguous block), one ``all_to_all`` sends chunk ``r`` to rank ``r``, and the receiver
 merges its ``N`` partials in one elementwise pass (``merge_packed``); same result to float32
-rounding.  ``base="2"`` uses exp2/log2 throughout.
+rounding.  For tiny (latency-bound) decode batches ``"auto"`` -> ``"packed_gather"`` instead: one
+``all_gather`` of the same packed layout (N times the bytes, but a ring collective that starts
+sooner than an all-to-all), each rank merging only its chunk (``auto_method``,
+``AUTO_GATHER_MAX_BYTES``).  ``base="2"`` uses exp2/log2 throughout.
 
 Meshes: build them with ``make_mesh`` (axis type ``Auto``) so that ``shard_map`` may reshard
 inputs; every public function here also ``device_put``s concrete inputs to the shardings it wants.
@@ -68,7 +71,8 @@ __all__ = [
     "DCPCache", "make_mesh", "init_dcp_cache", "owner", "local_index", "local_len",
     "owner_widened", "physical_widened", "global_locs", "to_local", "local_cache", "set_tokens_dcp",
     "get_tokens_dcp", "merge", "merge_partials", "merge_packed", "pack_partials",
-    "unpack_partials", "auto_method", "METHODS", "decode", "localize_topk", "reshard",
+    "unpack_partials", "auto_method", "auto_gather_max_bytes", "AUTO_GATHER_MAX_BYTES", "METHODS",
+    "COLLECTIVES", "decode", "localize_topk", "reshard",
     "reshard_request", "capacity", "kv_capacity", "shard_map",
 ]
 
@@ -477,20 +481,32 @@ def unpack_partials(packed: jax.Array, dv: int = A.DV):
     return o, lse
 
 
-def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int = A.DV):
+COLLECTIVES = ("all_to_all", "all_gather")
+
+
+def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int = A.DV,
+                 collective: str = "all_to_all"):
     """The merge on the producer's packed layout; call inside ``shard_map``.
 
-    One ``all_to_all`` (split and concat dimension 0: chunk ``r`` of every rank goes to rank ``r``
-    as whole contiguous blocks), then the receiver merges its ``N`` received partials in one
-    elementwise pass (``_merge_sources``).  Per rank it sends ``(N-1)/N * B*H*(dv+1)*4`` bytes
-    (the bare ``psum_scatter`` of ``out`` sends ``(N-1)/N * B*H*dv*4``) and touches HBM once more:
-    read ``B*H*(dv+1)*4``, write ``B*h*(dv+1)*4``.
+    ``collective="all_to_all"``: one ``all_to_all`` (split and concat dimension 0: chunk ``r`` of
+    every rank goes to rank ``r`` as whole contiguous blocks).  Per rank it sends
+    ``(N-1)/N * B*H*(dv+1)*4`` bytes (the bare ``psum_scatter`` of ``out`` sends
+    ``(N-1)/N * B*H*dv*4``).
+
+    ``collective="all_gather"``: one ``all_gather`` of the whole packed partials (every rank
+    receives all ``N`` ranks' ``[N, B, h*(dv+1)]``, ``N`` times the all-to-all's bytes) and keeps
+    only its own chunk of each.  For tiny decode batches, where the collective is latency-bound
+    and a ring all-gather starts sooner than an all-to-all (``auto_method``).
+
+    Either way the receiver then merges its ``N`` partials in one elementwise pass
+    (``_merge_sources``): HBM read ``B*H*(dv+1)*4`` (its chunks), write ``B*h*(dv+1)*4``.
 
     Args:
       packed: f32[N, B, h*(dv+1)] from ``pack_partials`` (or written so by the attention).
       axis_name: the DCP mesh axis (size ``N``).
       base: ``"e"`` or ``"2"``.
       dv: value width.
+      collective: ``"all_to_all"`` or ``"all_gather"``.
 
     Returns:
       ``(out f32[B, h, dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
@@ -500,30 +516,63 @@ def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int 
     if packed.ndim != 3 or packed.shape[0] != n or packed.shape[2] % (dv + 1):
         raise ValueError(f"packed must be f32[{n}, B, h*({dv}+1)] (pack_partials), got "
                          f"{packed.shape}")
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
     _, B, width = packed.shape
     h = width // (dv + 1)
-    got = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)  # [N (source rank), B, h*(dv+1)]
+    if collective == "all_to_all":
+        got = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)  # [N (source), B, h*(dv+1)]
+    else:
+        # gathered over the major dim (no relayout): [N (source), N (chunk), B, h*(dv+1)]; this
+        # rank's chunk of every source is one contiguous block, read in place by the merge
+        every = lax.all_gather(packed, axis_name, axis=0, tiled=False)
+        got = lax.dynamic_index_in_dim(every, lax.axis_index(axis_name), 1, keepdims=False)
     # per-source slices: each stays inside one received block
     return _merge_sources(lambda r: got[r, :, :h * dv].reshape(B, h, dv),
                           lambda r: got[r, :, h * dv:], n, base)
 
 
-METHODS = ("auto", "reduce_scatter", "all_to_all", "all_to_all_packed", "packed")
+METHODS = ("auto", "reduce_scatter", "all_to_all", "all_to_all_packed", "packed",
+           "packed_gather")
+
+# method="auto" switches from the all-gather merge ("packed_gather") to the all-to-all merge
+# ("packed" / "all_to_all_packed") above this many bytes of partial output per rank,
+# B * H * Dv * 4 (the bytes of the bare psum_scatter the target compares with).  N = 2: from the
+# 2 x H200 run 2 (/work/notes/gpu7, benchmarks/results/dcp-h200x2.md, 128 heads x 512): the
+# ring collective (bare psum_scatter, sending what an all-gather of the packed partials sends
+# at half the T) took 20.5 / 23.8 / 26.3 / 30.8 us at 0.25 / 0.5 / 1 / 2 MiB, the all-to-all
+# (bare_a2a) 31-42 us up to 2 MiB, so the all-gather's N x bytes are cheaper up to ~0.5 MiB
+# (T <= 2 at 128 x 512).  Provisional: run 3 measures merge_gather itself and its benchmark row
+# "auto crossover" says whether this entry matches; update it from that row.
+# Other N (not measured): the all-gather receives (N-1) x the packed bytes against (N-1)/N x
+# for the all-to-all, so the same received bytes as at N = 2 give 0.5 MiB / (N - 1).
+AUTO_GATHER_MAX_BYTES = {2: 512 * 1024}
+
+
+def auto_gather_max_bytes(n: int) -> int:
+    """Largest per-rank partial bytes ``B*H*Dv*4`` at which ``auto`` uses the all-gather merge."""
+    if n in AUTO_GATHER_MAX_BYTES:
+        return AUTO_GATHER_MAX_BYTES[n]
+    return AUTO_GATHER_MAX_BYTES[2] // max(n - 1, 1)
 
 
 def auto_method(tokens: int, heads: int, dv: int, n: int, *, packed_input: bool = False) -> str:
     """The merge variant ``method="auto"`` uses for a ``[tokens, heads, dv]`` f32 merge over N.
 
-    From the 2 x H200 measurements (benchmarks/results/dcp-h200x2.md, T = 1..256 x 128 heads x
-    512): the one-collective all-to-all merge was at or below the SPEC reduce-scatter merge at every
-    T (two latency-bound collectives vs one at small T; one scaling pass before the collective vs
-    a merge pass after it at large T), so ``all_to_all_packed`` for an unpacked input at every
-    size, and ``packed`` (no packing copy) wherever the producer can emit the packed layout.
-    ``n = 1`` needs no collective: ``reduce_scatter`` degenerates to the local scaling.
+    ``n = 1``: ``reduce_scatter`` (no collective: it degenerates to the local scaling).
+    Partials of at most ``auto_gather_max_bytes(n)`` bytes per rank (``tokens*heads*dv*4``;
+    latency-bound): ``packed_gather`` (one all-gather of the packed partials).  Larger: one
+    all-to-all, ``packed`` where the producer can emit the packed layout (no packing copy),
+    else ``all_to_all_packed``.  From the 2 x H200 measurements (benchmarks/results/
+    dcp-h200x2.md, T = 1..256 x 128 heads x 512): the one-collective all-to-all merge was at or
+    below the SPEC reduce-scatter merge at every T, within 1.15x of the bare reduce-scatter from
+    T = 2 up; at T = 1 the all-to-all's own latency (~35-40 us against 20.5 us) is what is left,
+    hence the all-gather below the (provisional) ``AUTO_GATHER_MAX_BYTES`` table.
     """
-    del tokens, heads, dv  # no measured crossover: kept in the signature for future tables
     if n == 1:
         return "reduce_scatter"
+    if tokens * heads * dv * 4 <= auto_gather_max_bytes(n):
+        return "packed_gather"
     return "packed" if packed_input else "all_to_all_packed"
 
 
@@ -542,8 +591,10 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         ``"all_to_all_packed"`` (one ``all_to_all`` of ``[out | lse]`` rows: one collective, plus a
         packing copy), or ``"packed"`` (``pack_partials`` + ``merge_packed``: chunk-major packed
         layout, whole-block ``all_to_all``; the packing fuses into a jitted producer), or
-        ``"auto"`` (``auto_method``).  All give the same result (to float32 rounding); the
-        receiving-side merges are one fused pass (``_merge_sources``).
+        ``"packed_gather"`` (the same packed layout, one ``all_gather`` of all of it: N x the
+        bytes, for tiny latency-bound batches), or ``"auto"`` (``auto_method``).  All give the
+        same result (to float32 rounding); the receiving-side merges are one fused pass
+        (``_merge_sources``).
 
     Returns:
       ``(out f32[B, h, Dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
@@ -559,8 +610,9 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
         method = auto_method(B, H, Dv, n)
-    if method == "packed":  # pack here (inside a jitted producer the packing fuses upstream)
-        return merge_packed(pack_partials(out, lse, n), axis_name, base, dv=Dv)
+    if method in ("packed", "packed_gather"):  # pack here (a jitted producer fuses the packing)
+        return merge_packed(pack_partials(out, lse, n), axis_name, base, dv=Dv,
+                            collective="all_gather" if method == "packed_gather" else "all_to_all")
     if method == "reduce_scatter":
         lses = lax.all_gather(lse, axis_name)  # [N, B, H]
         total, w = _combine(lses, base)
@@ -603,8 +655,10 @@ def decode(dc: DCPCache, q: jax.Array, layer: int, *, seq_lens: jax.Array,
         positions); replicated.
       scale, base: softmax scale and LSE base.
       compact: compact localized top-k lists valid-first.
-      method: merge method (see ``merge``); ``"auto"`` = ``"packed"`` for N > 1: the attention's
-        output fusion writes the packed layout, one ``all_to_all``, one merge pass.
+      method: merge method (see ``merge``); ``"auto"`` for N > 1: the attention's output fusion
+        writes the packed layout, then one ``all_to_all`` (``"packed"``) or, for batches of at
+        most ``auto_gather_max_bytes(N)`` partial bytes per rank, one ``all_gather``
+        (``"packed_gather"``), and one merge pass.
 
     Returns:
       ``(out f32[B, H, 512], lse f32[B, H])`` sharded over heads; equal (to float32 rounding) to

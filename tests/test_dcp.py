@@ -240,7 +240,9 @@ def _reference(model):
 @pytest.mark.parametrize("n,interleave", [(1, 1), (2, 1), (2, "page"), (4, 1), (4, "page"),
                                           (8, 1), (8, "page")])  # N = 1: I has no effect
 def test_decode_matches_reference(model, n, interleave):
-    """DCP decode (all-gather q, local attention, LSE merge + reduce-scatter) == the oracle."""
+    """DCP decode (all-gather q, local attention, LSE merge) == the oracle.  The default merge
+    (auto) here: all-gather of the packed partials at N = 2 and 4 (4 x 16 x 512 f32 is under
+    auto_gather_max_bytes), all-to-all at N = 8 (test_auto_method)."""
     geo = GEOS[model]()
     q, iq, iw, res = _reference(model)
     sc = Scenario(geo, n, interleave, _lens(geo), seed=7, ref=False)
@@ -429,9 +431,10 @@ def test_pack_partials_layout_and_round_trip():
         dcp.unpack_partials(np.zeros((2, 3, 10), np.float32), dv=6)
 
 
-def _run_merge_packed(n, packed, base, dv):
+def _run_merge_packed(n, packed, base, dv, collective="all_to_all"):
     mesh = dcp.make_mesh(n)
-    f = jax.jit(dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", base, dv=dv),
+    f = jax.jit(dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", base, dv=dv,
+                                                         collective=collective),
                               mesh=mesh, in_specs=(jax.sharding.PartitionSpec("dcp"),),
                               out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2))
     return f(jnp.asarray(packed))
@@ -461,12 +464,18 @@ def test_merge_packed_vs_numpy_with_empty_ranks(n, base):
     np.testing.assert_array_equal(np.isfinite(l), np.isfinite(wl))
     np.testing.assert_allclose(l[np.isfinite(l)], wl[np.isfinite(wl)], rtol=1e-6)
     assert (o[1, 0] == 0).all() and l[1, 0] == -np.inf
-    # method="packed" / "auto" on unpacked input (packs inside) give the same merge
-    for method in ("packed", "auto"):
-        o2, l2 = map(np.asarray, _run_merge(n, outs, lses, base, method))
+    # the all-gather collective on the same layout (each rank merges only its own chunk), and
+    # method="packed" / "auto" (= "packed_gather" at this tiny size) on unpacked input
+    assert dcp.auto_method(Bq, H, Dv, n) == ("packed_gather" if n > 1 else "reduce_scatter")
+    got = [_run_merge_packed(n, packed, base, Dv, "all_gather")]
+    got += [_run_merge(n, outs, lses, base, method) for method in ("packed", "auto")]
+    for o2, l2 in got:
+        o2, l2 = np.asarray(o2), np.asarray(l2)
+        assert not np.isnan(o2).any() and not np.isnan(l2).any()
         np.testing.assert_allclose(o2, wo, rtol=2e-6, atol=1e-6)
         np.testing.assert_array_equal(np.isfinite(l2), np.isfinite(wl))
-        assert not np.isnan(o2).any()
+        np.testing.assert_allclose(l2[np.isfinite(l2)], wl[np.isfinite(wl)], rtol=1e-6)
+        assert (o2[1, 0] == 0).all() and l2[1, 0] == -np.inf
 
 
 @needs8
@@ -478,15 +487,18 @@ def test_merge_packed_empty_rank_exactly_zero_and_bad_input():
     o1, l1 = _run_merge_packed(1, _np_pack(a, la, 1), "e", 17)
     outs = np.concatenate([a, np.full_like(a, np.nan)])
     lses = np.concatenate([la, np.full_like(la, -np.inf)])
-    o2, l2 = _run_merge_packed(2, _np_pack(outs, lses, 2), "e", 17)
-    np.testing.assert_array_equal(np.asarray(o2), np.asarray(o1))
-    np.testing.assert_array_equal(np.asarray(l2), np.asarray(l1))
+    for collective in dcp.COLLECTIVES:
+        o2, l2 = _run_merge_packed(2, _np_pack(outs, lses, 2), "e", 17, collective)
+        np.testing.assert_array_equal(np.asarray(o2), np.asarray(o1))
+        np.testing.assert_array_equal(np.asarray(l2), np.asarray(l1))
     mesh = dcp.make_mesh(2)
     bad = jnp.zeros((2, 3, 2 * 17 + 1), jnp.float32)  # rows not a multiple of dv + 1
     with pytest.raises(ValueError, match="packed must be"):
         dcp.shard_map(lambda p: dcp.merge_packed(p[0], "dcp", dv=16), mesh=mesh,
                       in_specs=(jax.sharding.PartitionSpec("dcp"),),
                       out_specs=(jax.sharding.PartitionSpec(None, "dcp"),) * 2)(bad[:, None])
+    with pytest.raises(ValueError, match="collective must be"):
+        _run_merge_packed(2, _np_pack(outs, lses, 2), "e", 17, "psum")
     with pytest.raises(ValueError, match="method must be"):
         _run_merge(2, outs, lses, "e", "psum")
 
@@ -514,12 +526,29 @@ def test_merge_packed_has_no_full_size_intermediate():
 
 
 def test_auto_method():
+    """auto: no collective at N = 1; all-gather up to auto_gather_max_bytes(N) of partials per
+    rank (B*H*Dv*4), one all-to-all above it (packed if the producer packs)."""
     assert dcp.auto_method(64, 128, 512, 1) == "reduce_scatter"
-    for T in (1, 16, 64, 256):
-        assert dcp.auto_method(T, 128, 512, 2) == "all_to_all_packed"
-        assert dcp.auto_method(T, 128, 512, 2, packed_input=True) == "packed"
+    assert dcp.auto_method(1, 128, 512, 1, packed_input=True) == "reduce_scatter"
+    for n in (2, 3, 4, 8):
+        lim = dcp.auto_gather_max_bytes(n)
+        assert 0 < lim <= dcp.auto_gather_max_bytes(2)
+        for T in (1, 2, 3, 4, 16, 64, 256):
+            small = T * 128 * 512 * 4 <= lim
+            assert dcp.auto_method(T, 128, 512, n) == (
+                "packed_gather" if small else "all_to_all_packed")
+            assert dcp.auto_method(T, 128, 512, n, packed_input=True) == (
+                "packed_gather" if small else "packed")
+        # exactly at the limit: gather; one byte's worth (one token of one head) more: not
+        T = lim // 4
+        assert dcp.auto_method(T, 1, 1, n) == "packed_gather"
+        assert dcp.auto_method(T + 1, 1, 1, n, packed_input=True) == "packed"
+    # N = 2 (the measured table): T <= 2 tokens x 128 heads x 512 go through the all-gather
+    assert [dcp.auto_method(T, 128, 512, 2) for T in (1, 2, 4)] == [
+        "packed_gather", "packed_gather", "all_to_all_packed"]
+    assert dcp.auto_gather_max_bytes(4) < dcp.auto_gather_max_bytes(2)  # N x the bytes
     assert set(dcp.METHODS) >= {"auto", "reduce_scatter", "all_to_all", "all_to_all_packed",
-                                "packed"}
+                                "packed", "packed_gather"}
 
 
 def test_merge_partials_bases_agree():
@@ -641,7 +670,8 @@ def test_decode_and_reshard_on_gpus(model):
         layers = range(geo.num_layers) if geo.is_dsv4 else [1]
         for layer in layers:
             for base in ("e", "2"):
-                for method in ("reduce_scatter", "all_to_all", "all_to_all_packed", "packed"):
+                for method in ("reduce_scatter", "all_to_all", "all_to_all_packed", "packed",
+                               "packed_gather"):
                     ro, rl = _ref_decode(q, ref.ref, layer, index_q=iq, index_w=iw, base=base,
                                          **ref.kwargs("ref"))
                     do, dl = dcp.decode(sc.dc, q, layer, index_q=iq, index_w=iw, base=base,
