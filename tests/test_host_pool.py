@@ -502,11 +502,15 @@ def _ptx(meta, to_host, num_warps):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sig = {"dev_in": "*u8", "dev_row": "*i32", "dev_col": "*i32", "host_row": "*i32",
-           "host_col": "*i32", "lay": "*i32", "host_addr": "i64", "out": "*i32"}
+    import inspect
+    ptrs = {"dev_in": "*u8", "dev_row": "*i32", "dev_col": "*i32", "host_row": "*i32",
+            "host_col": "*i32", "lay": "*i32", "host_addr": "i64", "out": "*i32"}
     const = dict(meta, TO_HOST=to_host)
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
+    # positional: in the kernel's own parameter order (a constexpr out of order would silently
+    # take another one's value)
+    names = list(inspect.signature(hp._copy_windows_src).parameters)
+    assert set(names) == set(ptrs) | set(const), names
+    sig = {k: ptrs.get(k, "constexpr") for k in names}
     src = ASTSource(fn=hp._copy_windows_kernel(), signature=sig,
                     constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7)})
