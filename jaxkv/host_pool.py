@@ -774,14 +774,14 @@ def _fast_plan(host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[in
                dest: str, min_device: int | None = None):
     """The ``"triton"`` method's plan, with the same validation and errors as ``_Plan``.
 
-    Range checks by min/max on the host first (pools whose slots do not fit int32 and range
-    errors: the numpy ``_Plan``).  Page-aligned calls are then validated on the host at page
-    granularity (``_host_page_plan``: no device work, no sync; run 4's device-checked plan of a
-    page call took 3.8 ms on the H100, mostly its sync and uploads).  Token calls of at least
-    ``min_device`` (default ``_DEVICE_PLAN_MIN``) indices: the two index arrays padded to a size
-    bucket (int32, -1 padding) and uploaded in one ``device_put``, the duplicate / allocation
-    checks run as one jitted device program (``_validate_fn``, one small read-back) and the
-    indices stay on the device; smaller token calls use the numpy plan.  Any failed check re-runs
+    Pools whose slots do not fit int32: the numpy ``_Plan``.  Page-aligned calls are validated
+    on the host at page granularity (``_host_page_plan``: no device work, no sync; run 4's
+    device-checked plan of a page call took 3.8 ms on the H100, mostly its sync and uploads).
+    Token calls: range checks by min/max on the host (a range error: the numpy ``_Plan``), then
+    from ``min_device`` (default ``_DEVICE_PLAN_MIN``) indices the two index arrays padded to a
+    size bucket (int32, -1 padding) and uploaded in one ``device_put``, the duplicate /
+    allocation checks run as one jitted device program (``_validate_fn``, one small read-back)
+    and the indices stay on the device; smaller token calls use the numpy plan.  Any failed check re-runs
     the numpy ``_Plan``, which raises the exact error (so messages are unchanged).  Measured on
     the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window arrays) /
     ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
