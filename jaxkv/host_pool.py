@@ -782,9 +782,9 @@ def _fast_plan(host: HostPool, p, h: np.ndarray, d: np.ndarray, layers: tuple[in
     size bucket (int32, -1 padding) and uploaded in one ``device_put``, the duplicate /
     allocation checks run as one jitted device program (``_validate_fn``, one small read-back)
     and the indices stay on the device; smaller token calls use the numpy plan.  Any failed
-    check re-runs the numpy ``_Plan``, which raises the exact error (so messages are unchanged).  Measured on
-    the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window arrays) /
-    ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
+    check re-runs the numpy ``_Plan``, which raises the exact error (so messages are unchanged).
+    Measured on the 2-core CPU box (256K tokens / 352K page slots): ~25 ms (token plan + window
+    arrays) / ~9 ms (page plan) of numpy before; see benchmarks/NOTES.md for after."""
     s = host.spec
     tpp = s.tokens_per_page
     lim = 2**31 - 2 * tpp
