@@ -37,11 +37,13 @@ Both directions use the DLPack stream handshake, so no host synchronisation is n
 * Both directions take a fast path (jaxlib's and torch's C++ DLPack entry points with cached
   devices, streams and one reusable event) that performs exactly this handshake and passes
   jaxlib exactly the arguments the public API passes; it checks itself on first use and falls
-  back to ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``.  If jaxlib or torch ever raises
-  inside the fast path, the capsule is kept alive forever (never destroyed, so never freed
-  twice -- at worst one tensor leaks), the fast path is switched off for the process with a
-  warning, and the public API answers.  ``JAXKV_DLPACK_FAST=0`` in the environment switches
-  both fast paths off from the start.
+  back to ``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``.  If jaxlib's or torch's entry
+  point raises after receiving the capsule, the capsule is neutralised (renamed
+  "used_dltensor" and kept: never freed twice, at worst one tensor leaks; jaxlib 0.11.2 frees
+  the tensor on some failures without marking the capsule, so dropping it would be a double
+  free) and the call raises ``ValueError`` (no retry through the public API, which would make
+  the same call and drop its capsule).  ``JAXKV_DLPACK_FAST=0`` in the environment switches both
+  fast paths off from the start.
 * Writes made by torch into shared memory *after* the exchange are not ordered with JAX work.
   Re-export after each torch step (an exchange costs a few microseconds), or synchronise.  Before
   torch overwrites memory that running JAX computations still read, ``jax.block_until_ready``
@@ -135,24 +137,58 @@ def _record(table: dict, ptr: int, obj) -> None:
             _sweep()
 
 
-# Capsules whose consumer raised: kept alive for the life of the process (see ``_quarantine``).
+# Capsules whose consumer raised (see ``_quarantine``).
 _QUARANTINE: list = []
+# The name a consumed capsule carries.  PyCapsule_SetName keeps only the pointer, so the bytes
+# object gets one reference that is never released: the name outlives every capsule, even at
+# interpreter shutdown.
+_USED_NAME = b"used_dltensor"
 
 
-def _quarantine(cap, flags: dict, where: str, err: Exception) -> None:
-    """Keeps ``cap`` alive forever and switches the fast path ``flags`` off for the process.
+def _set_capsule_name(cap, name: bytes) -> bool:
+    """``PyCapsule_SetName(cap, name)`` through ctypes (own function objects: no argtypes shared
+    with other ctypes users); ``name`` is pinned (one reference never released) first."""
+    try:
+        api = _QUARANTINE_STATE.get("api")
+        if api is None:
+            import ctypes
+            lib = ctypes.PyDLL(None)
+            lib.Py_IncRef.argtypes = [ctypes.py_object]
+            lib.Py_IncRef.restype = None
+            lib.PyCapsule_SetName.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            lib.PyCapsule_SetName.restype = ctypes.c_int
+            lib.Py_IncRef(_USED_NAME)  # the name must outlive every capsule carrying it
+            api = _QUARANTINE_STATE["api"] = lib
+        return api.PyCapsule_SetName(cap, name) == 0
+    except Exception:  # noqa: BLE001 - no ctypes: the capsule is still kept alive (below)
+        return False
 
-    A DLPack consumer that raises may or may not already have taken the tensor (arranged to call
-    its deleter); the capsule's own destructor would call the deleter again if the consumer had
-    not renamed it "used_dltensor" -- a double free.  Never destroying the capsule turns that
-    into at most one leaked tensor.  The public API then serves this call and every later one.
+
+_QUARANTINE_STATE: dict = {}
+
+
+class FastPathError(RuntimeError):
+    """jaxlib's / torch's DLPack entry point raised inside a fast path (capsule quarantined)."""
+
+
+def _quarantine(cap, where: str, err: Exception) -> None:
+    """Makes sure a capsule whose consumer raised never runs its deleter again.
+
+    jaxlib 0.11.2's ``dlpack_managed_tensor_to_buffer`` can fail *after* taking the tensor: it
+    has already called the DLPack deleter, yet the capsule keeps its "dltensor" name and its
+    destructor, so dropping the capsule calls the deleter a second time -- a double free
+    (measured on CPU with a rejected ``stream``: the producer's reference is released at the
+    error, and the process segfaults once the capsule is dropped; jaxlib 0.10.2 fails before
+    taking it).  The capsule is renamed "used_dltensor" (every producer's destructor then does
+    nothing: the DLPack rule for a consumed capsule) and kept referenced for the life of the
+    process.  Where the consumer had *not* taken the tensor, that tensor leaks: one tensor per
+    failure, never a double free.
     """
+    _set_capsule_name(cap, _USED_NAME)
     _QUARANTINE.append(cap)
-    flags["enabled"] = False
-    warnings.warn(f"jaxkv.interop.{where}: the fast DLPack path failed ({type(err).__name__}: "
-                  f"{err}); it is off for this process and the public DLPack API is used "
-                  "(one capsule is kept alive on purpose: at most one tensor leaks)",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"jaxkv.interop.{where}: DLPack entry point failed ({type(err).__name__}: "
+                  f"{err}); its capsule was neutralised (never freed twice; at most this one "
+                  "tensor leaks)", RuntimeWarning, stacklevel=4)
 
 
 def buffer_pointer(array: jax.Array) -> int:
@@ -266,8 +302,9 @@ def _fast_export(array: jax.Array, device):
     try:
         t = api[1](cap)
     except Exception as e:  # noqa: BLE001 - torch may or may not have taken the tensor
-        _quarantine(cap, _EXPORT, "to_torch", e)
-        return None
+        _quarantine(cap, "to_torch", e)
+        raise FastPathError(f"torch._C._from_dlpack failed: {e}") from e  # no public retry:
+        # the same call through torch.from_dlpack could take and free the tensor again
     if not _EXPORT["checked"]:  # first use: must look exactly like the public path's result
         if (tuple(t.shape) != tuple(array.shape) or t.element_size() != array.dtype.itemsize
                 or (array.size and t.data_ptr() != int(array.unsafe_buffer_pointer()))):
@@ -278,18 +315,18 @@ def _fast_export(array: jax.Array, device):
 
 
 def _export_one(array: jax.Array, device=None) -> torch.Tensor:
-    t = _fast_export(array, device) if device is not None else None
-    if t is None:
-        try:
+    try:
+        t = _fast_export(array, device) if device is not None else None
+        if t is None:
             t = torch.from_dlpack(array)
-        except (BufferError, RuntimeError, TypeError) as e:
-            if array.dtype == jnp.float8_e4m3fn:
-                raise ValueError(
-                    "this JAX/torch pair cannot exchange float8_e4m3fn through DLPack, and JAX "
-                    "cannot alias an fp8 buffer as uint8 without a copy: exchange the cache's "
-                    "uint8 buffers instead, or bitcast inside jit "
-                    "(jax.lax.bitcast_convert_type)") from e
-            raise ValueError(f"DLPack export of a {array.dtype} array failed: {e}") from e
+    except (BufferError, RuntimeError, TypeError) as e:
+        if array.dtype == jnp.float8_e4m3fn:
+            raise ValueError(
+                "this JAX/torch pair cannot exchange float8_e4m3fn through DLPack, and JAX "
+                "cannot alias an fp8 buffer as uint8 without a copy: exchange the cache's "
+                "uint8 buffers instead, or bitcast inside jit "
+                "(jax.lax.bitcast_convert_type)") from e
+        raise ValueError(f"DLPack export of a {array.dtype} array failed: {e}") from e
     ptr = int(array.unsafe_buffer_pointer())
     if array.size and t.data_ptr() != ptr:
         raise RuntimeError("DLPack export copied the array (pointers differ); refusing a silent "
@@ -381,10 +418,10 @@ def _x64_enabled() -> bool:
 # current stream instead; on jaxlib 0.11.2 + CUDA that aborted the process with a double free
 # ("free(): double free detected in tcache 2", "Fatal Python error: Aborted" while
 # ``_fast_import``'s frame was torn down, i.e. while the capsule was dropped; only the
-# direct_stream test and benchmark row died, the handshake variant passed): most likely jaxlib
-# rejected the foreign stream after arranging to call the tensor's deleter, the capsule kept its
-# "dltensor" name, and torch's capsule destructor freed the tensor a second time.  The variant
-# is gone; ``_quarantine`` covers any other failure inside jaxlib.
+# direct_stream test and benchmark row died, the handshake variant passed): jaxlib 0.11.2 fails
+# on such a stream *after* calling the tensor's deleter but leaves the capsule named "dltensor"
+# (measured with the CPU client), so torch's capsule destructor freed the tensor a second time.
+# The variant is gone; ``_quarantine`` makes any other failure inside jaxlib safe.
 _FAST = {"enabled": _ENV_FAST, "checked": False}
 _DEVICES: dict = {}
 _handshake_lock = threading.Lock()
@@ -455,9 +492,14 @@ def _fast_import(src: torch.Tensor):
             out = to_buffer(cap, device, stream, False, dl_type)
         else:
             out = to_buffer(cap, device, stream, False)
-    except Exception as e:  # noqa: BLE001 - jaxlib may or may not own the tensor now
-        _quarantine(cap, _FAST, "from_torch", e)
+    except TypeError as e:  # the arguments did not bind (another jaxlib): nothing consumed
+        _quarantine(cap, "from_torch", e)
+        _FAST["enabled"] = False  # the public API knows its own jaxlib
         return None
+    except Exception as e:  # noqa: BLE001 - jaxlib may already have freed the tensor
+        _quarantine(cap, "from_torch", e)
+        raise FastPathError(f"jaxlib's DLPack import failed: {e}") from e  # no public retry:
+        # jax.dlpack.from_dlpack makes the same call and would drop its capsule -- a double free
     if not _FAST["checked"]:  # first use: the result must look exactly like the public API's
         ok = (isinstance(out, jax.Array) and tuple(out.shape) == tuple(src.shape)
               and out.dtype.itemsize == src.element_size()

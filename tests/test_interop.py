@@ -687,7 +687,36 @@ import numpy as np, torch, jax, jax.numpy as jnp
 from jaxkv.interop import dlpack as D
 from jaxkv.interop import from_torch, to_torch
 dev, n = sys.argv[1], int(sys.argv[2])
-warnings.simplefilter("error", RuntimeWarning)  # a quarantined capsule fails the run
+mode = sys.argv[3] if len(sys.argv) > 3 else "plain"
+injected = [0]
+if mode == "inject":  # every 10th import: the consumer frees the tensor, then raises (as
+    # jaxlib 0.11.2 does on some errors) -- the quarantine must prevent a second free
+    import ctypes
+    lib = ctypes.PyDLL(None)
+    lib.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    lib.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    deleter_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    api = D._import_api()
+    real = api[1]
+    def flaky(cap, *args):
+        injected[0] += 1
+        if injected[0] % 10:
+            return real(cap, *args)
+        ptr = lib.PyCapsule_GetPointer(cap, b"dltensor")  # DLManagedTensor*; deleter at +56
+        deleter_t(ctypes.c_void_p.from_address(ptr + 56).value)(ptr)
+        raise RuntimeError("injected failure after freeing the tensor")
+    D._FAST["api"] = (api[0], flaky) + tuple(api[2:])
+    warnings.simplefilter("ignore", RuntimeWarning)
+else:
+    warnings.simplefilter("error", RuntimeWarning)  # a quarantined capsule fails the run
+
+
+def from_torch(x, _f=from_torch):
+    while True:
+        try:
+            return _f(x)
+        except ValueError as e:  # injected failures only: retry
+            assert mode == "inject" and "injected" in str(e), e
 rng = np.random.default_rng(1)
 ref = rng.integers(-2**31, 2**31 - 1, size=(4096,), dtype=np.int64).astype(np.int32)
 src = torch.from_numpy(ref).clone().to(dev)  # torch allocator: 64-B aligned
@@ -740,13 +769,17 @@ if base is not None:  # every reference the exchanges took on src is given back 
         time.sleep(0.05)
     assert count() == base, f"src use count {count()} != {base} before the exchanges"
 assert np.array_equal(src.cpu().numpy(), ref)
-assert not D._QUARANTINE, "a fast-path capsule was quarantined"
+if mode == "inject":
+    assert len(D._QUARANTINE) == injected[0] // 10 > 0, (len(D._QUARANTINE), injected[0])
+else:
+    assert not D._QUARANTINE, "a fast-path capsule was quarantined"
 print("STRESS-OK", dev, n, "fast", D._FAST["enabled"], D._EXPORT["enabled"],
       "checked", D._FAST["checked"], D._EXPORT["checked"], "use_count", base)
 """
 
 
-def _run_stress(dev: str, n: int, fast: bool = True, timeout: float = 300.0):
+def _run_stress(dev: str, n: int, fast: bool = True, timeout: float = 300.0,
+                mode: str = "plain"):
     """Runs ``_STRESS`` in a child interpreter; returns (returncode, output)."""
     import jaxkv as _pkg  # the child imports the same jaxkv
     root = os.path.dirname(os.path.dirname(os.path.abspath(_pkg.__file__)))
@@ -756,7 +789,7 @@ def _run_stress(dev: str, n: int, fast: bool = True, timeout: float = 300.0):
     if dev == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     try:
-        r = subprocess.run([sys.executable, "-c", _STRESS, dev, str(n)], env=env,
+        r = subprocess.run([sys.executable, "-c", _STRESS, dev, str(n), mode], env=env,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         return -999, f"timed out after {timeout} s: {e.stdout}{e.stderr}"
@@ -776,9 +809,29 @@ def test_exchange_stress_no_double_free_or_leak(fast):
     assert f"STRESS-OK cpu {n} fast {fast} {fast} checked {fast} {fast}" in out, out
 
 
+def _capsule_name(cap) -> bytes:
+    import ctypes
+    lib = ctypes.PyDLL(None)
+    lib.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    lib.PyCapsule_GetName.restype = ctypes.c_char_p
+    return lib.PyCapsule_GetName(cap)
+
+
+def test_exchange_stress_consumer_frees_then_raises():
+    """jaxlib 0.11.2 can free the tensor and then raise, leaving the capsule named "dltensor"
+    (its destructor would free it again).  Emulated: every 10th import calls the DLPack deleter
+    and raises.  The quarantine must turn each into a clean ValueError: no crash, and the source
+    tensor's reference count back exactly to its start (each deleter ran exactly once)."""
+    rc, out = _run_stress("cpu", 120, True, mode="inject")
+    assert rc == 0, f"child exited with {rc} (negative = killed by that signal):\n{out}"
+    assert "STRESS-OK cpu 120 fast True True" in out, out
+
+
 def test_fast_import_failure_quarantines_capsule(monkeypatch):
-    """If jaxlib raises inside the fast import, the capsule is kept alive (never freed twice),
-    the fast path turns itself off with a warning, and the public API gives the right answer."""
+    """If jaxlib raises inside the fast import, the capsule is neutralised ("used_dltensor",
+    kept alive: its destructor can never free the tensor a second time) and the call raises a
+    ValueError -- no retry through jax.dlpack.from_dlpack, which would make the same call and
+    drop its capsule.  The fast path stays on; the next call works."""
     from jaxkv.interop import dlpack
     api = dlpack._import_api()
     if api is None:
@@ -793,14 +846,42 @@ def test_fast_import_failure_quarantines_capsule(monkeypatch):
     monkeypatch.setitem(dlpack._FAST, "enabled", True)
     monkeypatch.setattr(dlpack, "_QUARANTINE", [])
     t = torch.from_numpy(_random_bytes((64, 32))).clone()
-    with pytest.warns(RuntimeWarning, match="fast DLPack path failed"):
-        y = I.from_torch(t)
+    base = t._use_count() if hasattr(t, "_use_count") else None
+    with pytest.warns(RuntimeWarning, match="neutralised"):
+        with pytest.raises(ValueError, match="injected failure"):
+            I.from_torch(t)
     assert len(calls) == 1 and dlpack._QUARANTINE == calls  # the capsule is held, not dropped
-    assert not dlpack._FAST["enabled"]
+    assert _capsule_name(calls[0]) == b"used_dltensor"
+    if base is not None:  # the fake consumer took nothing: the capsule's reference is leaked
+        gc.collect()
+        assert t._use_count() == base + 1
+    assert dlpack._FAST["enabled"]
+    monkeypatch.setitem(dlpack._FAST, "api", api)
+    y = I.from_torch(t)
     assert y.unsafe_buffer_pointer() == t.data_ptr()
     assert np.array_equal(np.asarray(y), t.numpy())
-    y2 = I.from_torch(t)  # later calls: the public path, no second failure
-    assert len(calls) == 1 and np.array_equal(np.asarray(y2), t.numpy())
+
+
+def test_fast_import_signature_mismatch_falls_back(monkeypatch):
+    """A TypeError (arguments that do not bind: another jaxlib) switches the fast import off
+    and the public API answers."""
+    from jaxkv.interop import dlpack
+    api = dlpack._import_api()
+    if api is None:
+        pytest.skip("jaxlib's import entry point is not available")
+
+    def wrong_signature(cap, *args):
+        raise TypeError("incompatible function arguments")
+
+    monkeypatch.setitem(dlpack._FAST, "api", (api[0], wrong_signature) + tuple(api[2:]))
+    monkeypatch.setitem(dlpack._FAST, "enabled", True)
+    monkeypatch.setattr(dlpack, "_QUARANTINE", [])
+    t = torch.from_numpy(_random_bytes((64, 32))).clone()
+    with pytest.warns(RuntimeWarning, match="neutralised"):
+        y = I.from_torch(t)
+    assert not dlpack._FAST["enabled"] and len(dlpack._QUARANTINE) == 1
+    assert y.unsafe_buffer_pointer() == t.data_ptr()
+    assert np.array_equal(np.asarray(y), t.numpy())
 
 
 def test_fast_export_failure_quarantines_capsule(monkeypatch):
@@ -818,9 +899,13 @@ def test_fast_export_failure_quarantines_capsule(monkeypatch):
     monkeypatch.setitem(dlpack._EXPORT, "enabled", True)
     monkeypatch.setattr(dlpack, "_QUARANTINE", [])
     x = _random_jax((16, 8), jnp.int32)
-    with pytest.warns(RuntimeWarning, match="fast DLPack path failed"):
-        t = I.to_torch(x)
-    assert len(calls) == 1 and dlpack._QUARANTINE == calls and not dlpack._EXPORT["enabled"]
+    with pytest.warns(RuntimeWarning, match="neutralised"):
+        with pytest.raises(ValueError, match="injected failure"):
+            I.to_torch(x)
+    assert len(calls) == 1 and dlpack._QUARANTINE == calls
+    assert _capsule_name(calls[0]) == b"used_dltensor"
+    monkeypatch.setitem(dlpack._EXPORT, "api", api)
+    t = I.to_torch(x)
     assert t.data_ptr() == x.unsafe_buffer_pointer() and np.array_equal(t.numpy(), np.asarray(x))
 
 
@@ -869,13 +954,16 @@ def _gpu_fast_path_guard(request, monkeypatch):
 @cuda
 def test_gpu_exchange_stress():
     """CUDA exchange stress in a child process (fast paths on; default and side streams): no
-    double free, no leak, values intact; then the same with the fast paths off."""
+    double free, no leak, values intact; then the same with the fast paths off, and with a
+    consumer that frees the tensor and raises on every 10th import (the quarantine)."""
     rc, out = _gpu_canary()
     assert rc == 0, f"fast paths: child exited with {rc} (if killed by a signal, this module's " \
         f"in-process GPU tests ran with the fast paths off):\n{out}"
     assert "STRESS-OK cuda 400 fast True True checked True True" in out, out
     rc, out = _run_stress("cuda", 100, fast=False)
     assert rc == 0 and "STRESS-OK cuda 100 fast False False" in out, f"public path: {rc}\n{out}"
+    rc, out = _run_stress("cuda", 100, fast=True, mode="inject")  # consumer frees, then raises
+    assert rc == 0 and "STRESS-OK cuda 100 fast True True" in out, f"quarantine: {rc}\n{out}"
 
 
 @pytest.mark.gpu
