@@ -706,9 +706,9 @@ if mode == "inject":  # every 10th import: the consumer frees the tensor, then r
         deleter_t(ctypes.c_void_p.from_address(ptr + 56).value)(ptr)
         raise RuntimeError("injected failure after freeing the tensor")
     D._FAST["api"] = (api[0], flaky) + tuple(api[2:])
-    warnings.simplefilter("ignore", RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".*neutralised")
 else:
-    warnings.simplefilter("error", RuntimeWarning)  # a quarantined capsule fails the run
+    warnings.filterwarnings("error", message=".*neutralised")  # a quarantine fails the run
 
 
 def from_torch(x, _f=from_torch):
@@ -931,7 +931,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @functools.lru_cache(maxsize=None)
 def _gpu_canary():
     """The CUDA exchange stress in a child process, once per session: (returncode, output)."""
-    return _run_stress("cuda", 400, fast=True)
+    return _run_stress("cuda", 400, fast=True, timeout=120)
 
 
 @pytest.fixture(autouse=True)
@@ -960,9 +960,9 @@ def test_gpu_exchange_stress():
     assert rc == 0, f"fast paths: child exited with {rc} (if killed by a signal, this module's " \
         f"in-process GPU tests ran with the fast paths off):\n{out}"
     assert "STRESS-OK cuda 400 fast True True checked True True" in out, out
-    rc, out = _run_stress("cuda", 100, fast=False)
+    rc, out = _run_stress("cuda", 100, fast=False, timeout=80)
     assert rc == 0 and "STRESS-OK cuda 100 fast False False" in out, f"public path: {rc}\n{out}"
-    rc, out = _run_stress("cuda", 100, fast=True, mode="inject")  # consumer frees, then raises
+    rc, out = _run_stress("cuda", 100, fast=True, timeout=80, mode="inject")  # consumer frees, then raises
     assert rc == 0 and "STRESS-OK cuda 100 fast True True" in out, f"quarantine: {rc}\n{out}"
 
 
