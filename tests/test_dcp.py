@@ -235,6 +235,17 @@ def _reference(model):
     return _REF[model]
 
 
+_SC = {}
+
+
+def _scenario(model, n, interleave):
+    """The DCP-N scenario holding the reference's tokens (built once; decode tests share it)."""
+    if (model, n, interleave) not in _SC:
+        geo = GEOS[model]()
+        _SC[(model, n, interleave)] = Scenario(geo, n, interleave, _lens(geo), seed=7, ref=False)
+    return _SC[(model, n, interleave)]
+
+
 @needs8
 @pytest.mark.parametrize("model", ["dsv4", "v32"])
 @pytest.mark.parametrize("n,interleave", [(1, 1), (2, 1), (2, "page"), (4, 1), (4, "page"),
@@ -245,7 +256,7 @@ def test_decode_matches_reference(model, n, interleave):
     auto_gather_max_bytes), all-to-all at N = 8 (test_auto_method)."""
     geo = GEOS[model]()
     q, iq, iw, res = _reference(model)
-    sc = Scenario(geo, n, interleave, _lens(geo), seed=7, ref=False)
+    sc = _scenario(model, n, interleave)
     for i, (layer, base) in enumerate(sorted(res)):
         # fewer compilations: DSv4 layer 0 (SWA only; every layer attends the window too) only
         # at I = 1; base "2" at N in {2, 8}
@@ -266,11 +277,14 @@ def test_decode_matches_reference(model, n, interleave):
 
 @needs8
 def test_decode_compact_and_all_to_all_merge():
-    geo = GEOS["v32"]()
-    sc = Scenario(geo, 4, 1, [3, 37, 20], seed=11)
-    q, iq, iw = _queries(geo, 3, 8, 11)
-    ro, rl = _ref_decode(q, sc.ref, 1, index_q=iq, index_w=iw, **sc.kwargs("ref"))
-    # all_to_all_packed: test_merge_vs_numpy_with_empty_ranks; the default (packed): every decode
+    """Compacted top-k lists and the explicit merge methods (V3.2, N = 4; the reference and the
+    DCP scenario are shared with test_decode_matches_reference: lengths 1 and 5 shorter than or
+    about N, 125 over several virtual blocks)."""
+    q, iq, iw, res = _reference("v32")
+    sc = _scenario("v32", 4, 1)
+    ro, rl = res[(1, "e")]
+    # all_to_all_packed: test_merge_vs_numpy_with_empty_ranks; auto (the all-gather here):
+    # test_decode_matches_reference
     for compact, method in ((True, "reduce_scatter"), (False, "all_to_all"), (True, "packed")):
         do, dl = dcp.decode(sc.dc, q, 1, index_q=iq, index_w=iw, compact=compact,
                             method=method, **sc.kwargs("dcp"))
