@@ -34,8 +34,10 @@ RECV_TIMEOUT = 60.0
 
 
 def _layouts():
+    """{"packed", "lm", "torch"}: "torch" is the packed layout in a torch-owned cache."""
     geo = jaxkv.dsv4_flash()
-    return geo, {"packed": jaxkv.packed(geo, NUM_BLOCKS), "lm": jaxkv.layer_major(geo, NUM_PAGES)}
+    packed = jaxkv.packed(geo, NUM_BLOCKS)
+    return geo, {"packed": packed, "lm": jaxkv.layer_major(geo, NUM_PAGES), "torch": packed}
 
 
 def _random_cache(layout, seed):
@@ -279,16 +281,25 @@ _set = jax.jit(jaxkv.set_tokens, static_argnames=("pool", "layer"))
 _get = jax.jit(jaxkv.get_tokens, static_argnames=("pool", "layer"))
 
 
-def _peer_main(conn, name, seed):
-    """A process holding an Agent and one registered cache per layout; serves commands."""
+def _peer_main(conn, name, seed, torch_device="cpu"):
+    """A process holding an Agent and one registered cache per layout ("torch": a torch-owned
+    packed cache on ``torch_device``); serves commands."""
     import traceback
+    import warnings
 
     from jaxkv.interop import transfer as T
 
     geo, lays = _layouts()
     agent = T.Agent(name, progress_thread=False)  # no busy thread; progress() while idle
-    regs = {k: agent.register(_random_cache(lay, seed + i)) for i, (k, lay) in
-            enumerate(lays.items())}
+    regs, reg_warnings = {}, {}
+    for i, (k, lay) in enumerate(lays.items()):
+        c = _random_cache(lay, seed + i)
+        if k == "torch":
+            c = T.torch_owned_cache(lay, torch_device, init=c)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            regs[k] = agent.register(c)
+        reg_warnings[k] = [str(x.message) for x in w if x.category is T.VRAMTransportWarning]
     pending, xfers = {}, {}
 
     def fill(kind, plan, tokens):
@@ -334,6 +345,10 @@ def _peer_main(conn, name, seed):
             regs[kind], remote, src, dst, seconds, timeout, conn),
         "misuse": lambda kind, peer: _misuse(regs[kind], peer),
         "bad_remote": lambda kind, remote: _bad_remote(regs[kind], remote),
+        "torch_misuse": lambda peer: _torch_misuse(regs["torch"], peer),
+        "reg_info": lambda kind: (regs[kind].mem_type, reg_warnings[kind],
+                                  T.cuda_ipc_info(regs[kind].regions[0].addr)["legacy_ipc"]
+                                  if regs[kind].mem_type == "VRAM" else None),
     }
     while True:
         try:
@@ -443,6 +458,33 @@ def _misuse(reg, peer):
     return out
 
 
+def _torch_misuse(reg, peer):
+    """Torch-owned cache: locked while a transfer is in flight, views never donatable."""
+    from jaxkv.interop import OwnershipError, donate_safe
+    out = {}
+    old = reg.cache
+    out["zero_copy"] = [int(b.unsafe_buffer_pointer()) for b in old.buffers] == [
+        r.addr for r in reg.regions]
+    p = reg.expect(b"torch-never", [2], peer=peer)
+    try:
+        reg.cache
+    except T.TransferInFlightError as e:
+        out["cache_in_flight"] = str(e)
+    out["old_deleted"] = all(b.is_deleted() for b in old.buffers)
+    try:
+        p.wait(0.2)
+    except T.TransferError as e:
+        out["timeout"] = str(e)
+    out["invalid_after_timeout"] = sorted(reg.invalid_blocks, key=str)
+    reg.clear_invalid()
+    c = reg.cache
+    try:
+        donate_safe(c)
+    except OwnershipError as e:
+        out["donate"] = str(e)
+    return out
+
+
 def _bad_remote(reg, remote):
     """Descriptors outside the peer's registered memory -> clear error."""
     import dataclasses
@@ -456,10 +498,11 @@ def _bad_remote(reg, remote):
 
 
 class Peer:
-    def __init__(self, name, seed):
+    def __init__(self, name, seed, torch_device="cpu"):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, args=(child, name, seed), daemon=True)
+        self.proc = ctx.Process(target=_peer_main, args=(child, name, seed, torch_device),
+                                daemon=True)
         self.proc.start()
         self.name = name
 
@@ -585,13 +628,17 @@ REQUESTS = {
     "packed": [([1, 3], [4, 2]), ([2], [1]), ([4], [3])],
     "lm": [([1], [2]), ([2], [1])],  # swapped: no aliasing between requests
 }
+REQUESTS["torch"] = REQUESTS["packed"]
 
 
 @needs_nixl
-@pytest.mark.parametrize("kind", ["packed", "lm"])
+@pytest.mark.parametrize("kind", ["packed", "lm", "torch"])
 @pytest.mark.parametrize("mode", ["write", "read"])
 def test_prefill_to_decode_bit_exact(pair, kind, mode):
-    pre, dec = pair
+    _check_transfer(*pair, kind, mode)
+
+
+def _check_transfer(pre, dec, kind, mode):
     _, lays = _layouts()
     layout = lays[kind]
     reqs = REQUESTS[kind]
@@ -607,7 +654,7 @@ def test_prefill_to_decode_bit_exact(pair, kind, mode):
     src_before = pre("raw", kind)
     dst_before = dec("raw", kind)
     remote_pre, remote_dec = pre("remote", kind), dec("remote", kind)
-    if kind == "packed":
+    if kind in ("packed", "torch"):
         assert len(remote_dec.regions) == 1
     for i, (src, dst) in enumerate(reqs):  # all requests in flight together
         tag = b"%s-%s-%d" % (mode.encode(), kind.encode(), i)
@@ -718,3 +765,121 @@ def test_peer_killed_mid_transfer(procs, who):
     inv = dec("invalid", "lm")
     assert ("c4", 2) in inv and ("swa", 2) in inv
     dec("clear_invalid", "lm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-owned caches (torch allocates, JAX views zero-copy): what UCX's cuda_ipc can map on GPU
+
+
+def test_torch_owned_cache_is_a_zero_copy_view_that_cannot_be_donated():
+    import torch
+
+    from jaxkv.interop import OwnershipError, donate_safe, jit_donating
+    geo, lays = _layouts()
+    layout = lays["lm"]
+    init = _random_cache(layout, 3)
+    oc = T.torch_owned_cache(layout, "cpu", init=init)
+    assert len(oc.tensors) == len(layout.buffer_shapes) and oc.device == torch.device("cpu")
+    c = oc.cache
+    for b, t, src in zip(c.buffers, oc.tensors, init.buffers):
+        assert b.unsafe_buffer_pointer() == t.data_ptr()  # zero-copy
+        assert t.dtype == torch.uint8 and tuple(t.shape) == b.shape
+        np.testing.assert_array_equal(t.numpy(), np.asarray(src))  # init copied bit-exact
+    oc.tensors[0][1, :7] = torch.arange(7, dtype=torch.uint8) + 9  # torch writes, JAX sees them
+    np.testing.assert_array_equal(np.asarray(oc.cache.buffers[0])[1, :7], np.arange(7) + 9)
+    with pytest.raises(OwnershipError, match="torch-owned"):
+        donate_safe(c)
+    with pytest.raises(OwnershipError, match="torch-owned"):
+        jit_donating(lambda cache: cache, donate_argnames="cache")(c)
+    # default init: init_cache's content (zeros + sentinel rows), not uninitialised memory
+    z = T.torch_owned_cache(layout, "cpu")
+    for t, e in zip(z.tensors, jaxkv.init_cache(geo, layout).buffers):
+        np.testing.assert_array_equal(t.numpy(), np.asarray(e))
+
+
+def test_torch_owned_cache_argument_checks():
+    import torch
+    geo, lays = _layouts()
+    with pytest.raises(ValueError, match="layout"):
+        T.torch_owned_cache("packed", "cpu")
+    with pytest.raises(ValueError, match="init"):
+        T.torch_owned_cache(lays["packed"], "cpu", init=jaxkv.init_cache(geo, lays["lm"]))
+    with pytest.raises(ValueError, match="device"):
+        T.torch_owned_cache(lays["packed"], "meta")
+    shape = lays["packed"].buffer_shapes[0]
+    with pytest.raises(ValueError, match="uint8"):
+        T.TorchOwnedCache([torch.zeros(shape, dtype=torch.int32)], lays["packed"])
+    with pytest.raises(ValueError, match="shape"):
+        T.TorchOwnedCache([torch.zeros((1, 8), dtype=torch.uint8)], lays["packed"])
+    with pytest.raises(ValueError, match="buffers"):
+        T.TorchOwnedCache([], lays["packed"])
+
+
+@needs_nixl
+def test_register_torch_owned_cache_never_donates_and_refuses_plain_views():
+    import torch
+
+    from jaxkv.interop import from_torch
+    _, lays = _layouts()
+    layout = lays["packed"]
+    agent = T.Agent("torch-local", progress_thread=False)
+    try:
+        ts = [torch.randint(0, 256, tuple(s), dtype=torch.uint8) for s in layout.buffer_shapes]
+        plain = jaxkv.Cache(tuple(from_torch(t) for t in ts), layout)
+        with pytest.raises(ValueError, match="TorchOwnedCache"):
+            agent.register(plain)  # registering a plain Cache donates: refused
+        assert not any(b.is_deleted() for b in plain.buffers)
+        with pytest.raises(ValueError, match="ipc_check"):
+            agent.register(T.TorchOwnedCache(ts, layout), ipc_check="maybe")
+        before = [t.clone() for t in ts]
+        reg = agent.register(T.TorchOwnedCache(ts, layout))
+        assert [r.addr for r in reg.regions] == [t.data_ptr() for t in ts]
+        c = reg.cache
+        assert c.buffers[0].unsafe_buffer_pointer() == ts[0].data_ptr()
+        # update copies into the torch memory; the tensors see the new bytes, nothing else moves
+        rng = np.random.default_rng(5)
+        new = rng.integers(0, 256, layout.buffer_shapes[0], dtype=np.uint8)
+        reg.update(jaxkv.Cache((jnp.asarray(new),), layout))
+        np.testing.assert_array_equal(ts[0].numpy(), new)
+        assert reg.cache.buffers[0].unsafe_buffer_pointer() == ts[0].data_ptr()
+        assert c.buffers[0].is_deleted()  # views handed out before the update are dead
+        out = reg.release()
+        np.testing.assert_array_equal(np.asarray(out.buffers[0]), new)
+        assert not torch.equal(before[0], ts[0])
+    finally:
+        agent.close()
+
+
+@needs_nixl
+def test_torch_owned_cache_locked_while_a_transfer_is_in_flight(pair):
+    pre, dec = pair
+    out = dec("torch_misuse", pre.name)
+    assert out["zero_copy"]
+    assert "in flight" in out["cache_in_flight"] and out["old_deleted"]
+    assert "not done after" in out["timeout"] and out["invalid_after_timeout"] == [2]
+    assert "torch-owned" in out["donate"]
+    assert dec("cache_state", "torch") == "available"
+
+
+@pytest.mark.gpu
+@needs_nixl
+def test_vram_transfer_with_torch_owned_caches():
+    """Two processes, torch-owned VRAM caches (cudaMalloc: cuda_ipc can map them): bit-exact
+    through get_tokens; a JAX-owned VRAM cache gets VRAMTransportWarning when its memory is not
+    legacy-IPC capable, the torch-owned one none."""
+    peers = [Peer("prefill-gpu", 700, "cuda:0"), Peer("decode-gpu", 800, "cuda:0")]
+    try:
+        pre, dec = peers
+        _connect(pre, dec)
+        for p in peers:
+            mem, warned, legacy = p("reg_info", "torch")
+            assert mem == "VRAM" and legacy is True and warned == []
+            mem, warned, legacy = p("reg_info", "packed")
+            assert mem == "VRAM" and (legacy or len(warned) == 1)
+            if warned:
+                assert "torch_owned_cache" in warned[0]
+        _check_transfer(pre, dec, "torch", "write")
+        _check_transfer(pre, dec, "torch", "read")
+    finally:
+        for p in peers:
+            p.close()
