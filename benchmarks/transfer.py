@@ -20,24 +20,33 @@ alternate request by request so that host load changes hit both alike.  The
 ceiling on DRAM is the kernel's cross-memory attach (``process_vm_writev``, the copy UCX's ``cma``
 transport makes) of the packed descriptors of *other* random blocks (as cache-cold as the
 transfer) into the decode process; rows "raw cma" time the same syscall with each layout's
-descriptors.  On VRAM the ceiling is an in-process device copy of the same bytes (GPU-bound).
+descriptors.  On VRAM the ceiling is an in-process device-to-device copy of the same bytes
+(torch ``copy_``, back to back between CUDA events).
 
-VRAM (``--mem vram``): first the transport probes (``VRAM_PROBES``: fresh process pairs, each
-bounded in time, written to ``transfer-vram-<gpu>-probes.{txt,json}`` with the transport UCX chose
-for GPU-to-GPU writes), then the measurement in a fresh process with the first JAX configuration
-that used ``cuda_ipc`` (else the default settings, labelled so in the table title).
+VRAM (``--mem vram``): both caches of both sides are torch-owned (``torch_owned_cache``:
+``cudaMalloc`` memory viewed by JAX zero-copy), because XLA's own GPU buffers are VMM allocations
+(``cuMemCreate``) that UCX's ``cuda_ipc`` cannot map (UCX then moves them over tcp/lo at ~0.5
+GB/s).  First two transport probes (``VRAM_PROBES``: a JAX-allocated and a torch-allocated buffer
+pair, fresh processes, each bounded in time, written to ``transfer-vram-<gpu>-probes.{txt,json}``
+with the transport UCX chose for GPU-to-GPU writes), then the measurement in a fresh process; its
+own transport (``UCX_PROTO_INFO``) is appended to the table and the probes file.  Every request
+size ends with a bit-exact check: the decode side expects the request and reads its tokens
+through ``jaxkv.get_tokens``, compared with the prefill's source tokens (and the raw bytes).
 
 Findings (benchmarks/NOTES.md "Transfer"): on host memory UCX copies with ``cma``, one syscall per
 descriptor (~2.8 us each on the 2-core box, ~1.5-1.9 us on the H100 host) on top of one core's copy
 (~4.4 GB/s there, ~5.2 GB/s cold on the H100 host); packed runs at 0.77-0.95 of the raw-cma
 ceiling and is 1.4-1.9x faster than layer-major, short of the 3x target, which on DRAM would need
-a copy ~3x faster relative to the per-descriptor cost.  The first VRAM run moved GPU memory over
-tcp/lo ("software emulation", 0.45-0.53 GB/s): no ``cuda_ipc``.  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
+a copy ~3x faster relative to the per-descriptor cost.  The first VRAM runs (JAX-allocated caches)
+moved GPU memory over tcp/lo ("software emulation", 0.45-0.53 GB/s): no ``cuda_ipc`` for VMM
+memory; torch-allocated buffers used ``cuda_ipc`` (16 x 1 MB: 15.6 GB/s, 6.6x 1024 x 16 KB).  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
 default here, ``--progress-thread`` turns it on for both layouts.  Every wait is bounded (10 s per
 request, the decode process's replies by its liveness and a timeout).
 
 Run: ``UCX_NET_DEVICES=lo UCX_MODULES=^ib python -m benchmarks.transfer --out DIR`` (``--quick`` for
-a smoke run; ``--mem vram`` to register GPU memory on the GPU machine).
+a smoke run; ``--mem vram`` to register GPU memory on the GPU machine;
+``JAXKV_TRANSFER_OWNER=jax|torch`` picks who allocates the caches: default torch on VRAM, jax on
+DRAM, torch on DRAM is the CPU smoke test of the VRAM code path).
 """
 from __future__ import annotations
 
@@ -72,11 +81,44 @@ def _layouts(num_blocks: int):
                  "layer_major": jaxkv.layer_major(geo, pages)}
 
 
-def _random_cache(layout, seed, device):
+def _owner(mem: str) -> str:
+    """Who allocates the caches: ``JAXKV_TRANSFER_OWNER`` (jax | torch), default torch on VRAM
+    (the memory UCX's ``cuda_ipc`` can map; XLA's own VMM buffers go over TCP), jax on DRAM."""
+    return os.environ.get("JAXKV_TRANSFER_OWNER", "torch" if mem == "vram" else "jax")
+
+
+def _random_cache(layout, seed, mem):
+    """Random bytes everywhere: a JAX-owned cache, or a torch-owned one (``TorchOwnedCache``:
+    torch tensors viewed by JAX zero-copy) per ``_owner(mem)``."""
+    if _owner(mem) == "torch":
+        import torch
+
+        from jaxkv.interop import transfer as T
+        dev = "cuda:0" if mem == "vram" else "cpu"
+        g = torch.Generator(device=dev)
+        g.manual_seed(seed)
+        ts = [torch.randint(0, 256, tuple(s), dtype=torch.uint8, device=dev, generator=g)
+              for s in layout.buffer_shapes]
+        if mem == "vram":
+            torch.cuda.synchronize()
+        return T.TorchOwnedCache(ts, layout)
     rng = np.random.default_rng(seed)
-    bufs = tuple(jax.device_put(rng.integers(0, 256, s, dtype=np.uint8), device)
+    bufs = tuple(jax.device_put(rng.integers(0, 256, s, dtype=np.uint8), _device(mem))
                  for s in layout.buffer_shapes)
     return jaxkv.Cache(bufs, layout)
+
+
+def _tokens_bytes(cache, blocks):
+    """Every layer's tokens of the request's blocks in the transferred pools, read through
+    ``jaxkv.get_tokens`` (the decode side's view of the request), as bytes per field."""
+    out = []
+    for name in G0:
+        p = cache.layout.pool(name)
+        tpp = p.tokens_per_page
+        locs = np.concatenate([np.arange(b * tpp, (b + 1) * tpp) for b in blocks])
+        t = jaxkv.get_tokens(cache, name, None, jnp.asarray(locs, jnp.int32))
+        out += [np.asarray(x).tobytes() for x in jax.tree.leaves(t)]
+    return out
 
 
 def _device(mem: str):
@@ -90,8 +132,9 @@ def _decode_main(conn, num_blocks, mem, progress_thread=False):
     from jaxkv.interop import transfer as T
     _, lays = _layouts(num_blocks)
     agent = T.Agent("decode", progress_thread=progress_thread)
-    regs = {k: agent.register(_random_cache(lay, 10 + i, _device(mem)))
+    regs = {k: agent.register(_random_cache(lay, 10 + i, mem))
             for i, (k, lay) in enumerate(lays.items())}
+    tokens = {}
     conn.send((agent.metadata(), {k: r.remote() for k, r in regs.items()}))
     while True:
         while not conn.poll(0.001):  # a passive side drives its engine (notifications)
@@ -114,14 +157,18 @@ def _decode_main(conn, num_blocks, mem, progress_thread=False):
                 continue
             conn.send(("ready", None))
             try:
-                pending.wait(10.0)  # returns the cache: the request's tokens are readable
+                cache = pending.wait(10.0)  # returns the cache: the request's tokens are readable
                 conn.send(("seen", time.perf_counter()))  # CLOCK_MONOTONIC: same clock as parent
+                if notif.startswith(b"check"):  # bit-exact check: read it through get_tokens
+                    tokens[kind] = _tokens_bytes(cache, blocks)
             except Exception as e:  # noqa: BLE001
                 conn.send(("error", f"{type(e).__name__}: {e}"))
             continue
         if cmd == "descs_bytes":  # raw bytes at the given descriptors (sanity check)
             kind, blocks, pools = args
             conn.send(_src_bytes(regs[kind], blocks, pools))
+        if cmd == "tokens":  # the tokens get_tokens read after the "check" request
+            conn.send(tokens.pop(args, None))
 
 
 def _src_bytes(reg, blocks, pools):
@@ -165,12 +212,20 @@ def _cma_seconds(pid: int, local: np.ndarray, remote: np.ndarray) -> float:
 
 def _memcpy_gbps(nbytes: int, mem: str, iters: int = 10) -> float:
     """Ceiling: GB/s (bytes moved once) of an in-process copy of ``nbytes``."""
-    if mem == "vram":  # GPU-bound (back to back): the copy itself, not launch + sync latency
-        x = jax.device_put(np.random.default_rng(0).integers(0, 256, nbytes, np.uint8),
-                           jax.devices()[0])
-        f = jax.jit(lambda a: a + jnp.uint8(1))
-        t, _ = common.time_jax_back_to_back(lambda _: f(x), None, calls=iters)
-        return nbytes / t / 1e9
+    if mem == "vram":  # one device-to-device copy of the bytes (cudaMemcpy D2D, back to back
+        # between CUDA events): what cuda_ipc's copy of the same bytes could reach at best
+        import torch
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        e1.record()
+        e1.synchronize()
+        return nbytes / (e0.elapsed_time(e1) / 1e3 / iters) / 1e9
     src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
     ts = []
@@ -216,24 +271,18 @@ def _ucx_settings(progress_thread: bool) -> str:
 
 BLOCK_STRIDE = 1_039_680  # DSv4-Flash packed block (bytes); 64 x 16,245
 PROBE_BLOCKS = 16
-_PROBE_TLS = "self,tcp,cuda_copy,cuda_ipc"
 # (name, environment, buffer kind, what it tests)
-_CTX = {"JAXKV_PROBE_CUDA_CONTEXT": "1"}
 # (name, environment, buffer kind, what it tests); JAXKV_PROBE_CUDA_CONTEXT=1: the probe makes the
 # primary CUDA context current on the thread calling NIXL (what Agent.register/add_peer now do)
 VRAM_PROBES = (
-    ("jax-bfc", {}, "jax", "XLA's default BFC allocator, UCX default transports, no CUDA context "
-     "made current (the first run)"),
+    ("jax-bfc", {}, "jax", "XLA's default BFC allocator (VMM: cuMemCreate), UCX default "
+     "transports"),
     ("torch-control", {}, "torch",
-     "control: torch caching allocator (cudaMalloc) buffers, UCX default transports"),
-    ("jax-bfc-ctx", _CTX, "jax", "BFC + primary CUDA context current on the NIXL thread"),
-    ("jax-platform-ctx", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", **_CTX}, "jax",
-     "XLA platform allocator (one cuMemAlloc per buffer) + primary CUDA context current"),
-    ("jax-platform", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, "jax",
-     "platform allocator, no context made current (diagnosis only: Agent sets the context)"),
-    ("jax-bfc-ctx-tls", {"UCX_TLS": _PROBE_TLS, **_CTX}, "jax",
-     f"BFC + context, UCX_TLS={_PROBE_TLS}"),
+     "torch caching allocator (cudaMalloc) buffers, UCX default transports"),
 )
+# (run 9 also probed the primary CUDA context made current, XLA's 'platform' allocator and
+# UCX_TLS=self,tcp,cuda_copy,cuda_ipc: all JAX configurations stayed on tcp/lo; the cause is the
+# VMM allocation, which no JAX setting changes.  benchmarks/results/transfer-vram-h100-probes.*)
 
 _UCX_LINE = re.compile(r"^\[[\d.]+\]\s+\[[^\]]*?:\s*(\d+)\s*:\s*\d+\]\s?(.*)$")
 
@@ -506,11 +555,11 @@ def _probe_summary(rec: dict) -> str:
 
 
 def _vram_with_probes(args) -> int:
-    """Probes (fresh processes), then the VRAM measurement in a fresh process with the first
-    JAX configuration that uses cuda_ipc.  This process never touches the GPU."""
+    """Probes (fresh processes), then the VRAM measurement (torch-owned caches) in a fresh
+    process, default UCX settings.  This process never touches the GPU."""
     t_start = time.monotonic()
     budget = args.probe_budget
-    recs, chosen = [], None
+    recs = []
     for name, env, kind, what in VRAM_PROBES:
         left = budget - (time.monotonic() - t_start)
         if left < 15:
@@ -522,19 +571,13 @@ def _vram_with_probes(args) -> int:
         rec["what"] = what
         recs.append(rec)
         print(_probe_summary(rec) + "\n", flush=True)
-        if (chosen is None and kind == "jax" and rec["uses_cuda_ipc"]
-                and rec.get("bit_exact")):
-            chosen = rec
     gpu = next((r["gpu"] for r in recs if r.get("gpu") not in (None, "gpu")), "gpu")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"transfer-vram-{gpu}-probes")
-    if chosen is not None:
-        label = f"probe {chosen['name']}: {', '.join(chosen['transports'])}"
-    else:
-        ctl = next((r for r in recs if r["kind"] == "torch"), None)
-        label = ("no JAX configuration used cuda_ipc (torch control: "
-                 f"{'cuda_ipc' if ctl and ctl['uses_cuda_ipc'] else 'no cuda_ipc either'}); "
-                 f"default settings: {', '.join(recs[0]['transports']) or '?'}")
+    label = ("caches torch-owned (torch_owned_cache: cudaMalloc, JAX views); probes: "
+             + "; ".join(f"{r['name']}: {'cuda_ipc' if r['uses_cuda_ipc'] else 'no cuda_ipc'}"
+                         f" ({', '.join(r['transports']) or r.get('error') or r['rc']})"
+                         for r in recs))
     head = (f"VRAM transport probes ({len(recs)}; {time.monotonic() - t_start:.0f} s); "
             f"measurement: {label}\n"
             "Each probe: two fresh processes on one GPU, NIXL UCX backend, WRITE of 16 blocks of "
@@ -546,10 +589,9 @@ def _vram_with_probes(args) -> int:
         json.dump(recs, f, indent=1, default=str)
     print(head, flush=True)
     env = dict(os.environ)
-    env.update(chosen["env"] if chosen else {})
     cmd = [sys.executable, "-m", "benchmarks.transfer", "--mem", "vram", "--no-probe",
            "--out", args.out, "--label", label,
-           "--iters", str(args.iters if chosen else min(args.iters, 10))]
+           "--iters", str(args.iters)]
     if args.quick:
         cmd.append("--quick")
     if args.progress_thread:
@@ -635,7 +677,8 @@ def main(argv=None):
                     f"settings: {_ucx_settings(args.progress_thread)}\n")
         print(open(path).read())
         raise
-    title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback; "
+    title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback, "
+             f"{_owner(mem)}-owned caches; "
              f"{_ucx_settings(args.progress_thread)}"
              + (f"; {args.label}" if args.label else ""))
     stem = common.write_results(rows, args.out, suite, title=title)
@@ -658,14 +701,14 @@ def _run(args, mem, T):
     try:
         _, lays = _layouts(num_blocks)
         agent = T.Agent("prefill", progress_thread=args.progress_thread)
-        regs = {k: agent.register(_random_cache(lay, i, _device(mem)))
+        regs = {k: agent.register(_random_cache(lay, i, mem))
                 for i, (k, lay) in enumerate(lays.items())}
         md, remotes = _recv(conn, proc, 300, "metadata")
         agent.add_peer(md)
         conn.send(("peer", agent.metadata()))
         _recv(conn, proc, 60, "peer ack")
         rng = np.random.default_rng(0)
-        results = {}
+        results, checked = {}, {}
         use_cma = mem == "dram"
 
         def pick(k):
@@ -726,12 +769,27 @@ def _run(args, mem, T):
             for kind in kinds:
                 reg, remote, pools = regs[kind], remotes[kind], pools_of[kind]
                 src, dst = last[kind]
-                # sanity: a request arrived bit-exact (rewritten: raw copies came after it)
-                reg.write(remote, src, dst, b"check", pools=pools).wait(10.0)
+                # bit-exact (rewritten: raw copies came after it): the decode expects the
+                # request, then reads its tokens through get_tokens; the prefill reads the
+                # source blocks' tokens the same way
+                notif = b"check-%s-%d" % (kind.encode(), k)
+                conn.send(("expect", (kind, dst, pools, notif)))
+                st, why = _recv(conn, proc, 30, "expect ack")
+                if st != "ready":
+                    raise RuntimeError(f"decode expect failed: {why}")
+                reg.write(remote, src, dst, notif, pools=pools).wait(10.0)
+                st, why = _recv(conn, proc, 30, "completion")
+                if st != "seen":
+                    raise RuntimeError(f"decode wait failed: {why}")
+                conn.send(("tokens", kind))
+                got = _recv(conn, proc, 120, "tokens")
+                if got is None or got != _tokens_bytes(reg.cache, src):
+                    raise AssertionError(f"{kind}: tokens read through get_tokens differ")
                 conn.send(("descs_bytes", (kind, dst, pools)))
                 got = _recv(conn, proc, 120, "bytes")
                 if got != _src_bytes(reg, src, pools):
                     raise AssertionError(f"{kind}: transferred bytes differ")
+                checked[kind] = checked.get(kind, 0) + 1
                 m = {key: (statistics.median(v) if v else None) for key, v in acc[kind].items()}
                 results[(kind, k)] = (m["t"], *meta[kind], m["c"], m["b"], m["e"])
             tp, dp, bp, cp, bdp, ep = results[("packed", k)]
@@ -773,6 +831,8 @@ def _run(args, mem, T):
                                higher_is_better=False))
         rows.append(common.row("layer-major: regions registered",
                                len(regs["layer_major"].regions), "count"))
+        rows.append(common.row("requests checked bit-exact through get_tokens (all sizes, "
+                               "both layouts)", sum(checked.values()), "count"))
         rows.append(common.row("host load average (1 min) during the run", os.getloadavg()[0],
                                "load"))
         rows.append(common.row("host cores", os.cpu_count(), "count"))
