@@ -42,13 +42,13 @@ for part in "$@"; do
       run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n
       unset CUDA_VISIBLE_DEVICES ;;
     transfer)  # NIXL wheels carried in .whl/ (nixl, nixl_cu13); DRAM then VRAM caches, UCX on lo.
-      # VRAM: transport probes first (fresh process pairs, <= 100 s, results/transfer-vram-*-probes.*),
-      # then the measurement with the first JAX configuration that uses cuda_ipc (<= 185 s in all)
+      # VRAM: 2 transport probes (jax-bfc, torch-control; <= 40 s, results/transfer-vram-*-probes.*),
+      # then the measurement with torch-owned caches (cuda_ipc); whole part <= 170 s
       python3 -m pip install -q --no-index --no-deps --target /tmp/site $SRC/.whl/nixl*.whl \
         || echo "transfer: nixl wheels failed to install" | tee -a $R/summary.txt
-      run bench-transfer-dram 60 python3 -m benchmarks.transfer --mem dram --out $R/results
-      run bench-transfer-vram 200 env UCX_PROTO_INFO=y python3 -m benchmarks.transfer --mem vram \
-        --probe-budget 100 --time-budget 185 --out $R/results ;;
+      run bench-transfer-dram 50 python3 -m benchmarks.transfer --mem dram --out $R/results
+      run bench-transfer-vram 120 env UCX_PROTO_INFO=y python3 -m benchmarks.transfer --mem vram \
+        --probe-budget 40 --time-budget 112 --out $R/results ;;
     *) run "bench-$part" 400 python3 -m benchmarks.$part --out $R/results ;;
   esac
 done
