@@ -12,12 +12,19 @@ Merge (SPEC §9), per decode batch of T tokens x 128 heads x 512 (float32 partia
     ``all_to_all``, one elementwise merge pass (``dcp.merge_packed``),
   * ``merge_gather``: the same packed layout, one ``all_gather`` of all of it (N x the bytes;
     each rank merges its own chunk: ``merge_packed(collective="all_gather")``), for tiny T,
-  * ``bare_a2a`` / ``bare_ag``: the ``all_to_all`` / ``all_gather`` of the packed bytes alone
-    (``merge_packed`` / ``merge_gather`` minus the merge),
+  * ``merge_prs``: the same packed layout carried by the reduce-scatter collective: each rank
+    writes its (sanitized) chunk for rank ``r`` into slot ``(r, own rank)`` of a zero
+    ``[N, N, T, h*(512+1)]`` buffer, one ``psum_scatter`` delivers all N chunks exactly (N x the
+    bytes, but the collective that is fastest at tiny sizes), then the same merge pass
+    (``merge_packed(collective="reduce_scatter")``, ``method="packed_rs"``), for tiny T,
+  * ``bare_a2a`` / ``bare_ag`` / ``bare_prs``: the ``all_to_all`` / ``all_gather`` of the packed
+    bytes / the ``psum_scatter`` of the slot buffer alone (the merges minus the merge pass; for
+    ``bare_prs`` also minus the pass that writes the slot buffer),
   * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials,
   * ``merge_auto`` rows: the variant ``dcp.auto_method`` picks for a packed producer at each T
-    (the headline), and an ``auto crossover`` row: the largest T at which ``merge_gather`` beat
-    ``merge_packed`` here, against the one ``dcp.AUTO_GATHER_MAX_BYTES`` implies.
+    (the headline), and ``auto crossover`` rows: the largest T (from T = 1 up) at which
+    ``merge_prs`` / ``merge_gather`` beat ``merge_packed`` here, against the one
+    ``dcp.AUTO_RS_MAX_BYTES`` / ``dcp.AUTO_GATHER_MAX_BYTES`` implies (the value to set there).
 Each is timed as ``K`` chained iterations inside one jitted ``shard_map`` loop (iteration ``i+1``
 reads one element written from iteration ``i``'s result; the whole result is loop-carried, so it
 is computed whole), so the numbers are device time per merge, not Python dispatch.  Every
@@ -69,13 +76,21 @@ KINDS = {
     "merge_gather": ("packed_gather", "packed", "1 all-gather",
                      "producer-packed chunk-major, all_gather of all of it (N x the bytes), "
                      "merge of the own chunk"),
+    "merge_prs": ("packed_rs", "packed", "1 reduce-scatter",
+                  "producer-packed chunk-major, chunks put in zero [N,N,T,w] slots, psum_scatter "
+                  "(N x the bytes, exact: x + 0), merge"),
     "bare_a2a": (None, "packed", "1 all-to-all",
                  "bare all_to_all of the packed bytes (merge_packed's collective alone)"),
     "bare_ag": (None, "packed", "1 all-gather",
                 "bare all_gather of the packed bytes (merge_gather's collective alone)"),
+    "bare_prs": (None, "slots", "1 reduce-scatter",
+                 "bare psum_scatter of the [N,N,T,w] slot buffer (merge_prs's collective alone)"),
 }
-MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed", "merge_gather")
-BARES = ("bare_a2a", "bare_ag")
+MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed", "merge_gather",
+          "merge_prs")
+BARES = ("bare_a2a", "bare_ag", "bare_prs")
+# the small-T transports and the dcp table that decides when auto picks each
+SMALL = {"merge_prs": "AUTO_RS_MAX_BYTES", "merge_gather": "AUTO_GATHER_MAX_BYTES"}
 ROUNDS, REPS = 8, 3  # GPU run; --quick: 2, 2
 
 
@@ -88,6 +103,8 @@ def sent_bytes(kind: str, T: int, n: int) -> int:
         return (o * (n - 1) // n) + lse * (n - 1)  # reduce-scatter + all-gather of the LSEs
     if kind in ("merge_gather", "bare_ag"):
         return (o + lse) * (n - 1)  # ring all-gather: the whole packed buffer to N-1 ranks
+    if kind in ("merge_prs", "bare_prs"):
+        return (o + lse) * (n - 1)  # reduce-scatter of the N x larger slot buffer: (N-1)/N of it
     return (o + lse) * (n - 1) // n  # all-to-alls: N-1 of N chunks of [out | lse] leave the rank
 
 
@@ -106,19 +123,27 @@ def _one(kind: str, axis: str, n: int):
         if kind == "bare_ag":
             g = lax.all_gather(x, axis, axis=0, tiled=False)  # [N, N, T, h*(DV+1)]
             return g[0, 0, :, :h * DV].reshape(-1, h, DV), g[1 % n, 0, :, h * DV:]
+        if kind == "bare_prs":
+            g = lax.psum_scatter(x, axis, scatter_dimension=0, tiled=False)  # [N, T, h*(DV+1)]
+            return g[0, :, :h * DV].reshape(-1, h, DV), g[1 % n, :, h * DV:]
         if layout == "packed":
-            return dcp.merge_packed(x, axis, "e", dv=DV,
-                                    collective="all_gather" if kind == "merge_gather"
-                                    else "all_to_all")
+            return dcp.merge_packed(x, axis, "e", dv=DV, collective={
+                "merge_gather": "all_gather", "merge_prs": "reduce_scatter"}.get(
+                    kind, "all_to_all"))
         return dcp.merge(x, l, axis, "e", method=method)
     return one
 
 
 def _inputs(kind, o, lse, n):
-    """Per-rank inputs of ``kind``: flat out f32[N, T, H, DV] or packed f32[N, N, T, h*(DV+1)]."""
+    """Per-rank inputs of ``kind``: flat out f32[N, T, H, DV], packed f32[N, N, T, h*(DV+1)]
+    or slots f32[N, N (dest), N (slot), T, h*(DV+1)] (rank j's chunks in slot j, zeros
+    elsewhere: what merge_prs sends)."""
     if KINDS[kind][1] == "flat":
         return o, lse
     packed = jax.jit(jax.vmap(lambda a, b: dcp.pack_partials(a, b, n)))(o, lse)
+    if KINDS[kind][1] == "slots":
+        eye = jnp.eye(n, dtype=bool)[:, None, :, None, None]  # [rank, 1, slot, 1, 1]
+        return jnp.where(eye, jnp.nan_to_num(packed, neginf=-jnp.inf)[:, :, None], 0.0), lse
     return packed, lse
 
 
@@ -157,7 +182,7 @@ def _loop(kind: str, mesh, iters: int):
 def _auto_kind(T: int, n: int) -> str:
     """The benchmark variant of ``dcp.auto_method`` for a packed producer at T."""
     m = dcp.auto_method(T, HEADS, DV, n, packed_input=True)
-    return {"packed_gather": "merge_gather", "packed": "merge_packed",
+    return {"packed_gather": "merge_gather", "packed": "merge_packed", "packed_rs": "merge_prs",
             "all_to_all_packed": "merge_a2a_packed", "reduce_scatter": "merge_rs"}[m]
 
 
@@ -264,23 +289,27 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
             spread.append(f"| {T} | {kind} | {v['median']*1e6:.1f} | {v['min']*1e6:.1f} | "
                           f"{v['max']*1e6:.1f} | {t[kind] / t['bare']:.3f} | "
                           f"{v['paired_ratio']:.3f} | {v['min'] / st['bare']['min']:.3f} |")
-    # the crossover: the largest T (from T = smallest) up to which merge_gather beat merge_packed
-    measured = 0
-    for T in sizes:
-        if stats[T]["merge_gather"]["median"] < stats[T]["merge_packed"]["median"]:
-            measured = T
-        else:
-            break
-    table = max([T for T in sizes if _auto_kind(T, n) == "merge_gather"], default=0)
-    rows.append(common.row(
-        f"auto crossover N={n}: largest T (x {HEADS}h x {DV}) up to which merge_gather beat "
-        f"merge_packed here (baseline: the T up to which dcp.AUTO_GATHER_MAX_BYTES picks it, "
-        f"{dcp.auto_gather_max_bytes(n) / 2**20:.3f} MiB)", float(measured), "tokens",
-        baseline=float(table) or None))
-    rows[-1].update(target=f"value == {table} (the table agrees)", meets_target=measured == table)
-    print(f"auto crossover: merge_gather beat merge_packed up to T={measured}; the table says "
-          f"T={table} ({'agrees' if measured == table else 'UPDATE dcp.AUTO_GATHER_MAX_BYTES'})",
-          flush=True)
+    # the crossovers: the largest T (from T = smallest) up to which each small-T transport beat
+    # merge_packed; the table's T: the largest T at which auto picks it
+    for kind, table_name in SMALL.items():
+        measured = 0
+        for T in sizes:
+            if stats[T][kind]["median"] < stats[T]["merge_packed"]["median"]:
+                measured = T
+            else:
+                break
+        table = max([T for T in sizes if _auto_kind(T, n) == kind], default=0)
+        value = measured * HEADS * DV * 4
+        rows.append(common.row(
+            f"auto crossover {kind} N={n}: largest T (x {HEADS}h x {DV}) up to which {kind} beat "
+            f"merge_packed here (baseline: the T up to which dcp.{table_name} picks it; agrees "
+            f"with dcp.{table_name}[{n}] = {value} B)", float(measured), "tokens",
+            baseline=float(table) or None))
+        rows[-1].update(target=f"value == {table} (the table agrees)",
+                        meets_target=measured == table, table_value=value)
+        print(f"auto crossover: {kind} beat merge_packed up to T={measured}; the table says "
+              f"T={table} ({'agrees' if measured == table else f'UPDATE dcp.{table_name}'}: "
+              f"{{{n}: {value}}} matches this run)", flush=True)
     spread_md = ("\n## Timing spread (us per merge; ratios to the bare psum_scatter)\n\n"
                  f"{rounds} interleaved rounds x {reps} calls; median / min / max over all "
                  "calls; 'paired' = median over rounds of the per-round ratio; 'of mins' = min / "

@@ -38,10 +38,13 @@ same bytes with one collective and no pass before it: the attention's output is 
 chunk-major packed layout ``[N, B, h*(Dv+1)]`` (``pack_partials``: head chunk ``r`` with its LSEs
 is one contiguous block), one ``all_to_all`` sends chunk ``r`` to rank ``r``, and the receiver
 merges its ``N`` partials in one elementwise pass (``merge_packed``); same result to float32
-rounding.  For tiny (latency-bound) decode batches ``"auto"`` -> ``"packed_gather"`` instead: one
-``all_gather`` of the same packed layout (N times the bytes, but a ring collective that starts
-sooner than an all-to-all), each rank merging only its chunk (``auto_method``,
-``AUTO_GATHER_MAX_BYTES``).  ``base="2"`` uses exp2/log2 throughout.
+rounding.  Two more transports of the same packed layout for tiny (latency-bound) decode batches:
+``"packed_gather"`` (one ``all_gather`` of all of it, N x the bytes) and ``"packed_rs"`` (the
+reduce-scatter collective as a transport: each rank puts its chunk for rank ``r`` into slot
+``(r, own rank)`` of a zero ``[N, N, B, w]`` buffer, ``psum_scatter`` delivers every source's chunk
+exactly, ``x + 0 = x``).  ``"auto"`` picks them below the per-N byte tables
+``AUTO_RS_MAX_BYTES`` / ``AUTO_GATHER_MAX_BYTES`` (``auto_method``).  ``base="2"`` uses exp2/log2
+throughout.
 
 Meshes: build them with ``make_mesh`` (axis type ``Auto``) so that ``shard_map`` may reshard
 inputs; every public function here also ``device_put``s concrete inputs to the shardings it wants.
@@ -71,7 +74,8 @@ __all__ = [
     "DCPCache", "make_mesh", "init_dcp_cache", "owner", "local_index", "local_len",
     "owner_widened", "physical_widened", "global_locs", "to_local", "local_cache", "set_tokens_dcp",
     "get_tokens_dcp", "merge", "merge_partials", "merge_packed", "pack_partials",
-    "unpack_partials", "auto_method", "auto_gather_max_bytes", "AUTO_GATHER_MAX_BYTES", "METHODS",
+    "unpack_partials", "auto_method", "auto_gather_max_bytes", "auto_rs_max_bytes",
+    "AUTO_GATHER_MAX_BYTES", "AUTO_RS_MAX_BYTES", "METHODS",
     "COLLECTIVES", "decode", "localize_topk", "reshard",
     "reshard_request", "capacity", "kv_capacity", "shard_map",
 ]
@@ -481,7 +485,25 @@ def unpack_partials(packed: jax.Array, dv: int = A.DV):
     return o, lse
 
 
-COLLECTIVES = ("all_to_all", "all_gather")
+COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter")
+
+
+def _slot_buffer(packed: jax.Array, axis_name: str, n: int, h: int, dv: int) -> jax.Array:
+    """The ``collective="reduce_scatter"`` send buffer: f32[N (dest), N (slot), B, h*(dv+1)].
+
+    ``z[r, j] = packed[r]`` (sanitized) for ``j`` = this rank, zeros elsewhere, so the sum over
+    ranks of ``z[r, j]`` is rank ``j``'s chunk ``r`` exactly (``x + 0 = x``, ``-inf + 0 = -inf``).
+    Sanitized first, because ``NaN + 0 = NaN`` and an empty rank's output may be garbage: rows
+    with ``lse = -inf`` (or NaN) send ``o = 0`` and ``lse = -inf``.  One elementwise fusion.
+    """
+    B = packed.shape[1]
+    o = packed[..., :h * dv].reshape(n, B, h, dv)
+    lse = packed[..., h * dv:]
+    has = lse > -jnp.inf  # False for -inf and NaN
+    o = jnp.where(has[..., None], o, 0.0).reshape(n, B, h * dv)
+    clean = jnp.concatenate([o, jnp.where(has, lse, -jnp.inf)], axis=-1)
+    mine = lax.broadcasted_iota(jnp.int32, (1, n, 1, 1), 1) == lax.axis_index(axis_name)
+    return jnp.where(mine, clean[:, None], 0.0)
 
 
 def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int = A.DV,
@@ -495,18 +517,28 @@ def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int 
 
     ``collective="all_gather"``: one ``all_gather`` of the whole packed partials (every rank
     receives all ``N`` ranks' ``[N, B, h*(dv+1)]``, ``N`` times the all-to-all's bytes) and keeps
-    only its own chunk of each.  For tiny decode batches, where the collective is latency-bound
-    and a ring all-gather starts sooner than an all-to-all (``auto_method``).
+    only its own chunk of each.
 
-    Either way the receiver then merges its ``N`` partials in one elementwise pass
-    (``_merge_sources``): HBM read ``B*H*(dv+1)*4`` (its chunks), write ``B*h*(dv+1)*4``.
+    ``collective="reduce_scatter"``: the reduce-scatter collective used as a transport.  Each rank
+    writes its (sanitized: ``o = 0``, ``lse = -inf`` where ``lse`` is ``-inf``/NaN) chunk ``r``
+    into slot ``(r, own rank)`` of a zero ``f32[N, N, B, h*(dv+1)]`` buffer and ``psum_scatter``
+    over the first dimension sums it: rank ``r`` receives ``[N (source), B, h*(dv+1)]``, every
+    source's chunk exactly (all other addends are ``+0``).  Sends ``(N-1) * B*H*(dv+1)*4``
+    bytes per rank (as the all-gather; ``H = N*h``), but through the collective that was the
+    fastest at tiny sizes on 2 x H200.  Bit-identical to the other transports except that a
+    ``-0.0`` in ``o`` arrives as ``+0.0``.
+
+    The gather and reduce-scatter transports are for tiny decode batches, where the collective
+    is latency-bound (``auto_method``).  Every transport then merges the ``N`` received partials
+    in one elementwise pass (``_merge_sources``): HBM read ``B*H*(dv+1)*4`` (its chunks), write
+    ``B*h*(dv+1)*4``.
 
     Args:
       packed: f32[N, B, h*(dv+1)] from ``pack_partials`` (or written so by the attention).
       axis_name: the DCP mesh axis (size ``N``).
       base: ``"e"`` or ``"2"``.
       dv: value width.
-      collective: ``"all_to_all"`` or ``"all_gather"``.
+      collective: ``"all_to_all"``, ``"all_gather"`` or ``"reduce_scatter"``.
 
     Returns:
       ``(out f32[B, h, dv], lse f32[B, h])`` for this rank's heads ``[rank*h, (rank+1)*h)``.
@@ -522,58 +554,84 @@ def merge_packed(packed: jax.Array, axis_name: str, base: str = "e", *, dv: int 
     h = width // (dv + 1)
     if collective == "all_to_all":
         got = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)  # [N (source), B, h*(dv+1)]
-    else:
+    elif collective == "all_gather":
         # gathered over the major dim (no relayout): [N (source), N (chunk), B, h*(dv+1)]; this
         # rank's chunk of every source is one contiguous block, read in place by the merge
         every = lax.all_gather(packed, axis_name, axis=0, tiled=False)
         got = lax.dynamic_index_in_dim(every, lax.axis_index(axis_name), 1, keepdims=False)
+    else:
+        # [N (dest), N (source slot), B, w] summed over ranks, dest dim scattered:
+        # [N (source), B, h*(dv+1)], each slot written by exactly one rank
+        got = lax.psum_scatter(_slot_buffer(packed, axis_name, n, h, dv), axis_name,
+                               scatter_dimension=0, tiled=False)
     # per-source slices: each stays inside one received block
     return _merge_sources(lambda r: got[r, :, :h * dv].reshape(B, h, dv),
                           lambda r: got[r, :, h * dv:], n, base)
 
 
 METHODS = ("auto", "reduce_scatter", "all_to_all", "all_to_all_packed", "packed",
-           "packed_gather")
+           "packed_gather", "packed_rs")
 
-# method="auto" switches from the all-gather merge ("packed_gather") to the all-to-all merge
-# ("packed" / "all_to_all_packed") above this many bytes of partial output per rank,
-# B * H * Dv * 4 (the bytes of the bare psum_scatter the target compares with).  N = 2: from the
-# 2 x H200 run 2 (/work/notes/gpu7, benchmarks/results/dcp-h200x2.md, 128 heads x 512): the
-# ring collective (bare psum_scatter, sending what an all-gather of the packed partials sends
-# at half the T) took 20.5 / 23.8 / 26.3 / 30.8 us at 0.25 / 0.5 / 1 / 2 MiB, the all-to-all
-# (bare_a2a) 31-42 us up to 2 MiB, so the all-gather's N x bytes are cheaper up to ~0.5 MiB
-# (T <= 2 at 128 x 512).  Provisional: run 3 measures merge_gather itself and its benchmark row
-# "auto crossover" says whether this entry matches; update it from that row.
-# Other N (not measured): the all-gather receives (N-1) x the packed bytes against (N-1)/N x
-# for the all-to-all, so the same received bytes as at N = 2 give 0.5 MiB / (N - 1).
-AUTO_GATHER_MAX_BYTES = {2: 512 * 1024}
+# method="auto" for tiny (latency-bound) batches: the transport of the packed partials, by the
+# bytes of partial output per rank, B * H * Dv * 4 (the bytes of the bare psum_scatter the
+# target compares with).  auto picks "packed_rs" up to AUTO_RS_MAX_BYTES[N], else
+# "packed_gather" up to AUTO_GATHER_MAX_BYTES[N], else the all-to-all ("packed" /
+# "all_to_all_packed").  0 = never.
+#
+# AUTO_GATHER_MAX_BYTES, N = 2: never.  2 x H200 run 3 (/work/notes/gpu10, benchmarks/results/
+# dcp-h200x2.md; 8 interleaved rounds, medians, 128 heads x 512): merge_gather lost to the
+# all-to-all merge (merge_packed) at every T = 1..256 (T = 1: 30.2 vs 26.5 us; T = 2: 21.9 vs
+# 19.4 us); its collective alone (bare_ag, 25.2 us at T = 1) was no faster than the all-to-all
+# (bare_a2a, 28.0 us) by more than the noise, and it moves N x the bytes.
+#
+# AUTO_RS_MAX_BYTES, N = 2: not measured yet (0 = off).  The next 2 x H200 run's
+# "auto crossover merge_prs" row prints the value to put here (the largest T, from T = 1 up, at
+# which merge_prs beat merge_packed, as bytes: T * 128 * 512 * 4; e.g. 262144 for T = 1).
+#
+# Other N (not measured): both transports receive (N-1) x the packed bytes against (N-1)/N x
+# for the all-to-all, so the N = 2 entry scaled to the same received bytes, / (N - 1).
+AUTO_RS_MAX_BYTES = {2: 0}
+AUTO_GATHER_MAX_BYTES = {2: 0}
+
+
+def _auto_max(table: dict, n: int) -> int:
+    return table[n] if n in table else table.get(2, 0) // max(n - 1, 1)
+
+
+def auto_rs_max_bytes(n: int) -> int:
+    """Largest per-rank partial bytes ``B*H*Dv*4`` at which ``auto`` uses ``packed_rs``."""
+    return _auto_max(AUTO_RS_MAX_BYTES, n)
 
 
 def auto_gather_max_bytes(n: int) -> int:
-    """Largest per-rank partial bytes ``B*H*Dv*4`` at which ``auto`` uses the all-gather merge."""
-    if n in AUTO_GATHER_MAX_BYTES:
-        return AUTO_GATHER_MAX_BYTES[n]
-    return AUTO_GATHER_MAX_BYTES[2] // max(n - 1, 1)
+    """Largest per-rank partial bytes ``B*H*Dv*4`` at which ``auto`` uses ``packed_gather``."""
+    return _auto_max(AUTO_GATHER_MAX_BYTES, n)
 
 
 def auto_method(tokens: int, heads: int, dv: int, n: int, *, packed_input: bool = False) -> str:
     """The merge variant ``method="auto"`` uses for a ``[tokens, heads, dv]`` f32 merge over N.
 
     ``n = 1``: ``reduce_scatter`` (no collective: it degenerates to the local scaling).
-    Partials of at most ``auto_gather_max_bytes(n)`` bytes per rank (``tokens*heads*dv*4``;
-    latency-bound): ``packed_gather`` (one all-gather of the packed partials).  Larger: one
+    Partials of at most ``auto_rs_max_bytes(n)`` bytes per rank (``tokens*heads*dv*4``):
+    ``packed_rs``; else at most ``auto_gather_max_bytes(n)``: ``packed_gather``; else one
     all-to-all, ``packed`` where the producer can emit the packed layout (no packing copy),
     else ``all_to_all_packed``.  From the 2 x H200 measurements (benchmarks/results/
-    dcp-h200x2.md, T = 1..256 x 128 heads x 512): the one-collective all-to-all merge was at or
-    below the SPEC reduce-scatter merge at every T, within 1.15x of the bare reduce-scatter from
-    T = 2 up; at T = 1 the all-to-all's own latency (~35-40 us against 20.5 us) is what is left,
-    hence the all-gather below the (provisional) ``AUTO_GATHER_MAX_BYTES`` table.
+    dcp-h200x2.md, T = 1..256 x 128 heads x 512): the one-collective all-to-all merge was within
+    1.15x of the bare reduce-scatter from T = 2 up (run 3: 0.87-1.12x) and the all-gather
+    transport never beat it; at T = 1 (run 3: 26.5 vs 20.2 us, 1.32x) the all-to-all's own
+    latency is what is left, which ``packed_rs`` (tables above) is meant to remove.
     """
     if n == 1:
         return "reduce_scatter"
-    if tokens * heads * dv * 4 <= auto_gather_max_bytes(n):
+    nbytes = tokens * heads * dv * 4
+    if nbytes <= auto_rs_max_bytes(n):
+        return "packed_rs"
+    if nbytes <= auto_gather_max_bytes(n):
         return "packed_gather"
     return "packed" if packed_input else "all_to_all_packed"
+
+
+_PACKED = {"packed": "all_to_all", "packed_gather": "all_gather", "packed_rs": "reduce_scatter"}
 
 
 def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
@@ -592,7 +650,9 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         packing copy), or ``"packed"`` (``pack_partials`` + ``merge_packed``: chunk-major packed
         layout, whole-block ``all_to_all``; the packing fuses into a jitted producer), or
         ``"packed_gather"`` (the same packed layout, one ``all_gather`` of all of it: N x the
-        bytes, for tiny latency-bound batches), or ``"auto"`` (``auto_method``).  All give the
+        bytes, for tiny latency-bound batches), or ``"packed_rs"`` (the same packed layout,
+        carried by one ``psum_scatter`` of a zero-padded ``[N, N, B, w]`` slot buffer: exact,
+        N x the bytes, tiny batches), or ``"auto"`` (``auto_method``).  All give the
         same result (to float32 rounding); the receiving-side merges are one fused pass
         (``_merge_sources``).
 
@@ -610,9 +670,9 @@ def merge(out: jax.Array, lse: jax.Array, axis_name: str, base: str = "e", *,
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
         method = auto_method(B, H, Dv, n)
-    if method in ("packed", "packed_gather"):  # pack here (a jitted producer fuses the packing)
+    if method in _PACKED:  # pack here (a jitted producer fuses the packing)
         return merge_packed(pack_partials(out, lse, n), axis_name, base, dv=Dv,
-                            collective="all_gather" if method == "packed_gather" else "all_to_all")
+                            collective=_PACKED[method])
     if method == "reduce_scatter":
         lses = lax.all_gather(lse, axis_name)  # [N, B, H]
         total, w = _combine(lses, base)
@@ -656,9 +716,9 @@ def decode(dc: DCPCache, q: jax.Array, layer: int, *, seq_lens: jax.Array,
       scale, base: softmax scale and LSE base.
       compact: compact localized top-k lists valid-first.
       method: merge method (see ``merge``); ``"auto"`` for N > 1: the attention's output fusion
-        writes the packed layout, then one ``all_to_all`` (``"packed"``) or, for batches of at
-        most ``auto_gather_max_bytes(N)`` partial bytes per rank, one ``all_gather``
-        (``"packed_gather"``), and one merge pass.
+        writes the packed layout, then one ``all_to_all`` (``"packed"``) or, for tiny batches
+        (``auto_method``'s tables), one ``psum_scatter`` of the slot buffer (``"packed_rs"``) or
+        one ``all_gather`` (``"packed_gather"``), and one merge pass.
 
     Returns:
       ``(out f32[B, H, 512], lse f32[B, H])`` sharded over heads; equal (to float32 rounding) to

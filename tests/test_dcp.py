@@ -252,8 +252,8 @@ def _scenario(model, n, interleave):
                                           (8, 1), (8, "page")])  # N = 1: I has no effect
 def test_decode_matches_reference(model, n, interleave):
     """DCP decode (all-gather q, local attention, LSE merge) == the oracle.  The default merge
-    (auto) here: all-gather of the packed partials at N = 2 and 4 (4 x 16 x 512 f32 is under
-    auto_gather_max_bytes), all-to-all at N = 8 (test_auto_method)."""
+    (auto) here: whatever dcp.auto_method picks for 4 x 16 x 512 f32 (with the run-3 tables:
+    the all-to-all of the packed partials at every N; test_auto_method)."""
     geo = GEOS[model]()
     q, iq, iw, res = _reference(model)
     sc = _scenario(model, n, interleave)
@@ -283,9 +283,9 @@ def test_decode_compact_and_all_to_all_merge():
     q, iq, iw, res = _reference("v32")
     sc = _scenario("v32", 4, 1)
     ro, rl = res[(1, "e")]
-    # all_to_all_packed: test_merge_vs_numpy_with_empty_ranks; auto (the all-gather here):
-    # test_decode_matches_reference
-    for compact, method in ((True, "reduce_scatter"), (False, "all_to_all"), (True, "packed")):
+    # all_to_all_packed: test_merge_vs_numpy_with_empty_ranks; auto ("packed" with the run-3
+    # tables): test_decode_matches_reference; packed_gather: test_merge_packed_vs_numpy_...
+    for compact, method in ((True, "reduce_scatter"), (False, "all_to_all"), (True, "packed_rs")):
         do, dl = dcp.decode(sc.dc, q, 1, index_q=iq, index_w=iw, compact=compact,
                             method=method, **sc.kwargs("dcp"))
         assert _rel(do, ro) <= 1e-5 and _rel(dl, rl) <= 1e-5
@@ -478,11 +478,15 @@ def test_merge_packed_vs_numpy_with_empty_ranks(n, base):
     np.testing.assert_array_equal(np.isfinite(l), np.isfinite(wl))
     np.testing.assert_allclose(l[np.isfinite(l)], wl[np.isfinite(wl)], rtol=1e-6)
     assert (o[1, 0] == 0).all() and l[1, 0] == -np.inf
-    # the all-gather collective on the same layout (each rank merges only its own chunk), and
-    # method="packed" / "auto" (= "packed_gather" at this tiny size) on unpacked input
-    assert dcp.auto_method(Bq, H, Dv, n) == ("packed_gather" if n > 1 else "reduce_scatter")
-    got = [_run_merge_packed(n, packed, base, Dv, "all_gather")]
-    got += [_run_merge(n, outs, lses, base, method) for method in ("packed", "auto")]
+    # the all-gather and reduce-scatter transports of the same layout: the same bytes arrive,
+    # so the same merge gives the same bits (packed_rs sanitizes the empty ranks' garbage to
+    # o = 0 / lse = -inf before its sum: NaN + 0 would be NaN); and method="packed" /
+    # "packed_rs" / "auto" on unpacked input
+    for collective in ("all_gather", "reduce_scatter"):
+        o2, l2 = map(np.asarray, _run_merge_packed(n, packed, base, Dv, collective))
+        np.testing.assert_array_equal(o2, o)
+        np.testing.assert_array_equal(l2, l)
+    got = [_run_merge(n, outs, lses, base, method) for method in ("packed", "packed_rs", "auto")]
     for o2, l2 in got:
         o2, l2 = np.asarray(o2), np.asarray(l2)
         assert not np.isnan(o2).any() and not np.isnan(l2).any()
@@ -539,30 +543,52 @@ def test_merge_packed_has_no_full_size_intermediate():
     assert Bq * h * Dv in sizes  # the merged output, written once
 
 
-def test_auto_method():
-    """auto: no collective at N = 1; all-gather up to auto_gather_max_bytes(N) of partials per
-    rank (B*H*Dv*4), one all-to-all above it (packed if the producer packs)."""
+def test_auto_method(monkeypatch):
+    """auto: no collective at N = 1; packed_rs up to auto_rs_max_bytes(N) of partials per rank
+    (B*H*Dv*4), else packed_gather up to auto_gather_max_bytes(N), else one all-to-all (packed
+    if the producer packs).  The rule is checked with patched tables (the real ones are
+    measurements the lead updates), the measured N = 2 gather entry as it is."""
     assert dcp.auto_method(64, 128, 512, 1) == "reduce_scatter"
     assert dcp.auto_method(1, 128, 512, 1, packed_input=True) == "reduce_scatter"
-    for n in (2, 3, 4, 8):
-        lim = dcp.auto_gather_max_bytes(n)
-        assert 0 < lim <= dcp.auto_gather_max_bytes(2)
-        for T in (1, 2, 3, 4, 16, 64, 256):
-            small = T * 128 * 512 * 4 <= lim
-            assert dcp.auto_method(T, 128, 512, n) == (
-                "packed_gather" if small else "all_to_all_packed")
-            assert dcp.auto_method(T, 128, 512, n, packed_input=True) == (
-                "packed_gather" if small else "packed")
-        # exactly at the limit: gather; one byte's worth (one token of one head) more: not
-        T = lim // 4
-        assert dcp.auto_method(T, 1, 1, n) == "packed_gather"
-        assert dcp.auto_method(T + 1, 1, 1, n, packed_input=True) == "packed"
-    # N = 2 (the measured table): T <= 2 tokens x 128 heads x 512 go through the all-gather
-    assert [dcp.auto_method(T, 128, 512, 2) for T in (1, 2, 4)] == [
-        "packed_gather", "packed_gather", "all_to_all_packed"]
-    assert dcp.auto_gather_max_bytes(4) < dcp.auto_gather_max_bytes(2)  # N x the bytes
+    # run 3 (2 x H200): the all-gather transport lost at every T, so N = 2 never picks it
+    assert dcp.AUTO_GATHER_MAX_BYTES[2] == 0
+    assert all(dcp.auto_method(T, 128, 512, 2) != "packed_gather" for T in (1, 2, 4, 256))
+
+    def expect(T, H, Dv, n, packed_input):
+        b = T * H * Dv * 4
+        if b <= dcp.auto_rs_max_bytes(n):
+            return "packed_rs"
+        if b <= dcp.auto_gather_max_bytes(n):
+            return "packed_gather"
+        return "packed" if packed_input else "all_to_all_packed"
+
+    T1 = 128 * 512 * 4  # one token of 128 heads x 512
+    for rs, ga in ((0, 0), (T1, 0), (0, 2 * T1), (T1, 4 * T1)):
+        monkeypatch.setattr(dcp, "AUTO_RS_MAX_BYTES", {2: rs})
+        monkeypatch.setattr(dcp, "AUTO_GATHER_MAX_BYTES", {2: ga})
+        for n in (2, 3, 4, 8):
+            # other N: the N = 2 entry at the same received bytes, / (N - 1)
+            assert dcp.auto_rs_max_bytes(n) == rs // (n - 1)
+            assert dcp.auto_gather_max_bytes(n) == ga // (n - 1)
+            for T in (1, 2, 3, 4, 16, 256):
+                for pi in (False, True):
+                    assert dcp.auto_method(T, 128, 512, n, packed_input=pi) == expect(
+                        T, 128, 512, n, pi), (rs, ga, n, T, pi)
+        # exactly at a limit: that transport; one byte's worth (one token of one head) more: not
+        if rs:
+            assert dcp.auto_method(rs // 4, 1, 1, 2) == "packed_rs"
+            assert dcp.auto_method(rs // 4 + 1, 1, 1, 2) == ("packed_gather" if ga > rs else
+                                                              "all_to_all_packed")
+        if ga:
+            assert dcp.auto_method(ga // 4, 1, 1, 2, packed_input=True) == (
+                "packed_gather" if ga > rs else "packed_rs")
+            assert dcp.auto_method(ga // 4 + 1, 1, 1, 2, packed_input=True) == "packed"
+    # an explicit per-N entry wins over the scaled N = 2 one
+    monkeypatch.setattr(dcp, "AUTO_RS_MAX_BYTES", {2: T1, 4: 8 * T1})
+    assert dcp.auto_method(8, 128, 512, 4) == "packed_rs"
+    assert dcp.auto_method(9, 128, 512, 4) == "all_to_all_packed"
     assert set(dcp.METHODS) >= {"auto", "reduce_scatter", "all_to_all", "all_to_all_packed",
-                                "packed", "packed_gather"}
+                                "packed", "packed_gather", "packed_rs"}
 
 
 def test_merge_partials_bases_agree():
@@ -685,7 +711,7 @@ def test_decode_and_reshard_on_gpus(model):
         for layer in layers:
             for base in ("e", "2"):
                 for method in ("reduce_scatter", "all_to_all", "all_to_all_packed", "packed",
-                               "packed_gather"):
+                               "packed_gather", "packed_rs"):
                     ro, rl = _ref_decode(q, ref.ref, layer, index_q=iq, index_w=iw, base=base,
                                          **ref.kwargs("ref"))
                     do, dl = dcp.decode(sc.dc, q, layer, index_q=iq, index_w=iw, base=base,
