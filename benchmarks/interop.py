@@ -110,6 +110,27 @@ def _interleaved_us(fns: dict, rounds: int, iters: int) -> dict:
     return {k: statistics.median(v) / 1e3 for k, v in samples.items()}
 
 
+def _busy_us(fn, rounds: int, iters: int) -> tuple[float, float]:
+    """Median microseconds of ``fn()`` while torch's current stream has pending work (a
+    ``torch.cuda._sleep`` of ~0.1 s enqueued before each round of ``iters`` calls), and the
+    fraction of those calls that took from_torch's handshake branch."""
+    D = I.dlpack
+    ts, calls, hand = [], 0, 0
+    for _ in range(10):
+        fn()
+    for _ in range(rounds):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles, pending on the current stream
+        h0 = D.IMPORT_BRANCHES["handshake"]
+        for _ in range(iters):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+        hand += D.IMPORT_BRANCHES["handshake"] - h0
+        calls += iters
+        torch.cuda.synchronize()
+    return statistics.median(ts) / 1e3, hand / calls
+
+
 def _set_fast(on: bool | tuple) -> tuple:
     """Sets both fast paths (a bool, or a tuple from an earlier call); returns the old state."""
     old = (I.dlpack._EXPORT["enabled"], I.dlpack._FAST["enabled"])
@@ -135,7 +156,10 @@ def bench_exchange(quick: bool) -> list[dict]:
         fns[("from", n)] = lambda t=t: I.from_torch(t)
         fns[("raw_from", n)] = lambda t=t: jax.dlpack.from_dlpack(t)
     _sync()
+    before = dict(I.dlpack.IMPORT_BRANCHES)
     res = _interleaved_us(fns, rounds, iters)
+    idle = I.dlpack.IMPORT_BRANCHES["idle"] - before["idle"]
+    hand = I.dlpack.IMPORT_BRANCHES["handshake"] - before["handshake"]
     rows, medians = [], []
     for n, _, _ in pairs:
         medians += [res[("to", n)], res[("from", n)]]
@@ -148,6 +172,16 @@ def bench_exchange(quick: bool) -> list[dict]:
     for name, ms in (("to_torch", medians[0::2]), ("from_torch", medians[1::2])):
         rows.append(common.row(f"{name} size dependence (max/min over sizes)", max(ms) / min(ms),
                                "x", target={"value": 2.0}, higher_is_better=False))
+    if CUDA:  # which from_torch branch the sweep took (idle stream: no handshake)
+        rows.append(common.row("from_torch idle-branch share in the sweep (CUDA imports)",
+                               idle / max(1, idle + hand), "fraction"))
+        t = pairs[1][2]  # 1 MiB, with torch's current stream kept busy: the handshake branch
+        us, took = _busy_us(lambda: I.from_torch(t), rounds, iters)
+        rows.append(common.row("from_torch 1 MiB, torch stream busy (handshake branch)", us, "us",
+                               baseline=res[("raw_from", 1 << 20)], target={"value": 20.0},
+                               higher_is_better=False))
+        rows.append(common.row("from_torch busy-stream calls that took the handshake branch",
+                               took, "fraction", target={"value": 1.0}))
     del pairs, fns
     gc.collect()
     return rows
@@ -174,18 +208,24 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
     stream = D._torch_stream(idx) if idx is not None and idx >= 0 else None
     imp = D._import_api()
     tidx = t.get_device()
-    jdev, jstream, dl_type, ext, event = D._import_device(tidx, t, imp[0])
+    jdev, jstream, dl_type, ext, event, idle = D._import_device(tidx, t, imp[0])
     five = imp[2]
+    raw, query, ev_record, ev_wait = D._cuda_api() if CUDA else (None,) * 4
 
-    def to_buffer(cap):
-        return imp[1](cap, jdev, jstream, False, dl_type) if five else imp[1](
-            cap, jdev, jstream, False)
+    def to_buffer(cap, stream=jstream):
+        return imp[1](cap, jdev, stream, False, dl_type) if five else imp[1](
+            cap, jdev, stream, False)
 
-    def handshake():
+    def handshake():  # what the handshake branch runs (C-level event record + wait)
         if ext is not None:
+            cur = D._current_stream(tidx, raw)
             with D._handshake_lock:
-                event.record()
-                ext.wait_event(event)
+                ev_record(event, cur)
+                ev_wait(event, ext)
+
+    def idle_check():  # what both CUDA branches run first
+        if ext is not None:
+            query(D._current_stream(tidx, raw))
 
     keep = []
     dummy = torch.empty(0)  # registry timing target under a fake pointer (-1)
@@ -235,7 +275,14 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         "from: capsule + jaxlib dlpack_managed_tensor_to_buffer":
             lambda: to_buffer(torch._C._to_dlpack(t)),
         "from: _fast_import (handshake + capsule + import)": lambda: D._fast_import(t),
+        "from: idle check (current stream lookup + cudaStreamQuery)": idle_check,
+        "from: capsule + jaxlib import, stream=None (idle branch)":
+            lambda: to_buffer(torch._C._to_dlpack(t), None),
     }
+    if not (CUDA and idle):  # no branches on CPU; never call jaxlib with a refused stream=None
+        fns = {k: v for k, v in fns.items() if "stream=None" not in k}
+    if not CUDA:
+        fns = {k: v for k, v in fns.items() if "idle" not in k}
     if not (D._FAST["enabled"] and D._EXPORT["enabled"]):  # fast paths off (JAXKV_DLPACK_FAST=0
         # or switched off): time only what the bridge runs, never jaxlib's entry points directly
         fns = {k: v for k, v in fns.items() if not k.startswith(("to:", "from:"))}
@@ -251,7 +298,14 @@ def _exchange_steps(x, t, rounds: int, iters: int) -> list[dict]:
         "from_torch keep result (no destroy)"]
     res["from: checks + registry (total - _fast_import)"] = res["from_torch (total)"] - res[
         "from: _fast_import (handshake + capsule + import)"]
-    return [common.row(f"step {k}", v, "us") for k, v in res.items()]
+    if CUDA:  # the handshake branch, torch's stream kept busy
+        res["from_torch (total), torch stream busy (handshake branch)"] = _busy_us(
+            lambda: I.from_torch(t), rounds, iters)[0]
+        res["from: _fast_import, torch stream busy (handshake branch)"] = _busy_us(
+            lambda: D._fast_import(t), rounds, iters)[0]
+        res["from: idle branch usable on this device (probe)"] = float(idle)
+    return [common.row(f"step {k}", v, "us" if "probe" not in k else "bool")
+            for k, v in res.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +379,12 @@ def bench_retract(quick: bool) -> list[dict]:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=CUDA)
     d2h = _wall(lambda: host.copy_(dev_buf, non_blocking=CUDA), iters)
     h2d = _wall(lambda: dev_buf.copy_(host, non_blocking=CUDA), iters)
+
+    def d2h_pieces(size):  # the same bytes in back-to-back copies of ``size`` (per-copy cost)
+        for o in range(0, nbytes, size):
+            host[o:o + size].copy_(dev_buf[o:o + size], non_blocking=CUDA)
+
+    d2h_pieces_s = {mb: _wall(lambda mb=mb: d2h_pieces(mb << 20), iters) for mb in (64, 256)}
     del dev_buf, host
     gc.collect()
     keep = []
@@ -366,6 +426,8 @@ def bench_retract(quick: bool) -> list[dict]:
                    target={"ceiling_fraction": 0.90, "baseline_ratio": 4.0}),
         common.row("pinned D2H copy (ceiling)", gb / d2h, "GB/s"),
         common.row("pinned H2D copy (ceiling)", gb / h2d, "GB/s"),
+        *[common.row(f"pinned D2H in {mb}-MB copies (per-copy overhead)", gb / v, "GB/s",
+                     ceiling=gb / d2h) for mb, v in d2h_pieces_s.items()],
         common.row("seed save: per-layer gather + pageable .cpu()", gb / t_seed_save, "GB/s"),
         common.row("seed load: pageable .to(device) + per-layer scatter", gb / t_seed_load,
                    "GB/s"),
@@ -391,6 +453,8 @@ def _retract_steps(pool, full, copy, iters: int) -> dict:
     n = int(f.shape[0])
     out["save plan: translate + distinct locations (ms)"] = _wall(lambda: pool._plan_save(
         pool._full(full)), iters)
+    out["save plan, critical path: translate + first pool (ms)"] = _wall(lambda: next(iter(
+        pool._plan_save_iter(pool._full(full)))), iters)
     plans = pool._plan_save(f)
     nbytes = copy.nbytes
     out["save pinned allocation (cached) (ms)"] = _wall(lambda: torch.empty(
@@ -405,24 +469,30 @@ def _retract_steps(pool, full, copy, iters: int) -> dict:
     out["save transfer only (gather + D2H pipeline, plan given)"] = _wall(run_save, iters,
                                                                          warmup=2)
     held.clear()
-    # the same D2H copies from pre-gathered device chunks (no gathers): per-chunk copy overhead
-    chunks = []
-    for p, b, a, uniq, slot, m in plans:
-        if m:
-            for l0, l1 in pool._chunks(a, m):
-                v, sc = pool._gather(b, uniq, a.select(tuple(range(l0, l1))))
-                chunks += [v] + ([sc] if a.scale_bytes else [])
-    host = torch.empty(sum(c.numel() for c in chunks), dtype=torch.uint8, pin_memory=CUDA)
+    # the same D2H copies from pre-gathered device chunks (no gathers): per-chunk copy overhead,
+    # at the pool's chunk size (the unsuffixed row) and at 64 MB / 1 GB
+    default = pool.COPY_CHUNK_BYTES
+    for mb in (None, 64, 1024):
+        pool.COPY_CHUNK_BYTES = default if mb is None else mb << 20
+        chunks = []
+        for p, b, a, uniq, slot, m in plans:
+            if m:
+                for l0, l1 in pool._chunks(a, m):
+                    v, sc = pool._gather(b, uniq, a.select(tuple(range(l0, l1))))
+                    chunks += [v] + ([sc] if a.scale_bytes else [])
+        host = torch.empty(sum(c.numel() for c in chunks), dtype=torch.uint8, pin_memory=CUDA)
 
-    def copies():
-        off = 0
-        for c in chunks:
-            host[off:off + c.numel()].view(c.shape).copy_(c, non_blocking=CUDA)
-            off += c.numel()
+        def copies(chunks=chunks, host=host):
+            off = 0
+            for c in chunks:
+                host[off:off + c.numel()].view(c.shape).copy_(c, non_blocking=CUDA)
+                off += c.numel()
 
-    out["save D2H copies only (pre-gathered chunks)"] = _wall(copies, iters)
-    del chunks, host
-    gc.collect()
+        tag = "" if mb is None else f", {mb}-MB chunks"
+        out[f"save D2H copies only (pre-gathered chunks{tag})"] = _wall(copies, iters)
+        del chunks, host, copies
+        gc.collect()
+    pool.COPY_CHUNK_BYTES = default
     staged = pool._stage_load(copy)
     _sync()
     out["load plan: translate + pairs (ms)"] = _wall(lambda: pool._plan_load(
@@ -437,7 +507,7 @@ def _retract_steps(pool, full, copy, iters: int) -> dict:
 
 
 PARTS = {"exchange": bench_exchange, "steps": bench_steps, "retract": bench_retract}
-_LIMITS = {"exchange": 150, "steps": 100, "retract": 240}  # seconds per child process
+_LIMITS = {"exchange": 180, "steps": 120, "retract": 300}  # seconds per child process
 
 
 def _run_part(part: str, quick: bool, fast: bool) -> tuple[int, list[dict], str]:

@@ -33,7 +33,9 @@ Both directions use the DLPack stream handshake, so no host synchronisation is n
   stream sees the final values.  (Work on other torch streams must wait on the current one.)
 * ``from_torch``: JAX passes its stream for external ready events; torch makes it wait for torch's
   current stream.  JAX computations using the returned array see every torch write enqueued on the
-  current stream *before* the call.
+  current stream *before* the call.  When torch's current stream has no pending work at the call
+  (``cudaStreamQuery``), those writes are complete and the fast path skips the handshake (jaxlib
+  gets ``stream=None``: no definition event, as on CPU); ``JAXKV_DLPACK_IDLE=0`` turns that off.
 * Both directions take a fast path (jaxlib's and torch's C++ DLPack entry points with cached
   devices, streams and one reusable event) that performs exactly this handshake and passes
   jaxlib exactly the arguments the public API passes; it checks itself on first use and falls
@@ -171,7 +173,7 @@ class FastPathError(RuntimeError):
     """jaxlib's / torch's DLPack entry point raised inside a fast path (capsule quarantined)."""
 
 
-def _quarantine(cap, where: str, err: Exception) -> None:
+def _quarantine(cap, where: str, err: Exception, warn: bool = True) -> None:
     """Makes sure a capsule whose consumer raised never runs its deleter again.
 
     jaxlib 0.11.2's ``dlpack_managed_tensor_to_buffer`` can fail *after* taking the tensor: it
@@ -186,9 +188,10 @@ def _quarantine(cap, where: str, err: Exception) -> None:
     """
     _set_capsule_name(cap, _USED_NAME)
     _QUARANTINE.append(cap)
-    warnings.warn(f"jaxkv.interop.{where}: DLPack entry point failed ({type(err).__name__}: "
-                  f"{err}); its capsule was neutralised (never freed twice; at most this one "
-                  "tensor leaks)", RuntimeWarning, stacklevel=4)
+    if warn:
+        warnings.warn(f"jaxkv.interop.{where}: DLPack entry point failed ({type(err).__name__}: "
+                      f"{err}); its capsule was neutralised (never freed twice; at most this "
+                      "one tensor leaks)", RuntimeWarning, stacklevel=4)
 
 
 def buffer_pointer(array: jax.Array) -> int:
@@ -422,9 +425,23 @@ def _x64_enabled() -> bool:
 # on such a stream *after* calling the tensor's deleter but leaves the capsule named "dltensor"
 # (measured with the CPU client), so torch's capsule destructor freed the tensor a second time.
 # The variant is gone; ``_quarantine`` makes any other failure inside jaxlib safe.
-_FAST = {"enabled": _ENV_FAST, "checked": False}
+# Idle branch (CUDA).  When torch's current stream has no pending work (``cudaStreamQuery``
+# through torch's ``Stream.query``, ~1 us), every write enqueued on it before the call has
+# completed, so there is nothing to order: the fast path skips the event handshake *and* passes
+# ``stream=None`` to jaxlib, which then creates the buffer without a definition event (as it does
+# for every CPU import) -- JAX may use it at once, and the memory already holds the final values.
+# Otherwise (work pending) the handshake runs exactly as above.  jaxlib's behaviour for
+# ``stream=None`` on a CUDA device is checked once per device on a scratch tensor (a failure
+# quarantines that scratch capsule silently and keeps the handshake for every call);
+# ``JAXKV_DLPACK_IDLE=0`` switches the idle branch off.  ``IMPORT_BRANCHES`` counts the CUDA
+# imports per branch (tests and benchmarks read it).
+_ENV_IDLE = os.environ.get("JAXKV_DLPACK_IDLE", "1").strip().lower() not in ("0", "false", "off",
+                                                                             "no")
+_FAST = {"enabled": _ENV_FAST, "checked": False, "idle": _ENV_IDLE}
 _DEVICES: dict = {}
+_STREAM_OBJS: dict = {}  # (cuda index, raw stream pointer) -> a torch Stream of that stream
 _handshake_lock = threading.Lock()
+IMPORT_BRANCHES = {"idle": 0, "handshake": 0}
 
 
 def _import_api():
@@ -442,14 +459,68 @@ def _import_api():
     return api
 
 
+def _cuda_api():
+    """torch's C-level stream / event methods (no Python frames, no Stream object per call):
+    (raw current stream, Stream.query, Event.record(stream), Event.wait(stream)); None each
+    where this torch lacks them (the Python methods are used then)."""
+    api = _FAST.get("cuda_api")
+    if api is None:
+        sb = getattr(torch._C, "_CudaStreamBase", None)
+        eb = getattr(torch._C, "_CudaEventBase", None)
+        api = _FAST["cuda_api"] = (getattr(torch._C, "_cuda_getCurrentRawStream", None),
+                                   getattr(sb, "query", None), getattr(eb, "record", None),
+                                   getattr(eb, "wait", None))
+    return api
+
+
+def _current_stream(idx: int, raw_stream):
+    """torch's current stream on ``cuda:idx`` as a torch Stream, cached per raw pointer (a raw
+    pointer names one stream at a time; the cached object queries / records on that pointer)."""
+    raw = raw_stream(idx) if raw_stream is not None else None
+    if raw is not None:
+        s = _STREAM_OBJS.get((idx, raw))
+        if s is not None:
+            return s
+    s = torch.cuda.current_stream(idx)
+    if raw is not None and s.cuda_stream == raw:
+        if len(_STREAM_OBJS) >= 256:
+            _STREAM_OBJS.clear()
+        _STREAM_OBJS[(idx, raw)] = s
+    return s
+
+
+def _probe_idle(idx: int, device, dl_type: int, to_buffer, five_args: bool) -> bool:
+    """Whether jaxlib aliases a CUDA tensor with ``stream=None`` (checked on a scratch tensor:
+    no error and the same pointer).  A failure quarantines the scratch capsule (never freed
+    twice; 256 bytes may leak) without a warning: the handshake then serves every call."""
+    try:
+        scratch = torch.empty(256, dtype=torch.uint8, device=torch.device("cuda", idx))
+        cap = torch._C._to_dlpack(scratch)
+    except Exception:  # noqa: BLE001
+        return False
+    try:
+        out = (to_buffer(cap, device, None, False, dl_type) if five_args
+               else to_buffer(cap, device, None, False))
+    except Exception as e:  # noqa: BLE001 - jaxlib may have taken the tensor
+        _quarantine(cap, "from_torch", e, warn=False)
+        return False
+    try:
+        return isinstance(out, jax.Array) and int(out.unsafe_buffer_pointer()) == \
+            scratch.data_ptr()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _import_device(idx: int, src: torch.Tensor, xla_bridge):
-    """(jax device, JAX stream or None, DLPack device type, torch ExternalStream, torch Event)."""
+    """(jax device, JAX stream or None, DLPack device type, torch ExternalStream, torch Event,
+    idle branch usable)."""
     hit = _DEVICES.get(idx)
     if hit is None:
         dl_type, dev_id = (int(x) for x in src.__dlpack_device__())
         platform = {1: "cpu", 2: "cuda"}[dl_type]
         device = xla_bridge.get_backend(platform).device_from_local_hardware_id(dev_id)
         stream = ext = event = None
+        idle = False
         if dl_type == 2:
             try:
                 stream = device.get_stream_for_external_ready_events()
@@ -458,32 +529,51 @@ def _import_device(idx: int, src: torch.Tensor, xla_bridge):
             if stream is not None:
                 ext = torch.cuda.ExternalStream(stream, device=torch.device("cuda", idx))
                 event = torch.cuda.Event()
-        hit = _DEVICES[idx] = (device, stream, dl_type, ext, event)
+                api = _import_api()
+                idle = bool(_FAST["idle"]) and _probe_idle(idx, device, dl_type, api[1], api[2])
+        hit = _DEVICES[idx] = (device, stream, dl_type, ext, event, idle)
     return hit
 
 
-def _fast_import(src: torch.Tensor):
-    """jaxlib's ``dlpack_managed_tensor_to_buffer`` with cached device/stream, or None."""
+def _fast_import(src: torch.Tensor, ptr: int | None = None):
+    """jaxlib's ``dlpack_managed_tensor_to_buffer`` with cached device/stream, or None.
+
+    ``ptr`` = ``src.data_ptr()``.  CUDA: the idle branch (torch's current stream has no pending
+    work: no handshake, ``stream=None``) or the handshake branch (see above)."""
     if not _FAST["enabled"]:
         return None
-    api = _import_api()
+    api = _FAST.get("api") or _import_api()
     if api is None:
         return None
     xla_bridge, to_buffer, five_args, get_device = api
+    if ptr is None:
+        ptr = src.data_ptr()
     try:
-        if src.data_ptr() % 64:
+        if ptr % 64:
             return None  # JAX may refuse (CPU: 64-B alignment): the public API says so properly
         idx = src.get_device()  # -1 on CPU
         if idx < 0 and src.is_pinned():
             return None  # pinned host memory: the public API knows its DLPack device type
-        device, stream, dl_type, ext, event = _import_device(idx, src, xla_bridge)
+        hit = _DEVICES.get(idx) or _import_device(idx, src, xla_bridge)
+        device, stream, dl_type, ext, event, idle = hit
         if idx >= 0:
             current = get_device() if get_device is not None else torch.cuda.current_device()
             if current != idx or ext is None:
                 return None  # torch's own rules (and errors) for other devices / no stream
-            with _handshake_lock:  # what Tensor.__dlpack__(stream) does, cached objects
-                event.record()  # torch's current stream
-                ext.wait_event(event)
+            raw_stream, query, ev_record, ev_wait = _FAST.get("cuda_api") or _cuda_api()
+            cur = _current_stream(idx, raw_stream)
+            if idle and (query(cur) if query is not None else cur.query()):
+                stream = None  # nothing pending on torch's current stream: nothing to order
+                IMPORT_BRANCHES["idle"] += 1
+            else:
+                with _handshake_lock:  # what Tensor.__dlpack__(stream) does, cached objects
+                    if ev_record is not None and ev_wait is not None:
+                        ev_record(event, cur)  # torch's current stream
+                        ev_wait(event, ext)  # JAX's external-ready stream waits on it
+                    else:
+                        event.record(cur)
+                        ext.wait_event(event)
+                IMPORT_BRANCHES["handshake"] += 1
         cap = torch._C._to_dlpack(src)
     except Exception:  # noqa: BLE001 - nothing handed to jaxlib yet: the public API answers
         return None
@@ -503,12 +593,23 @@ def _fast_import(src: torch.Tensor):
     if not _FAST["checked"]:  # first use: the result must look exactly like the public API's
         ok = (isinstance(out, jax.Array) and tuple(out.shape) == tuple(src.shape)
               and out.dtype.itemsize == src.element_size()
-              and int(out.unsafe_buffer_pointer()) == src.data_ptr())
+              and int(out.unsafe_buffer_pointer()) == ptr)
         if not ok:
             _FAST["enabled"] = False
             return None
         _FAST["checked"] = True
     return out
+
+
+_STRIDED = torch.strided
+_DTYPE_KIND: dict = {}  # torch dtype -> 0 (exchanged as is), 1 (64-bit), 2 (fp8)
+
+
+def _dtype_kind(dtype) -> int:
+    kind = _DTYPE_KIND.get(dtype)
+    if kind is None:
+        kind = _DTYPE_KIND[dtype] = 1 if dtype in _X64 else 2 if dtype in _FP8 else 0
+    return kind
 
 
 def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto") -> jax.Array:
@@ -534,13 +635,13 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
     """
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if int64 not in ("error", "convert"):
+    if int64 != "error" and int64 != "convert":
         raise ValueError(f"int64 must be 'error' or 'convert', got {int64!r}")
-    if fp8 not in ("auto", "native", "uint8"):
+    if fp8 != "auto" and fp8 != "native" and fp8 != "uint8":
         raise ValueError(f"fp8 must be 'auto', 'native' or 'uint8', got {fp8!r}")
     if tensor.requires_grad:
         raise ValueError("tensor requires grad: pass tensor.detach() (zero-copy)")
-    if tensor.layout != torch.strided:
+    if tensor.layout is not _STRIDED:
         raise ValueError(f"tensor has layout {tensor.layout}; only dense (torch.strided) tensors "
                          "can be exchanged: call tensor.to_dense() first (a copy)")
     if not (tensor.is_cuda or tensor.is_cpu):  # (attributes: cheaper than tensor.device)
@@ -552,8 +653,11 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
     if tensor.is_conj() or tensor.is_neg():
         raise ValueError("tensor has a lazy conj/neg bit: call tensor.resolve_conj()/"
                          "resolve_neg() first")
+    kind = _DTYPE_KIND.get(tensor.dtype)
+    if kind is None:
+        kind = _dtype_kind(tensor.dtype)
     converted = False
-    if tensor.dtype in _X64 and not _x64_enabled():
+    if kind == 1 and not _x64_enabled():
         if tensor.dtype != torch.int64 or int64 == "error":
             raise ValueError(
                 f"tensor has dtype {tensor.dtype} but JAX has x64 disabled: it would silently "
@@ -569,11 +673,11 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
                       stacklevel=2)
         tensor = tensor.to(torch.int32)
         converted = True
-    as_u8 = tensor.dtype in _FP8 and fp8 == "uint8"
-    src = tensor.view(torch.uint8) if as_u8 else tensor
+    src = tensor.view(torch.uint8) if kind == 2 and fp8 == "uint8" else tensor
     numel = src.numel()
+    ptr = src.data_ptr()
     try:
-        out = _fast_import(src) if numel else None
+        out = _fast_import(src, ptr) if numel else None
         if out is None:
             out = jax.dlpack.from_dlpack(src, copy=False)
     except ValueError as e:
@@ -583,20 +687,20 @@ def from_torch(tensor: torch.Tensor, *, int64: str = "error", fp8: str = "auto")
                              "tensor.clone() first (a copy), or allocate aligned") from e
         raise
     except (BufferError, RuntimeError, TypeError) as e:
-        if tensor.dtype in _FP8 and fp8 == "auto":
+        if kind == 2 and fp8 == "auto":
             warnings.warn(f"from_torch: fp8 DLPack unsupported here ({e}); returning a uint8 view",
                           stacklevel=2)
             src = tensor.view(torch.uint8)
             out = jax.dlpack.from_dlpack(src, copy=False)
         else:
-            hint = " (try fp8='uint8')" if tensor.dtype in _FP8 else ""
+            hint = " (try fp8='uint8')" if kind == 2 else ""
             raise ValueError(f"DLPack import of a {tensor.dtype} tensor failed: {e}{hint}") from e
-    ptr = src.data_ptr()
-    if numel and int(out.unsafe_buffer_pointer()) != ptr:
-        raise RuntimeError("DLPack import copied the tensor (pointers differ); refusing a silent "
-                           "copy")
-    if not converted and numel:
-        _record(_imported, ptr, out)
+    if numel:
+        if int(out.unsafe_buffer_pointer()) != ptr:  # zero-copy, proven on every call
+            raise RuntimeError("DLPack import copied the tensor (pointers differ); refusing a "
+                               "silent copy")
+        if not converted:
+            _record(_imported, ptr, out)
     return out
 
 

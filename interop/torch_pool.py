@@ -216,19 +216,19 @@ class DSV4CpuCopy:
     Attributes:
       geometry: the pool's geometry (a copy loads only into a pool of the same geometry).
       num_tokens: N, the number of full indices saved.
-      host: ``uint8[nbytes]`` host buffer (pinned when the pool is on CUDA) holding every part.
-      parts: ``{pool: (value uint8[L, M, V], scale uint8[L, M, sb])}``, views into ``host``:
-        the pool's M distinct valid locations, all layers.
+      host: one ``uint8[L * M * (V + sb)]`` host buffer per pool, in layout order (pinned when
+        the pool is on CUDA; allocated pool by pool as the plan of each becomes known).
+      parts: ``{pool: (value uint8[L, M, V], scale uint8[L, M, sb])}``, views into that pool's
+        ``host`` buffer: the pool's M distinct valid locations, all layers.
       slots: ``{pool: int32[N]}`` (CPU; rows of one pinned ``int32[pools, N]`` tensor when the
         pool is on CUDA): which saved row holds position i (rows are the distinct valid
         locations in ascending order), -1 where the position was invalid when saved (SWA:
-        ``full_to_swa[f] == 0``; compressed pools: ``(f + 1) % r != 0``; state pools: no SWA
         slot).  ``nbytes`` counts ``host`` only.
     """
 
     geometry: Geometry
     num_tokens: int
-    host: torch.Tensor
+    host: tuple
     parts: dict
     slots: dict
 
@@ -239,7 +239,7 @@ class DSV4CpuCopy:
 
     @property
     def nbytes(self) -> int:
-        return int(self.host.numel())
+        return int(sum(h.numel() for h in self.host))
 
 
 @functools.partial(jax.jit, static_argnames=("ratios", "rings", "swa_page"))
@@ -468,8 +468,11 @@ class DSV4TorchPool:
             raise ValueError("full_to_swa_index_mapping must be a 1-D torch.int32 tensor")
         return self._locs(indices, table.shape[0] - 1, arg)
 
-    def _all_locs(self, full: torch.Tensor):
-        """{pool: (int32[N] locs on device, bool[N] valid)} from full locations, via jaxkv.locs."""
+    def _all_locs(self, full: torch.Tensor, check: bool = True):
+        """{pool: (int32[N] locs on device, bool[N] valid)} from full locations, via jaxkv.locs.
+
+        ``check``: one host sync that every location fits its pool (``_check_cap``); with False
+        the caller checks each pool itself (``_plan_save_iter``: one sync per pool)."""
         geo = self.geometry
         table = self.full_to_swa_index_mapping.to(self.device)
         token = [p for p in self.layout.pools if p.spec.kind == "token" and p.name != "swa"]
@@ -487,15 +490,19 @@ class DSV4TorchPool:
             out[p.name] = (torch.where(out["swa"][1], to_torch(rows), -1), out["swa"][1])
         # locations must exist in the pools (a sizing error): one host sync for every pool
         pools = [p for p in self.layout.pools if out[p.name][0].numel()]
-        if pools:
+        if check and pools:
             top = torch.stack([out[p.name][0].max().to(torch.int64) for p in pools]).tolist()
             for p, hi in zip(pools, top):
-                cap = p.capacity if p.sentinel is None else p.sentinel
-                if hi >= cap:
-                    raise ValueError(f"pool {p.name!r} is too small for these indices: location "
-                                     f"{hi} >= {cap}"
-                                     f"{'' if p.sentinel is None else ' (the sentinel row)'}")
+                self._check_cap(p, hi)
         return out
+
+    @staticmethod
+    def _check_cap(p, hi: int) -> None:
+        cap = p.capacity if p.sentinel is None else p.sentinel
+        if hi >= cap:
+            raise ValueError(f"pool {p.name!r} is too small for these indices: location "
+                             f"{hi} >= {cap}"
+                             f"{'' if p.sentinel is None else ' (the sentinel row)'}")
 
     def _side_stream(self):
         """A CUDA stream for host copies, so they overlap the kernels of the next chunk."""
@@ -511,23 +518,26 @@ class DSV4TorchPool:
         return [(l0, min(l0 + step, a.num_layers)) for l0 in range(0, a.num_layers, step)]
 
     #: bytes per pipelined chunk of ``get_cpu_copy`` / ``load_cpu_copy`` (whole layers, >= 1)
-    COPY_CHUNK_BYTES = 64 << 20
+    COPY_CHUNK_BYTES = 256 << 20
 
-    def _plan_save(self, full: torch.Tensor):
-        """``[(pool, buffer, addressing, uniq int32[m], slot int32[N], m)]`` for ``get_cpu_copy``.
+    def _plan_save_iter(self, full: torch.Tensor):
+        """Yields ``(pool, buffer, addressing, uniq int32[m], slot int32[N], m)`` pool by pool.
 
         Per pool, the distinct valid locations (ascending) and, per position, which of them it
-        reads (-1: invalid).  Computed on the device with sorts (no ``torch.unique`` /
-        ``nonzero``, which synchronise once each): two host syncs in all (the capacity check of
-        ``_all_locs`` and one for every pool's count).
+        reads (-1: invalid), computed on the device with sorts (no ``torch.unique`` /
+        ``nonzero``, which synchronise once each).  One host sync per pool (its count and its
+        largest location, checked against the pool's capacity), made just before that pool is
+        yielded: a consumer that enqueues the pool's gathers and copies before asking for the
+        next one overlaps every later pool's plan with the copies already running.
         """
         n = int(full.shape[0])
         empty = torch.zeros(0, dtype=torch.int32, device=self.device)
         if not n:
-            return [(p, *self._addr[p.name], empty, empty, 0) for p in self.layout.pools]
-        locs = self._all_locs(full)
+            for p in self.layout.pools:
+                yield (p, *self._addr[p.name], empty, empty, 0)
+            return
+        locs = self._all_locs(full, check=False)
         big = torch.iinfo(torch.int32).max  # sorts after every real location (< capacity)
-        per_pool, counts = [], []
         for p in self.layout.pools:
             loc, valid = locs[p.name]
             key, perm = torch.sort(torch.where(valid, loc, torch.full_like(loc, big)))
@@ -535,15 +545,17 @@ class DSV4TorchPool:
             new[1:] = key[1:] != key[:-1]
             gid = torch.cumsum(new, 0) - 1  # group id of each sorted entry (int64)
             real = key != big
-            counts.append((new & real).sum())
             uniq = torch.zeros(n, dtype=torch.int32, device=self.device)
             uniq.scatter_(0, gid, torch.where(real, key, torch.zeros_like(key)))
             slot = torch.empty(n, dtype=torch.int32, device=self.device)
             slot.scatter_(0, perm, torch.where(real, gid, torch.full_like(gid, -1)).to(torch.int32))
-            per_pool.append((p, uniq, slot))
-        ms = torch.stack(counts).tolist()  # the one sync for every pool's count
-        return [(p, *self._addr[p.name], uniq[:m], slot, m)
-                for (p, uniq, slot), m in zip(per_pool, ms)]
+            m, hi = torch.stack([(new & real).sum(), loc.max().to(torch.int64)]).tolist()
+            self._check_cap(p, hi)  # before any gather of this pool
+            yield (p, *self._addr[p.name], uniq[:m], slot, m)
+
+    def _plan_save(self, full: torch.Tensor):
+        """The whole plan as a list (``_plan_save_iter``; used by the benchmark's step rows)."""
+        return list(self._plan_save_iter(full))
 
     def get_cpu_copy(self, indices: torch.Tensor) -> DSV4CpuCopy:
         """Retract: copies every pool's data of a request to host memory.
@@ -554,45 +566,45 @@ class DSV4TorchPool:
         compressed layer.  Per pool, only the *distinct valid* locations are saved (many
         positions share one state row; invalid positions hold nothing).
 
-        Pipeline (CUDA): the plan (translation, distinct locations) costs two host syncs; then
-        every pool is gathered in chunks of whole layers (~``COPY_CHUNK_BYTES``) on the current
-        stream, and each chunk's device-to-host copy into one pinned buffer runs on a side
-        stream as soon as that chunk is gathered, so gathers hide under the copies from the
-        first chunk on; the per-position slots go to pinned memory on the same stream.  One
-        synchronisation at the end.
+        Pipeline (CUDA): the translation runs once for every pool (no host sync); then pool by
+        pool: its distinct locations (sorts on the device, one host sync for its count and
+        capacity check), a pinned buffer of its size, its gathers in chunks of whole layers
+        (~``COPY_CHUNK_BYTES``) on the current stream, and each chunk's device-to-host copy on
+        a side stream as soon as that chunk is gathered.  Only the first pool's plan is on the
+        critical path: every later pool is planned while the earlier pools' copies run.  The
+        per-position slots go to pinned memory on the side stream.  One synchronisation at the
+        end.
 
         Returns:
           A ``DSV4CpuCopy`` (complete when this returns).  Bit-exact with the device bytes.
         """
         full = self._full(indices)
         n = int(full.shape[0])
-        plans = self._plan_save(full)
-        return self._run_save(plans, n)
+        return self._run_save(self._plan_save_iter(full), n)
 
     def _run_save(self, plans, n: int) -> DSV4CpuCopy:
+        """Gathers + copies pool by pool as ``plans`` (an iterable, e.g. ``_plan_save_iter``)
+        yields them: each pool's copies are enqueued before the next pool's plan is awaited."""
         cuda = self.device.type == "cuda"
-        sizes = [a.num_layers * m * w for _, _, a, _, _, m in plans
-                 for w in (a.value_bytes, a.scale_bytes)]
-        host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=cuda)
-        slots_host = torch.empty((len(plans), n), dtype=torch.int32, pin_memory=cuda)
+        slots_host = torch.empty((len(self.layout.pools), n), dtype=torch.int32, pin_memory=cuda)
         if cuda:
             main, side = torch.cuda.current_stream(self.device), self._side_stream()
-            side.wait_stream(main)  # the plan (slots) is done on the current stream
-            with torch.cuda.stream(side):
-                for k, (*_, slot, _m) in enumerate(plans):
+        parts, hosts, names = {}, [], []
+        for k, (p, b, a, uniq, slot, m) in enumerate(plans):  # gather (current) -> host (side)
+            L, V, S = a.num_layers, a.value_bytes, a.scale_bytes
+            host = torch.empty(L * m * (V + S), dtype=torch.uint8, pin_memory=cuda)
+            hv = host[:L * m * V].view(L, m, V)
+            hs = host[L * m * V:].view(L, m, S)
+            hosts.append(host)
+            names.append(p.name)
+            parts[p.name] = (hv, hs)
+            if cuda:
+                side.wait_stream(main)  # this pool's plan (slot) is done on the current stream
+                with torch.cuda.stream(side):
                     slots_host[k].copy_(slot, non_blocking=True)
                     slot.record_stream(side)
-        else:
-            for k, (*_, slot, _m) in enumerate(plans):
+            else:
                 slots_host[k].copy_(slot)
-        parts, off = {}, 0
-        for p, b, a, uniq, slot, m in plans:  # gather chunk (current) -> host (side stream)
-            L, V, S = a.num_layers, a.value_bytes, a.scale_bytes
-            hv = host[off:off + L * m * V].view(L, m, V)
-            off += L * m * V
-            hs = host[off:off + L * m * S].view(L, m, S)
-            off += L * m * S
-            parts[p.name] = (hv, hs)
             if not m:
                 continue
             for l0, l1 in self._chunks(a, m):
@@ -609,8 +621,8 @@ class DSV4TorchPool:
                         h.copy_(x)
         if cuda:
             side.synchronize()
-        slots = {p.name: slots_host[k] for k, (p, *_) in enumerate(plans)}
-        return DSV4CpuCopy(self.geometry, n, host, parts, slots)
+        slots = {name: slots_host[k] for k, name in enumerate(names)}
+        return DSV4CpuCopy(self.geometry, n, tuple(hosts), parts, slots)
 
     def load_cpu_copy(self, copy: DSV4CpuCopy, indices: torch.Tensor) -> None:
         """Resume: writes a ``get_cpu_copy`` result back at new full locations ``indices``.

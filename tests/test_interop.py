@@ -646,6 +646,49 @@ def test_retract_resume_bit_exact(impl, tail_only, chunk):
                               before[0][local * swa.num_pages])
 
 
+def test_save_plans_pool_by_pool_overlapping_copies(monkeypatch):
+    """get_cpu_copy pulls each pool's plan only after the previous pool's gathers (and copies)
+    were issued, so later plans overlap earlier copies; the result equals the one-shot plan's."""
+    pool, _ = _poisoned_pool(seed=3)
+    table = np.zeros(4 * PAGE + PAGE + 1, np.int32)
+    table[-1] = -1
+    n, window = PAGE + 8, GEO.swa_window
+    full, swa = _request([1, 2], [2, 3], n, n - window)
+    table[full] = swa
+    pool.full_to_swa_index_mapping = torch.from_numpy(table)
+    idx = torch.from_numpy(full)
+    events = []
+    real_iter, real_gather = pool._plan_save_iter, pool._gather
+
+    def plan_iter(f):
+        for plan in real_iter(f):
+            events.append(("plan", plan[0].name))
+            yield plan
+
+    def gather(b, locs, a):
+        events.append(("gather", b))
+        return real_gather(b, locs, a)
+
+    monkeypatch.setattr(pool, "_plan_save_iter", plan_iter)
+    monkeypatch.setattr(pool, "_gather", gather)
+    copy = pool.get_cpu_copy(idx)
+    names = [p.name for p in pool.layout.pools]
+    plans_at = [events.index(("plan", nm)) for nm in names]
+    assert plans_at == sorted(plans_at)
+    for k, p in enumerate(pool.layout.pools[:-1]):  # pool k's gathers before plan k + 1
+        b = pool._addr[p.name][0]
+        gathers = [i for i, e in enumerate(events) if e == ("gather", b)
+                   and plans_at[k] < i < (plans_at[k + 1] if k + 1 < len(names) else 10**9)]
+        if copy.parts[p.name][0].shape[1]:
+            assert gathers, (p.name, events)
+    ref = pool._run_save(pool._plan_save(pool._full(idx)), n)
+    assert len(copy.host) == len(names) and copy.nbytes == ref.nbytes
+    for nm in names:
+        assert torch.equal(copy.slots[nm], ref.slots[nm])
+        for a, b in zip(copy.parts[nm], ref.parts[nm]):
+            assert torch.equal(a, b)
+
+
 def test_retract_errors_and_empty():
     pool, host = _poisoned_pool()
     full = torch.arange(PAGE, PAGE + 8, dtype=torch.int32)
@@ -1001,14 +1044,56 @@ def test_gpu_stream_semantics():
 def test_gpu_import_orders_after_torch_writes():
     """from_torch (the handshake: JAX's external-ready stream waits on torch's current stream)
     makes JAX wait for torch writes enqueued before the call, on the default and a side stream."""
+    from jaxkv.interop import dlpack
     for stream in (None, torch.cuda.Stream()):
         with torch.cuda.stream(stream):
             t = torch.zeros(1 << 24, dtype=torch.int32, device="cuda")
             torch.cuda._sleep(200_000_000)
             t.fill_(9)
+            hand = dlpack.IMPORT_BRANCHES["handshake"]
             y = I.from_torch(t)
+            if dlpack._FAST["enabled"]:  # work pending: the handshake branch, never the idle one
+                assert dlpack.IMPORT_BRANCHES["handshake"] == hand + 1
         assert int(jnp.min(y)) == 9 and int(jnp.max(y)) == 9
         assert y.unsafe_buffer_pointer() == t.data_ptr()
+        torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_import_idle_branch():
+    """Nothing pending on torch's current stream: from_torch skips the handshake (idle branch,
+    jaxlib gets stream=None) and is still zero-copy with the written values; work pending: the
+    handshake branch, and JAX sees the write made after the slow kernel (default and side
+    stream)."""
+    from jaxkv.interop import dlpack
+    if not dlpack._FAST["enabled"]:
+        pytest.skip("fast paths switched off (the exchange canary failed)")
+    idx = torch.cuda.current_device()
+    I.from_torch(torch.ones(64, device="cuda"))  # device cache + the stream=None probe
+    assert dlpack._DEVICES[idx][5], "jaxlib refused stream=None on CUDA: the idle branch is " \
+        "off (correct, every call pays the handshake)"
+    rng = np.random.default_rng(5)
+    for stream in (None, torch.cuda.Stream()):
+        ref = rng.integers(0, 2**30, size=(1 << 20,), dtype=np.int32)
+        with torch.cuda.stream(stream):
+            t = torch.from_numpy(ref).to("cuda")
+            torch.cuda.current_stream().synchronize()  # idle now
+            before = dict(dlpack.IMPORT_BRANCHES)
+            y = I.from_torch(t)
+            assert dlpack.IMPORT_BRANCHES["idle"] == before["idle"] + 1
+            assert dlpack.IMPORT_BRANCHES["handshake"] == before["handshake"]
+            assert y.unsafe_buffer_pointer() == t.data_ptr()
+            assert np.array_equal(np.asarray(y), ref)
+            u = torch.from_numpy(ref).to("cuda")
+            torch.cuda._sleep(200_000_000)  # pending: the write below lands ~0.1 s later
+            u.add_(1)
+            before = dict(dlpack.IMPORT_BRANCHES)
+            z = I.from_torch(u)
+            assert dlpack.IMPORT_BRANCHES["handshake"] == before["handshake"] + 1
+            assert dlpack.IMPORT_BRANCHES["idle"] == before["idle"]
+        assert np.array_equal(np.asarray(z + 0), ref + 1)  # a JAX computation on it
+        assert z.unsafe_buffer_pointer() == u.data_ptr()
         torch.cuda.synchronize()
 
 
@@ -1074,7 +1159,8 @@ def test_gpu_pool_retract_pinned_bit_exact(chunk):
         torch.from_numpy(swa).cuda()
     at_save = [b.cpu().numpy() for b in pool.buffers]
     copy = pool.get_cpu_copy(torch.from_numpy(full).cuda())
-    assert copy.host.is_pinned() and all(v.is_pinned() for v in copy.slots.values())
+    assert all(h.is_pinned() for h in copy.host)
+    assert all(v.is_pinned() for v in copy.slots.values())
     for b in pool.buffers:
         b.zero_()
     pool.load_cpu_copy(copy, torch.from_numpy(full).cuda())
