@@ -118,16 +118,20 @@ def _busy_us(fn, rounds: int, iters: int) -> tuple[float, float]:
     ts, calls, hand = [], 0, 0
     for _ in range(10):
         fn()
+    torch.cuda._sleep(1)  # the first launch loads the kernel and blocks until the device is idle
+    torch.cuda.synchronize()
     for _ in range(rounds):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles, pending on the current stream
         h0 = D.IMPORT_BRANCHES["handshake"]
-        for _ in range(iters):
+        keep = []  # results stay alive: destroying an imported array waits for its ready event,
+        for _ in range(iters):  # i.e. for the sleep, which would leave the stream idle
             t0 = time.perf_counter_ns()
-            fn()
+            keep.append(fn())
             ts.append(time.perf_counter_ns() - t0)
         hand += D.IMPORT_BRANCHES["handshake"] - h0
         calls += iters
         torch.cuda.synchronize()
+        del keep
     return statistics.median(ts) / 1e3, hand / calls
 
 

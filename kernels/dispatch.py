@@ -36,12 +36,25 @@ def _available(name: str) -> bool:
     return True
 
 
-def _resolve(impl: str, op: str) -> str:
+def _platform(arrays) -> str:
+    """The platform the op runs on: that of the first concrete array among ``arrays`` (a CPU
+    cache on a GPU machine must not get the GPU kernels), else JAX's default backend (under
+    ``jit`` the operands are tracers: the default backend is the best guess there)."""
+    for a in arrays:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            try:
+                return next(iter(a.devices())).platform
+            except Exception:  # noqa: BLE001 - deleted / odd arrays: the default decides
+                break
+    return jax.default_backend()
+
+
+def _resolve(impl: str, op: str, *arrays) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    platform = jax.default_backend()
+    platform = _platform(arrays)
     for name in _AUTO.get(platform, {}).get(op, ()):
         if _available(name):
             return name
@@ -62,33 +75,33 @@ def _module(name: str):
 
 def gather_tokens(buf, locs, a: TokenAddressing, *, impl: str = "auto"):
     """See ``reference.gather_tokens``."""
-    return _module(_resolve(impl, "gather_tokens")).gather_tokens(buf, locs, a)
+    return _module(_resolve(impl, "gather_tokens", buf)).gather_tokens(buf, locs, a)
 
 
 def scatter_tokens(buf, locs, value, scale, a: TokenAddressing, *, impl: str = "auto"):
     """See ``reference.scatter_tokens``."""
-    return _module(_resolve(impl, "scatter_tokens")).scatter_tokens(buf, locs, value, scale, a)
+    return _module(_resolve(impl, "scatter_tokens", buf)).scatter_tokens(buf, locs, value, scale, a)
 
 
 def gather_pages(buf, pages, a: PageAddressing, *, impl: str = "auto"):
     """See ``reference.gather_pages``."""
-    return _module(_resolve(impl, "gather_pages")).gather_pages(buf, pages, a)
+    return _module(_resolve(impl, "gather_pages", buf)).gather_pages(buf, pages, a)
 
 
 def scatter_pages(buf, pages, data, a: PageAddressing, *, impl: str = "auto"):
     """See ``reference.scatter_pages``."""
-    return _module(_resolve(impl, "scatter_pages")).scatter_pages(buf, pages, data, a)
+    return _module(_resolve(impl, "scatter_pages", buf)).scatter_pages(buf, pages, data, a)
 
 
 def copy_pages(src, dst, src_pages, dst_pages, src_a: PageAddressing, dst_a: PageAddressing, *,
                impl: str = "auto"):
     """See ``reference.copy_pages``."""
-    return _module(_resolve(impl, "copy_pages")).copy_pages(src, dst, src_pages, dst_pages,
+    return _module(_resolve(impl, "copy_pages", src, dst)).copy_pages(src, dst, src_pages, dst_pages,
                                                             src_a, dst_a)
 
 
 def copy_tokens(src, dst, src_locs, dst_locs, src_a: TokenAddressing, dst_a: TokenAddressing, *,
                 impl: str = "auto"):
     """See ``reference.copy_tokens``."""
-    return _module(_resolve(impl, "copy_tokens")).copy_tokens(src, dst, src_locs, dst_locs,
+    return _module(_resolve(impl, "copy_tokens", src, dst)).copy_tokens(src, dst, src_locs, dst_locs,
                                                               src_a, dst_a)

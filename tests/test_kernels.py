@@ -691,3 +691,19 @@ def test_auto_picks_triton_on_gpu():
     want = "triton" if dispatch._available("triton") else "pallas"
     for op in ("gather_tokens", "scatter_tokens", "copy_pages", "copy_tokens"):
         assert dispatch._resolve("auto", op) == want
+
+
+def test_auto_follows_the_arrays_platform(monkeypatch):
+    """impl='auto' picks by the platform of the arrays it is given, not only JAX's default
+    backend: a CPU cache on a GPU machine (default backend 'gpu') gets the CPU choice (the GPU
+    machine's DRAM transfer benchmark failed with 'triton_kernel_call not found for platform
+    cpu' before)."""
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "_available", lambda name: True)
+    cpu_array = jnp.zeros((4, 8), jnp.uint8)
+    assert dispatch._resolve("auto", "gather_tokens") == "triton"  # nothing concrete: default
+    assert dispatch._resolve("auto", "gather_tokens", cpu_array) == "reference"
+    assert dispatch._resolve("auto", "copy_pages", cpu_array, cpu_array) == "reference"
+    seen = []
+    jax.jit(lambda b: seen.append(dispatch._resolve("auto", "gather_tokens", b)) or b)(cpu_array)
+    assert seen == ["triton"]  # under jit the operands are tracers: the default backend decides
