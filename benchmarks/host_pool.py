@@ -156,9 +156,9 @@ def _write(rows, errors, out, skipped=()):
 
 
 # Other tiles (ROWS, BLOCK in 4-B words) measured for the page kernels (kernels-only rows):
-# 8 KB (1 page chunk per program, 4 warps) and 32 KB (4 page chunks, 8 warps) around the
-# default 16 KB (2 x 2048).
-PAGE_TILES = ((1, 2048), (4, 2048))
+# 8 KB (1 page chunk per program, 4 warps) and 16 KB (2 page chunks, the default until run 6)
+# around the default 32 KB (4 x 2048, ``hp._WIDE_ROWS``).
+PAGE_TILES = ((1, 2048), (2, 2048))
 
 
 def _retile(meta: dict, arrays: tuple, rows: int, block: int):
@@ -343,7 +343,7 @@ def main(argv=None):
             window arrays on the device): the kernels alone, and end to end minus that; then
             the kernels alone with the other host-line setting (``hp._HOST_LINE_ALIGN``: warp
             accesses aligned to 128-B host lines, new in run 5, or not, as in runs 3-4), and
-            with other tiles ``(ROWS, BLOCK)`` per program (default: 16 KB, ``_TILE_WORDS``)."""
+            with other tiles ``(ROWS, BLOCK)`` per program (default for pages: 32 KB, ``_WIDE_ROWS``)."""
             if m != "triton" or not gpu:
                 return
             default = hp._HOST_LINE_ALIGN

@@ -79,8 +79,8 @@ Methods (how the host side is written)
     token is written without reading its page back; the reverse for loads.  XLA does not see these
     host accesses, so the call blocks until the kernels are done before returning the new state.
     One kernel launch per window kind (whole pages; or token values, then 8-B scale slots), each
-    program copying a ``[ROWS, BLOCK]`` tile of 16 KB (``_TILE_WORDS``): 16 token values or 2
-    page chunks per program, 16-B accesses where every window start is 16-B aligned (device side
+    program copying a ``[ROWS, BLOCK]`` tile: 16 KB (``_TILE_WORDS``, 16 token values) or, for
+    whole pages, 4 page chunks of 8 KB (``_WIDE_ROWS``), 16-B accesses where every window start is 16-B aligned (device side
     and, through an alignment hint on the pointer made from the host address, host side: the
     kernel of the first two H100 runs had no hint and stored 4 B per host access -- PTX
     ``st.global.b32``, checked by compiling for sm_90 in the tests).
@@ -1040,6 +1040,11 @@ def _pow2(n: int) -> int:
 # 2,048 per program.  (The first version ran one 4-KB program per window chunk: one program per
 # token value and one per 8-B scale slot -- 11M tiny programs for 256K tokens x 21 layers.)
 _TILE_WORDS = 4096
+# Rows of the tile when windows are wider than one 8-KB chunk (whole pages): 4 x 2,048 words
+# (32 KB per program).  H100 run 5, kernels only, C4 pages: load 0.938 vs 0.927 with 2 rows (the
+# 16-KB default), backup 1.002 vs 1.006 (same within noise); run 7 (this default): 1, 2 and 4
+# rows all equal (load 0.947, backup 0.974) -- no measurable effect either way.
+_WIDE_ROWS = 4
 # Whether wide windows are copied in host-line-aligned warp accesses (the kernel's ``SHIFT``).
 # Unmeasured on the GPU when written (run 5 compares: benchmark rows "kernels only ... [host
 # lines unaligned, before]"); False gives the kernel of runs 3-4.
@@ -1066,6 +1071,8 @@ def window_params(width: int, dev_row_bytes: int, host_row_bytes: int, host_addr
     shift = (32 - align) if (_HOST_LINE_ALIGN and words >= 128) else 0
     block = min(_TILE_WORDS // 2, _pow2(words + shift))
     rows = max(1, _TILE_WORDS // block)
+    if block == _TILE_WORDS // 2:  # page-wide windows: 4 chunks of 8 KB (32 KB) per program
+        rows = _WIDE_ROWS
     return dict(DEV_ROW=dev_row_bytes, HOST_ROW=host_row_bytes, W=words, BLOCK=block,
                 ROWS=rows, ALIGN=align, NL=int(num_layers), SHIFT=shift)
 
