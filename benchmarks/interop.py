@@ -56,17 +56,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _median_us(fn, iters: int) -> float:
-    for _ in range(10):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
-
-
 def _wall(fn, iters: int, warmup: int = 1) -> float:
     """Median seconds of fn() with device syncs around it."""
     for _ in range(warmup):

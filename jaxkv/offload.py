@@ -1151,6 +1151,22 @@ def _pools_of(layout: Layout, pools, scope: str) -> tuple[str, ...]:
 _BIG = np.iinfo(np.int32).max
 
 
+def _pool_locations(t, scope: str) -> dict:
+    """``{pool: (locs, valid)}`` from ``jaxkv.alloc.translate``'s result ``t`` (SPEC §4, §6): the
+    one place that says which translation column and validity mask each DSv4 pool uses
+    (``scope``: the C128 compress-state rows, ``"page"`` or ``"request"``)."""
+    return {
+        "swa": (t.swa, t.swa_valid),
+        "c4": (t.c4, t.c4_valid),
+        "c4_indexer": (t.c4, t.c4_valid),
+        "c128": (t.c128, t.c128_valid),
+        "c4_state": (t.c4_state, t.swa_valid),
+        "c4_indexer_state": (t.c4_state, t.swa_valid),
+        "c128_state": ((t.c128_state, t.swa_valid) if scope == "page" else
+                       (t.c128_state_req, t.full >= 0)),
+    }
+
+
 @functools.lru_cache(maxsize=None)
 def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
     """A jitted translation of a batch of requests into every pool's locations, packed.
@@ -1185,16 +1201,7 @@ def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
         t = A.translate(alloc_state, slots[:, None], jnp.arange(width, dtype=jnp.int32)[None, :],
                         csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
                         c128_ring=geo.c128_ring)
-        table = {
-            "swa": (t.swa, t.swa_valid),
-            "c4": (t.c4, t.c4_valid),
-            "c4_indexer": (t.c4, t.c4_valid),
-            "c128": (t.c128, t.c128_valid),
-            "c4_state": (t.c4_state, t.swa_valid),
-            "c4_indexer_state": (t.c4_state, t.swa_valid),
-            "c128_state": ((t.c128_state, t.swa_valid) if scope == "page" else
-                           (t.c128_state_req, t.full >= 0)),
-        }
+        table = _pool_locations(t, scope)
         per_pool = [jnp.where(table[n][1] & (table[n][0] >= 0), table[n][0], -1)
                     for n in names]
         locs = jnp.stack(per_pool, axis=1)
@@ -1309,16 +1316,7 @@ def _plan_fns(layout: Layout, names: tuple[str, ...], scope: str) -> _PlanFns:
         t = A.translate(alloc_state, jnp.broadcast_to(slot.astype(jnp.int32), (width,)), pos,
                         csa_ratio=geo.csa_ratio, hca_ratio=geo.hca_ratio, c4_ring=geo.c4_ring,
                         c128_ring=geo.c128_ring)
-        table = {
-            "swa": (t.swa, t.swa_valid),
-            "c4": (t.c4, t.c4_valid),
-            "c4_indexer": (t.c4, t.c4_valid),
-            "c128": (t.c128, t.c128_valid),
-            "c4_state": (t.c4_state, t.swa_valid),
-            "c4_indexer_state": (t.c4_state, t.swa_valid),
-            "c128_state": ((t.c128_state, t.swa_valid) if scope == "page" else
-                           (t.c128_state_req, t.full >= 0)),
-        }
+        table = _pool_locations(t, scope)
         inside = pos < length
         cols = [jnp.where(inside & table[names[k]][1] & (table[names[k]][0] >= 0),
                           table[names[k]][0], -1).astype(jnp.int32) for k in firsts]
