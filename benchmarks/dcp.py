@@ -20,6 +20,9 @@ Merge (SPEC §9), per decode batch of T tokens x 128 heads x 512 (float32 partia
   * ``bare_a2a`` / ``bare_ag`` / ``bare_prs``: the ``all_to_all`` / ``all_gather`` of the packed
     bytes / the ``psum_scatter`` of the slot buffer alone (the merges minus the merge pass; for
     ``bare_prs`` also minus the pass that writes the slot buffer),
+  * experiments, timed only with ``--kinds``: ``merge_par`` (every rank's packed partials in its
+    slot of a zero ``[N, N, T, w]`` buffer, one ``psum`` all-reduce), ``merge_cp`` (N-1
+    ``ppermute`` shifts instead of the all-to-all, no self copy), and their ``bare_*`` collectives,
   * baseline: a bare ``psum_scatter`` of the same ``[T, 128, 512]`` float32 partials,
   * ``merge_auto`` rows: the variant ``dcp.auto_method`` picks for a packed producer at each T
     (the headline), and ``auto crossover`` rows: the largest T (from T = 1 up) at which
@@ -37,6 +40,10 @@ the bare reduce-scatter (``baseline_ratio >= 1/1.15``).  Row names say the colle
 bytes each rank sends.  ``HLO ...`` rows (and ``dcp-hlo-*.txt`` files in ``--out``) give
 each variant's budget from the compiled HLO at T = 64: kernels, collectives, HBM bytes outside
 the collectives.  Predictions and findings: benchmarks/NOTES.md, "DCP".
+
+``--kinds a,b`` / ``--sizes 1,2`` / ``--rounds R`` / ``--merge-only`` narrow a run, ``--label L``
+names its files ``dcp-L-<gpu>.*``; the title records ``XLA_FLAGS``.  ``gpu_run.sh dcp@N`` runs it
+twice: XLA's defaults, then with ``dcp.COMMAND_BUFFER_XLA_FLAG`` (collectives in CUDA graphs).
 
 Capacity: context tokens per device for DSv4-Flash/Pro and V3.2 under DCP N (replicated indexer
 included), measured as N = the mesh size and computed for N = 2, 4, 8; and the per-device bytes of
@@ -85,10 +92,24 @@ KINDS = {
                 "bare all_gather of the packed bytes (merge_gather's collective alone)"),
     "bare_prs": (None, "slots", "1 reduce-scatter",
                  "bare psum_scatter of the [N,N,T,w] slot buffer (merge_prs's collective alone)"),
+    "merge_par": (None, "packed", "1 all-reduce",
+                  "producer-packed chunk-major, own partials in slot (own rank) of a zero "
+                  "[N,N,T,w] buffer, psum (all-reduce: every rank gets every partial, exact), "
+                  "merge of the own chunk"),
+    "bare_par": (None, "slots", "1 all-reduce",
+                 "bare psum of the [N,N,T,w] slot buffer (merge_par's collective alone)"),
+    "merge_cp": (None, "packed", "N-1 collective-permutes",
+                 "producer-packed chunk-major, chunk (rank+s) sent by ppermute shift s = 1..N-1 "
+                 "(no self copy through the collective), merge of the own chunk + received"),
+    "bare_cp": (None, "packed", "N-1 collective-permutes",
+                "bare ppermutes of merge_cp (its collectives alone)"),
 }
 MERGES = ("merge_rs", "merge_a2a", "merge_a2a_packed", "merge_packed", "merge_gather",
-          "merge_prs")
-BARES = ("bare_a2a", "bare_ag", "bare_prs")
+          "merge_prs", "merge_par", "merge_cp")
+BARES = ("bare_a2a", "bare_ag", "bare_prs", "bare_par", "bare_cp")
+# measured once (2 x H200, session 3: both lost at every T; benchmarks/NOTES.md) and timed only
+# when named by --kinds; check_merge still checks them
+EXPERIMENTS = ("merge_par", "bare_par", "merge_cp", "bare_cp")
 # the small-T transports and the dcp table that decides when auto picks each
 SMALL = {"merge_prs": "AUTO_RS_MAX_BYTES", "merge_gather": "AUTO_GATHER_MAX_BYTES"}
 ROUNDS, REPS = 8, 3  # GPU run; --quick: 2, 2
@@ -105,6 +126,10 @@ def sent_bytes(kind: str, T: int, n: int) -> int:
         return (o + lse) * (n - 1)  # ring all-gather: the whole packed buffer to N-1 ranks
     if kind in ("merge_prs", "bare_prs"):
         return (o + lse) * (n - 1)  # reduce-scatter of the N x larger slot buffer: (N-1)/N of it
+    if kind in ("merge_cp", "bare_cp"):
+        return (o + lse) * (n - 1) // n  # the all-to-all's bytes, without the self chunk
+    if kind in ("merge_par", "bare_par"):
+        return 2 * (o + lse) * (n - 1)  # ring all-reduce of the N x buffer: 2 (N-1)/N of it
     return (o + lse) * (n - 1) // n  # all-to-alls: N-1 of N chunks of [out | lse] leave the rank
 
 
@@ -126,6 +151,28 @@ def _one(kind: str, axis: str, n: int):
         if kind == "bare_prs":
             g = lax.psum_scatter(x, axis, scatter_dimension=0, tiled=False)  # [N, T, h*(DV+1)]
             return g[0, :, :h * DV].reshape(-1, h, DV), g[1 % n, :, h * DV:]
+        if kind == "bare_par":
+            g = lax.psum(x, axis)  # [N (source slot), N (chunk), T, h*(DV+1)]
+            return g[0, 0, :, :h * DV].reshape(-1, h, DV), g[1 % n, 0, :, h * DV:]
+        if kind in ("merge_cp", "bare_cp"):
+            me = lax.axis_index(axis)
+            got = [lax.dynamic_index_in_dim(x, me, 0, keepdims=False)]  # [T, w]: shift 0
+            for sh in range(1, n):  # rank j sends its chunk (j + sh) to rank j + sh
+                send = lax.dynamic_index_in_dim(x, (me + sh) % n, 0, keepdims=False)
+                got.append(lax.ppermute(send, axis, [(j, (j + sh) % n) for j in range(n)]))
+            if kind == "bare_cp":
+                return got[-1][:, :h * DV].reshape(-1, h, DV), got[0][:, h * DV:]
+            B = x.shape[1]  # got[sh] came from rank (me - sh) % n; the merge is order-free
+            return dcp._merge_sources(lambda r: got[r][:, :h * DV].reshape(B, h, DV),
+                                      lambda r: got[r][:, h * DV:], n, "e")
+        if kind == "merge_par":
+            # [N (source slot), N (chunk), T, w]: own (sanitized) partials in the own slot
+            slots = jnp.swapaxes(dcp._slot_buffer(x, axis, n, h, DV), 0, 1)
+            every = lax.psum(slots, axis)  # every rank: every source's every chunk, exactly
+            got = lax.dynamic_index_in_dim(every, lax.axis_index(axis), 1, keepdims=False)
+            B = x.shape[1]
+            return dcp._merge_sources(lambda r: got[r, :, :h * DV].reshape(B, h, DV),
+                                      lambda r: got[r, :, h * DV:], n, "e")
         if layout == "packed":
             return dcp.merge_packed(x, axis, "e", dv=DV, collective={
                 "merge_gather": "all_gather", "merge_prs": "reduce_scatter"}.get(
@@ -186,7 +233,7 @@ def _auto_kind(T: int, n: int) -> str:
             "all_to_all_packed": "merge_a2a_packed", "reduce_scatter": "merge_rs"}[m]
 
 
-def bench_merge(mesh, sizes, iters, reps, rounds):
+def bench_merge(mesh, sizes, iters, reps, rounds, only=None):
     """Times every (variant, T): all compiled and warmed up first, then ``rounds`` interleaved
     rounds (see the module docstring).  ``iters`` chained merges per call (doubled for T <= 16
     so that a call's dispatch + sync is < ~1% of it).
@@ -194,7 +241,8 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
     Returns ``(rows, stats, spread_md)``: ``stats[T][kind]`` = dict of per-merge seconds
     ``median`` / ``min`` / ``max`` over all calls, ``rounds`` (per-round medians), ``paired``
     (median over rounds of this round's bare / this round's kind: a baseline_ratio) and
-    ``paired_ratio`` (median over rounds of kind / bare).
+    ``paired_ratio`` (median over rounds of kind / bare).  ``only``: the variants to time (the
+    bare baseline always; default all).
     """
     import statistics
     import time
@@ -202,7 +250,11 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
     n = mesh.shape["dcp"]
     rng = np.random.default_rng(0)
     sh = jax.sharding.NamedSharding(mesh, P("dcp"))
-    kinds = ("bare",) + MERGES + BARES
+    def wanted(k):
+        return k in only if only is not None else k not in EXPERIMENTS
+    merges = tuple(k for k in MERGES if wanted(k))
+    bares = tuple(k for k in BARES if wanted(k))
+    kinds = ("bare",) + merges + bares
     prepared = {}
     for T in sizes:
         o = jnp.asarray(rng.normal(size=(n, T, HEADS, DV)).astype(np.float32))
@@ -257,7 +309,7 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
                     "baseline_min_us": st["bare"]["min"] * 1e6,
                     "calls": len(calls[(T, kind)]), "iters_per_call": prepared[(T, kind)][3]}
 
-        for kind in MERGES:
+        for kind in merges:
             r = common.row(
                 f"{kind} T={T} x {HEADS}h x {DV} f32 (N={n}; {KINDS[kind][2]}, sends "
                 f"{sent_bytes(kind, T, n) / 2**20:.3f} MiB/rank)",
@@ -265,12 +317,13 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
                 target={"baseline_ratio": round(1 / 1.15, 4)}, higher_is_better=False)
             rows.append({**r, **extra(kind)})
         ak = _auto_kind(T, n)
-        r = common.row(f"merge_auto T={T} (N={n}; dcp.auto_method picks {ak} for a packed "
+        r = None if ak not in kinds else common.row(f"merge_auto T={T} (N={n}; dcp.auto_method picks {ak} for a packed "
                        f"producer) vs bare psum_scatter", t[ak] * 1e6, "us",
                        baseline=t["bare"] * 1e6, target={"baseline_ratio": round(1 / 1.15, 4)},
                        higher_is_better=False)
-        rows.append({**r, **extra(ak), "picks": ak})
-        for kind in BARES:
+        if r is not None:
+            rows.append({**r, **extra(ak), "picks": ak})
+        for kind in bares:
             r = common.row(f"{kind} T={T} (packed bytes, no merge; {KINDS[kind][2]}, sends "
                            f"{sent_bytes(kind, T, n) / 2**20:.3f} MiB/rank) vs bare "
                            f"psum_scatter", t[kind] * 1e6, "us", baseline=t["bare"] * 1e6,
@@ -282,7 +335,7 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
                      **extra("bare")})
         print(f"T={T:4d}  bare {t['bare']*1e6:7.1f} us (min {st['bare']['min']*1e6:6.1f})  " +
               "  ".join(f"{k} {t[k]*1e6:6.1f} ({t[k]/t['bare']:.3f}x, paired "
-                        f"{st[k]['paired_ratio']:.3f}x)" for k in MERGES + BARES) +
+                        f"{st[k]['paired_ratio']:.3f}x)" for k in merges + bares) +
               f"  auto -> {ak}", flush=True)
         for kind in kinds:
             v = st[kind]
@@ -292,6 +345,8 @@ def bench_merge(mesh, sizes, iters, reps, rounds):
     # the crossovers: the largest T (from T = smallest) up to which each small-T transport beat
     # merge_packed; the table's T: the largest T at which auto picks it
     for kind, table_name in SMALL.items():
+        if kind not in kinds or "merge_packed" not in kinds:
+            continue
         measured = 0
         for T in sizes:
             if stats[T][kind]["median"] < stats[T]["merge_packed"]["median"]:
@@ -445,7 +500,7 @@ def budget_rows(mesh, T: int, out_dir: str):
     return rows
 
 
-def check_merge(mesh):
+def check_merge(mesh, kinds=MERGES):
     """The benchmarked merges are the merge: compare with merge_partials on gathered partials."""
     n = mesh.shape["dcp"]
     rng = np.random.default_rng(1)
@@ -454,7 +509,7 @@ def check_merge(mesh):
     lse[0, 0] = -np.inf
     o[0, 0] = np.nan  # an empty rank's garbage must not leak
     want_o, want_l = dcp.merge_partials(np.where(np.isfinite(lse)[..., None], o, 0), lse)
-    for kind in MERGES:
+    for kind in kinds:
         x, l = _inputs(kind, jnp.asarray(o), jnp.asarray(lse), n)
         one = _one(kind, "dcp", n)
         f = dcp.shard_map(lambda a, b: one(a[0], b[0]), mesh=mesh,
@@ -501,20 +556,41 @@ def capacity_rows(mesh, quick):
 
 
 def main(argv=None):
-    args = common.parser("dcp").parse_args(argv)
+    p = common.parser("dcp")
+    p.add_argument("--sizes", help="comma-separated T values (default 1..256)")
+    p.add_argument("--kinds", help=f"comma-separated variants besides bare (default all: "
+                   f"{','.join(MERGES + BARES)})")
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {ROUNDS})")
+    p.add_argument("--merge-only", action="store_true",
+                   help="only the merge timings (no HLO budget, no capacity rows)")
+    p.add_argument("--label", default="", help="appended to the title and the file stem "
+                   "(e.g. the XLA_FLAGS of an experiment)")
+    args = p.parse_args(argv)
     devs = jax.devices()
     if len(devs) < 2:
         raise SystemExit("benchmarks.dcp needs >= 2 devices (GPUs, or --quick on CPU)")
     mesh = dcp.make_mesh(len(devs))
     print(f"devices: {len(devs)} x {devs[0].device_kind}", flush=True)
-    check_merge(mesh)
     sizes = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    only = None
+    if args.kinds:
+        only = set(args.kinds.split(","))
+        unknown = only - set(MERGES + BARES)
+        if unknown:
+            raise SystemExit(f"--kinds: unknown variants {sorted(unknown)}")
+    check_merge(mesh, MERGES if only is None else tuple(k for k in MERGES if k in only))
     iters, reps, rounds = (4, 2, 2) if args.quick else (100, REPS, ROUNDS)
-    rows = budget_rows(mesh, 16 if args.quick else 64, args.out)
-    merge_rows, _, spread_md = bench_merge(mesh, sizes, iters, reps, rounds)
-    rows += merge_rows + capacity_rows(mesh, args.quick)
-    stem = common.write_results(rows, args.out, "dcp", title=f"DCP merge and capacity "
-                                f"(N={len(devs)})")
+    rounds = args.rounds or rounds
+    rows = [] if args.merge_only else budget_rows(mesh, 16 if args.quick else 64, args.out)
+    merge_rows, _, spread_md = bench_merge(mesh, sizes, iters, reps, rounds, only)
+    rows += merge_rows + ([] if args.merge_only else capacity_rows(mesh, args.quick))
+    suite = "dcp" + (f"-{args.label}" if args.label else "")
+    stem = common.write_results(rows, args.out, suite, title=f"DCP merge and capacity "
+                                f"(N={len(devs)})" + (f"; {args.label}" if args.label else "")
+                                + (f"; XLA_FLAGS={os.environ['XLA_FLAGS']}"
+                                   if os.environ.get("XLA_FLAGS") else ""))
     with open(stem + ".md", "a") as fh:
         fh.write(spread_md)
     print(f"wrote {stem}.json/.md/.png")

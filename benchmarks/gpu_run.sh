@@ -4,7 +4,8 @@
 #   tests      every gpu-marked test (pytest -m gpu)
 #   kernels alloc offload host_pool interop transfer dcp    that benchmark suite
 #   demo       python -m jaxkv.demo --preset gpu
-#   dcp@N      DCP gpu tests + benchmark on the first N GPUs (results/dcpN/)
+#   dcp@N      DCP gpu tests + benchmark (XLA defaults, then collectives in CUDA graphs) on the
+#              first N GPUs (results/dcpN/)
 #
 # Needs jax-triton carried as a wheel in .whl/ (BUILD.md).  Results, logs and a summary go to
 # $OUT/gpu.tgz (re-packed after every part, so a run cut short still returns what it did).
@@ -40,6 +41,12 @@ for part in "$@"; do
       export CUDA_VISIBLE_DEVICES=$vis
       run "dcp$n-tests" 300 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
       run "dcp$n-bench" 300 python3 -m benchmarks.dcp --out $R/results/dcp$n
+      # the same merges with collectives recorded into CUDA graphs (dcp.COMMAND_BUFFER_XLA_FLAG)
+      run "dcp$n-bench-cmdbuf" 300 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES \
+        python3 -m benchmarks.dcp --merge-only --label cmdbuf --out $R/results/dcp$n \
+        --kinds merge_rs,merge_a2a_packed,merge_packed,bare_a2a
+      run "dcp$n-tests-cmdbuf" 300 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES \
+        python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_dcp.py
       unset CUDA_VISIBLE_DEVICES ;;
     transfer)  # NIXL wheels carried in .whl/ (nixl, nixl_cu13); DRAM then VRAM caches, UCX on lo.
       # VRAM: 2 transport probes (jax-bfc, torch-control; <= 40 s, results/transfer-vram-*-probes.*),

@@ -36,12 +36,18 @@ through ``jaxkv.get_tokens``, compared with the prefill's source tokens (and the
 Findings (benchmarks/NOTES.md "Transfer"): on host memory UCX copies with ``cma``, one syscall per
 descriptor (~2.8 us each on the 2-core box, ~1.5-1.9 us on the H100 host) on top of one core's copy
 (~4.4 GB/s there, ~5.2 GB/s cold on the H100 host); packed runs at 0.77-0.95 of the raw-cma
-ceiling and is 1.4-1.9x faster than layer-major, short of the 3x target, which on DRAM would need
-a copy ~3x faster relative to the per-descriptor cost.  The first VRAM runs (JAX-allocated caches)
-moved GPU memory over tcp/lo ("software emulation", 0.45-0.53 GB/s): no ``cuda_ipc`` for VMM
-memory; torch-allocated buffers used ``cuda_ipc`` (16 x 1 MB: 15.6 GB/s, 6.6x 1024 x 16 KB).  The NIXL progress thread busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by
-default here, ``--progress-thread`` turns it on for both layouts.  Every wait is bounded (10 s per
-request, the decode process's replies by its liveness and a timeout).
+ceiling and is 1.4-1.9x faster than layer-major, short of the 3x target.  The "premise" rows
+measure the issue's own comparison (one WRITE of 64 MiB as 1 descriptor vs 4096 x 16 KiB, raw
+NIXL, same settings): 1.46x on the H100 host, 1.7-2.0x on the 2-core box, so no layout can be 3x
+apart there (packed/layer-major is at or near the premise ratio).  On VRAM (torch-owned caches,
+``cuda_ipc``) the descriptor count dominates: packed is 12-35x faster.  There the initiator's
+DONE waits for the *target's* progress: with the decode side calling ``progress()`` every 1 ms
+a 4-block packed request took 0.63-0.86 ms, progressing continuously 0.13 ms (``--peer-poll``;
+default 0 on VRAM).  XLA's own GPU buffers are VMM allocations that ``cuda_ipc`` cannot map (UCX
+then moves them over tcp/lo at ~0.5 GB/s): hence torch-owned caches.  The NIXL progress thread
+busy-polls (~0.5 core per agent; 4-5x slower on 2 cores): off by default here,
+``--progress-thread`` turns it on for both agents.  Every wait is bounded (10 s per request, the
+decode process's replies by its liveness and a timeout).
 
 Run: ``UCX_NET_DEVICES=lo UCX_MODULES=^ib python -m benchmarks.transfer --out DIR`` (``--quick`` for
 a smoke run; ``--mem vram`` to register GPU memory on the GPU machine;
@@ -127,8 +133,11 @@ def _device(mem: str):
     return jax.devices("cpu")[0]
 
 
-def _decode_main(conn, num_blocks, mem, progress_thread=False):
-    """The decode process: registers both caches, answers metadata, serves raw reads."""
+def _decode_main(conn, num_blocks, mem, progress_thread=False, peer_poll=0.001):
+    """The decode process: registers both caches, answers metadata, serves raw reads.
+
+    While idle it calls ``agent.progress()`` every ``peer_poll`` s (0: continuously), as a
+    decode engine's loop would between steps."""
     from jaxkv.interop import transfer as T
     _, lays = _layouts(num_blocks)
     agent = T.Agent("decode", progress_thread=progress_thread)
@@ -137,7 +146,7 @@ def _decode_main(conn, num_blocks, mem, progress_thread=False):
     tokens = {}
     conn.send((agent.metadata(), {k: r.remote() for k, r in regs.items()}))
     while True:
-        while not conn.poll(0.001):  # a passive side drives its engine (notifications)
+        while not conn.poll(peer_poll):  # a passive side drives its engine (notifications)
             agent.progress()
         cmd, args = conn.recv()
         if cmd == "exit":
@@ -390,6 +399,22 @@ def _probe_context() -> dict:
     return out
 
 
+def _raw_write_seconds(ag, lx, rx, peer: str, notif: bytes, count: int) -> float:
+    """One raw NIXL WRITE (``nixl_agent`` ``ag``, descriptor lists ``lx`` -> ``rx``), polled to
+    DONE (bounded, 15 s); returns its seconds from ``initialize_xfer`` on."""
+    t0 = time.perf_counter()
+    h = ag.initialize_xfer("WRITE", lx, rx, peer, notif)
+    st = ag.transfer(h)
+    deadline = time.monotonic() + 15
+    while st == "PROC" and time.monotonic() < deadline:
+        st = ag.check_xfer_state(h)
+    t = time.perf_counter() - t0
+    h.release()
+    if st != "DONE":
+        raise RuntimeError(f"raw WRITE of {count} descriptors ended {st}")
+    return t
+
+
 def _probe_decode(conn, kind: str, nblocks: int):
     """Decode side of a probe: one registered GPU buffer; serves metadata and its bytes."""
     from jaxkv.interop import transfer as T
@@ -456,16 +481,7 @@ def _probe_main(kind: str) -> dict:
                 zero = np.zeros(loc.size, np.uint64)
                 lx = ag.get_xfer_descs(np.stack([loc, col, zero], 1), mem)
                 rx = ag.get_xfer_descs(np.stack([rem, col, zero], 1), mem)
-                t0 = time.perf_counter()
-                h = ag.initialize_xfer("WRITE", lx, rx, "probe-decode", b"probe")
-                st = ag.transfer(h)
-                deadline = time.monotonic() + 15
-                while st == "PROC" and time.monotonic() < deadline:
-                    st = ag.check_xfer_state(h)
-                ts.append(time.perf_counter() - t0)
-                h.release()
-                if st != "DONE":
-                    raise RuntimeError(f"probe WRITE of {loc.size} descriptors ended {st}")
+                ts.append(_raw_write_seconds(ag, lx, rx, "probe-decode", b"probe", loc.size))
             key = "block" if pieces == 1 else "split64"
             out[f"{key}_descriptors"] = int(n * pieces)
             out[f"{key}_first_us"] = ts[0] * 1e6  # includes opening the peer's IPC handle
@@ -596,6 +612,8 @@ def _vram_with_probes(args) -> int:
         cmd.append("--quick")
     if args.progress_thread:
         cmd.append("--progress-thread")
+    if args.peer_poll is not None:
+        cmd += ["--peer-poll", str(args.peer_poll)]
     env.setdefault("UCX_PROTO_INFO", "y")  # the measured run's own transport is recorded too
     left = max(30.0, args.time_budget - (time.monotonic() - t_start))
     rc, text = _run_tee(cmd, env, left)
@@ -643,6 +661,10 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--progress-thread", action="store_true",
                    help="NIXL progress threads (busy-poll: ~0.5 core per agent)")
+    p.add_argument("--peer-poll", type=float, default=None,
+                   help="seconds between the idle decode side's agent.progress() calls (0: "
+                   "continuously; default 0 on VRAM, where the initiator's completion waits for "
+                   "the target's progress, 0.001 on DRAM, where it does not)")
     p.add_argument("--no-probe", action="store_true",
                    help="VRAM: measure with the current settings, no transport probes")
     p.add_argument("--probe-budget", type=float, default=110.0,
@@ -665,6 +687,8 @@ def main(argv=None):
     has_gpu = jax.devices()[0].platform == "gpu"
     if mem == "auto":
         mem = "vram" if has_gpu else "dram"
+    if args.peer_poll is None:
+        args.peer_poll = 0.0 if mem == "vram" else 0.001
     # on a GPU machine both memories are measured: transfer-dram-<gpu>.*, transfer-vram-<gpu>.*
     suite = f"transfer-{mem}" if has_gpu else "transfer"
     try:
@@ -679,7 +703,8 @@ def main(argv=None):
         raise
     title = (f"NIXL prefill->decode transfer, DSv4-Flash, {mem.upper()} loopback, "
              f"{_owner(mem)}-owned caches; "
-             f"{_ucx_settings(args.progress_thread)}"
+             f"{_ucx_settings(args.progress_thread)}; decode side progresses every "
+             f"{args.peer_poll * 1e3:g} ms when idle"
              + (f"; {args.label}" if args.label else ""))
     stem = common.write_results(rows, args.out, suite, title=title)
     with open(stem + ".md") as f:
@@ -694,8 +719,8 @@ def _run(args, mem, T):
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_decode_main, args=(child, num_blocks, mem, args.progress_thread),
-                       daemon=True)
+    proc = ctx.Process(target=_decode_main, daemon=True,
+                       args=(child, num_blocks, mem, args.progress_thread, args.peer_poll))
     proc.start()
     rows = []
     try:
@@ -826,6 +851,7 @@ def _run(args, mem, T):
             rows.append(common.row(f"packed: {k}-block request, bytes", bp / 1e6, "MB",
                                    baseline=bl / 1e6, higher_is_better=False))
             rows.append(common.row(f"layer-major: {k}-block request, bytes", bl / 1e6, "MB"))
+        rows += _premise_rows(agent, regs["packed"], remotes["packed"], quick=args.quick)
         rows.append(common.row("packed: regions registered", len(regs["packed"].regions),
                                "count", baseline=len(regs["layer_major"].regions),
                                higher_is_better=False))
@@ -847,6 +873,43 @@ def _run(args, mem, T):
         if proc.is_alive():
             proc.kill()
             proc.join(5)
+    return rows
+
+
+def _premise_rows(agent, reg, remote, *, quick: bool) -> list[dict]:
+    """The issue's premise with the same engine and settings: one WRITE of 64 MiB (16 MiB in a
+    ``--quick`` run's smaller caches) as 1 descriptor, as 1 MiB pieces and as 16 KiB pieces, the
+    same (warm) bytes every time, inside the packed caches' registered regions (raw NIXL calls,
+    no jaxkv code on the path)."""
+    nx = agent._nixl
+    lr, rr = reg.regions[0], remote.regions[0]
+    total = next((t for t in (64 << 20, 16 << 20) if min(lr.nbytes, rr.nbytes) >= t), 0)
+    if not total:
+        return []
+    mib = total >> 20
+    res = {}
+    for piece in (total, 1 << 20, 16 << 10):
+        count = total // piece
+        off = np.arange(count, dtype=np.uint64) * np.uint64(piece)
+        col = np.full(count, piece, np.uint64)
+
+        def descs(r):
+            return nx.get_xfer_descs(np.stack([np.uint64(r.addr) + off, col,
+                                               np.full(count, r.device, np.uint64)], 1),
+                                     r.mem_type)
+        lx, rx = descs(lr), descs(rr)
+        ts = []
+        for _ in range(6 if quick else 12):
+            ts.append(_raw_write_seconds(nx, lx, rx, remote.agent, b"premise", count))
+        res[count] = statistics.median(ts[2:])
+    small = total // (16 << 10)
+    rows = [common.row(f"premise (raw NIXL, {mib} MiB, warm): {c} x {name} descriptors, time",
+                       res[c] * 1e6, "us", baseline=res[1] * 1e6, higher_is_better=False)
+            for c, name in ((mib, "1 MiB"), (small, "16 KiB"))]
+    rows.append(common.row(f"premise (raw NIXL, {mib} MiB, warm): 1 descriptor, time",
+                           res[1] * 1e6, "us", higher_is_better=False))
+    rows.append(common.row(f"premise: {small} x 16 KiB / 1 x {mib} MiB (the issue saw ~3x for "
+                           "4096 x 16 KiB / 1 x 64 MiB on its CPU box)", res[small] / res[1], "x"))
     return rows
 
 

@@ -697,7 +697,12 @@ class Agent:
         busy-polls (about half a core per idle agent, measured on CPU).  With False, polling
         drives the engine: ``done()`` / ``wait()`` on an initiator, and ``progress()`` on a
         passive side (call it periodically, e.g. from an event loop, so that notifications and
-        transfers that need the target, such as UCX over TCP, complete).
+        transfers that need the target, such as UCX over TCP, complete).  The target's
+        cadence is the initiator's latency floor on GPU memory too: on an H100 (``cuda_ipc``) a
+        4-block packed WRITE completed on the initiator in 0.13 ms with a target progressing
+        continuously and in 0.6-0.9 ms with one calling ``progress()`` every 1 ms (the decode
+        side had its cache back ~0.4 ms after the post either way).  Keep the thread on (or progress the passive side
+        continuously) where latency matters and a core can be spared.
     """
 
     def __init__(self, name: str, *, backends: Sequence[str] = ("UCX",),

@@ -46,6 +46,14 @@ exactly, ``x + 0 = x``).  ``"auto"`` picks them below the per-N byte tables
 ``AUTO_RS_MAX_BYTES`` / ``AUTO_GATHER_MAX_BYTES`` (``auto_method``).  ``base="2"`` uses exp2/log2
 throughout.
 
+Speed (2 x H200, benchmarks/results/dcp-h200x2*; benchmarks/NOTES.md "DCP"): the packed merge is
+0.84-1.13x a bare ``psum_scatter`` of the same partials for 2-256 tokens x 128 heads x 512.  For a
+single token XLA's default runtime issues each collective from the host, and the all-to-all's
+launch (grouped NCCL send/recv + a device copy of the own chunk) costs ~5-8 us more than the
+reduce-scatter's, a third of a 20 us merge (1.16-1.75x over runs).  With collectives recorded into
+CUDA graphs, as a decode step served from a graph runs them, that launch cost goes and the merge
+is 0.84-1.08x at every size: set ``XLA_FLAGS=`` ``COMMAND_BUFFER_XLA_FLAG`` (before JAX starts).
+
 Meshes: build them with ``make_mesh`` (axis type ``Auto``) so that ``shard_map`` may reshard
 inputs; every public function here also ``device_put``s concrete inputs to the shardings it wants.
 Works with ``jax.shard_map`` (jax >= 0.7) and falls back to ``jax.experimental.shard_map``.
@@ -76,7 +84,7 @@ __all__ = [
     "get_tokens_dcp", "merge", "merge_partials", "merge_packed", "pack_partials",
     "unpack_partials", "auto_method", "auto_gather_max_bytes", "auto_rs_max_bytes",
     "AUTO_GATHER_MAX_BYTES", "AUTO_RS_MAX_BYTES", "METHODS",
-    "COLLECTIVES", "decode", "localize_topk", "reshard",
+    "COLLECTIVES", "COMMAND_BUFFER_XLA_FLAG", "decode", "localize_topk", "reshard",
     "reshard_request", "capacity", "kv_capacity", "shard_map",
 ]
 
@@ -87,6 +95,12 @@ local_len = L.dcp_local_len
 owner_widened = L.dcp_owner_widened
 physical_widened = L.dcp_physical_widened
 localize_topk = A.localize_topk
+
+# XLA flag that records collectives into command buffers (CUDA graphs) on GPU: removes the host
+# launch cost of the merge's all-to-all (2 x H200, 1 token: 25.7-26.9 us -> 21.1 us, bare
+# psum_scatter 21-24 us).  Read when JAX's GPU backend starts: put it in XLA_FLAGS before that.
+# (Adding WHILE/CONDITIONAL as well failed to instantiate the graph of a fori_loop there.)
+COMMAND_BUFFER_XLA_FLAG = "--xla_gpu_enable_command_buffer=+COLLECTIVES"
 
 
 def shard_map(f, *, mesh, in_specs, out_specs):
@@ -584,9 +598,9 @@ METHODS = ("auto", "reduce_scatter", "all_to_all", "all_to_all_packed", "packed"
 # 19.4 us); its collective alone (bare_ag, 25.2 us at T = 1) was no faster than the all-to-all
 # (bare_a2a, 28.0 us) by more than the noise, and it moves N x the bytes.
 #
-# AUTO_RS_MAX_BYTES, N = 2: not measured yet (0 = off).  The next 2 x H200 run's
-# "auto crossover merge_prs" row prints the value to put here (the largest T, from T = 1 up, at
-# which merge_prs beat merge_packed, as bytes: T * 128 * 512 * 4; e.g. 262144 for T = 1).
+# AUTO_RS_MAX_BYTES, N = 2: never.  2 x H200 run 4 and session 3's runs: merge_prs lost to
+# merge_packed at every T (T = 1: 32.5-41.7 vs 25.7-34.7 us): its zero-padded N x buffer and
+# extra kernel cost more than the reduce-scatter's lower launch latency saves.
 #
 # Other N (not measured): both transports receive (N-1) x the packed bytes against (N-1)/N x
 # for the all-to-all, so the N = 2 entry scaled to the same received bytes, / (N - 1).
@@ -616,10 +630,10 @@ def auto_method(tokens: int, heads: int, dv: int, n: int, *, packed_input: bool 
     ``packed_rs``; else at most ``auto_gather_max_bytes(n)``: ``packed_gather``; else one
     all-to-all, ``packed`` where the producer can emit the packed layout (no packing copy),
     else ``all_to_all_packed``.  From the 2 x H200 measurements (benchmarks/results/
-    dcp-h200x2.md, T = 1..256 x 128 heads x 512): the one-collective all-to-all merge was within
-    1.15x of the bare reduce-scatter from T = 2 up (run 3: 0.87-1.12x) and the all-gather
-    transport never beat it; at T = 1 (run 3: 26.5 vs 20.2 us, 1.32x) the all-to-all's own
-    latency is what is left, which ``packed_rs`` (tables above) is meant to remove.
+    dcp-h200x2*.md, T = 1..256 x 128 heads x 512): the one-collective all-to-all merge was within
+    1.15x of the bare reduce-scatter from T = 2 up and neither small-T transport ever beat it; at
+    T = 1 the all-to-all's host launch cost is what is left (1.16-1.75x over runs), which
+    ``COMMAND_BUFFER_XLA_FLAG`` removes (0.89x), not a different transport.
     """
     if n == 1:
         return "reduce_scatter"
