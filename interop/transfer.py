@@ -28,8 +28,9 @@ Ownership protocol (a transfer engine writes JAX buffers behind XLA's back)
     (``expect`` / ``read``) is in flight it raises ``TransferInFlightError``, and the arrays you
     obtained before the transfer started are deleted (taken again by a donating identity jit), so
     the destination cannot be read, donated or freed while the engine writes it.
-    ``PendingTransfer.wait()`` returns the cache (fresh array objects over the same memory, so no
-    host copy cached by JAX can be stale) once the engine has reported completion.
+    ``PendingTransfer.wait()`` returns the cache (the array objects made when the transfer
+    started, which nobody could read in between, so no host copy cached by JAX can be stale)
+    once the engine has reported completion.
   * Never donate ``reg.cache`` buffers while a transfer is in flight.  To update the cache between
     transfers, compute the new cache (donated, in place, is best) and hand it back with
     ``reg.update(new_cache)``: buffers at the registered addresses are adopted as they are, other
@@ -877,6 +878,9 @@ class Registration:
         self._outbound: set[int] = set()
         self.invalid_blocks: set = set()
         self.released = False
+        # True while self._bufs were made by _retake (at the lock) and not handed out since:
+        # wait() can then hand them out as they are (no second retake on the critical path)
+        self._fresh = False
 
     # -- the cache ---------------------------------------------------------------------------------
     def _check_live(self):
@@ -885,6 +889,7 @@ class Registration:
         dead = [i for i, b in enumerate(self._bufs) if b.is_deleted()]
         if dead and self._torch is not None:  # views deleted; the torch memory is intact
             self._bufs = TorchOwnedCache(self._torch, self.layout).views()
+            self._fresh = True
             dead = []
         if dead:
             raise RuntimeError(
@@ -909,6 +914,7 @@ class Registration:
                 if not a.is_deleted():
                     a.delete()
             self._bufs = TorchOwnedCache(self._torch, self.layout).views()
+            self._fresh = True
             return
         new = tuple(_take(old))
         kept, blocked = [], []
@@ -922,6 +928,7 @@ class Registration:
                 raise RuntimeError("donating identity did not keep the buffer addresses on this "
                                    "backend; cannot hand out the registered memory safely")
         self._bufs = tuple(kept)
+        self._fresh = not blocked
         if blocked:
             raise ValueError(
                 f"registered buffer(s) {blocked} are still referenced outside JAX (a NumPy view "
@@ -937,6 +944,7 @@ class Registration:
             raise TransferInFlightError(
                 f"{len(self._inbound)} inbound transfer(s) are in flight into this cache; "
                 "the cache is only available from PendingTransfer.wait()")
+        self._fresh = False
         return Cache(self._bufs, self.layout)
 
     def update(self, cache: Cache) -> None:
@@ -1282,5 +1290,6 @@ class PendingTransfer:
         if reg._inbound:  # other transfers still write into this cache
             return None
         reg._check_live()
-        reg._retake()
+        if not reg._fresh:  # arrays handed out since the lock must die (they may be stale)
+            reg._retake()
         return reg.cache
