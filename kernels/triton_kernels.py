@@ -401,6 +401,21 @@ def _check_idx(x, device, arg):
     return x.contiguous()
 
 
+def _check_copy(src, dst, src_idx, dst_idx, src_a, dst_a, what: str):
+    """Argument checks of a buffer-to-buffer copy: both buffers, both index vectors (same length,
+    ``src_<what>`` / ``dst_<what>``) and both addressings' fit; returns the checked indices."""
+    _check_buf(src, "src")
+    _check_buf(dst, "dst")
+    src_idx = _check_idx(src_idx, src.device, f"src_{what}")
+    dst_idx = _check_idx(dst_idx, dst.device, f"dst_{what}")
+    if src_idx.shape != dst_idx.shape:
+        raise ValueError(f"src_{what} and dst_{what} must have the same length, got "
+                         f"{src_idx.shape[0]} and {dst_idx.shape[0]}")
+    _check_fits(src, src_a, "src")
+    _check_fits(dst, dst_a, "dst")
+    return src_idx, dst_idx
+
+
 def _check_fits(buf, a, arg):
     rows, cols = buf.shape
     if isinstance(a, TokenAddressing):
@@ -524,16 +539,8 @@ def copy_tokens_torch(src, dst, src_locs, dst_locs, src_a: TokenAddressing,
       src_locs, dst_locs: torch.int32[N].
       src_a, dst_a: addressing of the same token format and layer count (page sizes may differ).
     """
-    _check_buf(src, "src")
-    _check_buf(dst, "dst")
     check_same_token_format(src_a, dst_a)
-    src_locs = _check_idx(src_locs, src.device, "src_locs")
-    dst_locs = _check_idx(dst_locs, dst.device, "dst_locs")
-    if src_locs.shape != dst_locs.shape:
-        raise ValueError(f"src_locs and dst_locs must have the same length, got "
-                         f"{src_locs.shape[0]} and {dst_locs.shape[0]}")
-    _check_fits(src, src_a, "src")
-    _check_fits(dst, dst_a, "dst")
+    src_locs, dst_locs = _check_copy(src, dst, src_locs, dst_locs, src_a, dst_a, "locs")
     L, N = src_a.num_layers, src_locs.shape[0]
     if L == 0 or N == 0:
         return
@@ -558,16 +565,8 @@ def copy_pages_torch(src, dst, src_pages, dst_pages, src_a: PageAddressing,
       src_pages, dst_pages: torch.int32[P].
       src_a, dst_a: page addressing with equal ``page_bytes`` and layer counts.
     """
-    _check_buf(src, "src")
-    _check_buf(dst, "dst")
     check_same_page(src_a, dst_a)
-    src_pages = _check_idx(src_pages, src.device, "src_pages")
-    dst_pages = _check_idx(dst_pages, dst.device, "dst_pages")
-    if src_pages.shape != dst_pages.shape:
-        raise ValueError(f"src_pages and dst_pages must have the same length, got "
-                         f"{src_pages.shape[0]} and {dst_pages.shape[0]}")
-    _check_fits(src, src_a, "src")
-    _check_fits(dst, dst_a, "dst")
+    src_pages, dst_pages = _check_copy(src, dst, src_pages, dst_pages, src_a, dst_a, "pages")
     L, P = src_a.num_layers, src_pages.shape[0]
     if L == 0 or P == 0:
         return

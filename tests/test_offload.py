@@ -466,6 +466,25 @@ def logical(bufs, layout, locs):
     return out
 
 
+def expected_after_load(before, layout, new, old, snap, *, reset_ring_of=None):
+    """The buffers a load should leave: ``before`` with every saved position (valid in the old
+    and the new locations) written at its new location; with ``reset_ring_of=slot`` the
+    request-scoped C128 state ring of that slot first reset to the sentinel (``scope="request"``)."""
+    expected = [x.copy() for x in before]
+    if reset_ring_of is not None:
+        for r in reset_ring_of * GEO.c128_ring + np.arange(GEO.c128_ring):
+            for layer in range(GEO.pool("c128_state").num_layers):
+                np_put(expected, layout, "c128_state", layer, r,
+                       O._sentinel_bytes(GEO.c128_state_width))
+    for pool, (l, v) in new.items():
+        p = layout.pool(pool)
+        for t in np.nonzero(v & old[pool][1])[0]:
+            data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
+            for layer in range(p.spec.num_layers):
+                np_put(expected, layout, pool, layer, l[t], data[layer])
+    return expected
+
+
 def admit(state, n):
     state, slots, status = A.admit(state, jnp.asarray([n], jnp.int32))
     assert int(status[0]) == A.OK
@@ -494,18 +513,8 @@ def test_request_retract_resume_bit_exact(scope):
     out = O.load(cache, state, copy, a2, free=True)
     assert budget.used == 0
     # expected: the poisoned cache with the request's entries written at their new locations
-    expected = [x.copy() for x in before]
-    if scope == "request":
-        for r in a2 * GEO.c128_ring + np.arange(GEO.c128_ring):
-            for layer in range(GEO.pool("c128_state").num_layers):
-                np_put(expected, layout, "c128_state", layer, r,
-                       O._sentinel_bytes(GEO.c128_state_width))
-    for pool, (l, v) in new.items():
-        p = layout.pool(pool)
-        for t in np.nonzero(v & old[pool][1])[0]:
-            data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
-            for layer in range(p.spec.num_layers):
-                np_put(expected, layout, pool, layer, l[t], data[layer])
+    expected = expected_after_load(before, layout, new, old, snap,
+                                   reset_ring_of=a2 if scope == "request" else None)
     assert_bytes_equal(out, expected)
     assert logical(expected, layout, new)["c4"].keys() == snap["c4"].keys()
 
@@ -541,14 +550,7 @@ def test_resume_tail_only_swa_writes_nothing_into_page_0():
     for layer in range(swa.spec.num_layers):  # page 0 of every SWA layer: untouched
         row = swa.placements[layer].row_base
         np.testing.assert_array_equal(got[0][row], before[0][row])
-    expected = [x.copy() for x in before]
-    for pool, (l, v) in new.items():
-        p = layout.pool(pool)
-        for t in np.nonzero(v & old[pool][1])[0]:
-            data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
-            for layer in range(p.spec.num_layers):
-                np_put(expected, layout, pool, layer, l[t], data[layer])
-    assert_bytes_equal(out, expected)
+    assert_bytes_equal(out, expected_after_load(before, layout, new, old, snap))
 
 
 def test_request_budget_exceeded_leaves_cache_and_allocator_untouched():
@@ -630,20 +632,12 @@ def test_request_interleavings_bit_exact(seed, scope, ops):
             state, cache, live[rid] = state2, out, slot
             new = np_request_locs(state, slot, scope)
             got = logical(np_bufs(cache), layout, new)
-            expected = [x.copy() for x in before]
-            if scope == "request":
-                for r in slot * GEO.c128_ring + np.arange(GEO.c128_ring):
-                    for layer in range(GEO.pool("c128_state").num_layers):
-                        np_put(expected, layout, "c128_state", layer, r,
-                               O._sentinel_bytes(GEO.c128_state_width))
             for pool, (l, v) in new.items():
-                p = layout.pool(pool)
                 for t in np.nonzero(v & old[pool][1])[0]:
                     assert np.array_equal(got[pool][int(t)], snap[pool][int(t)]), (pool, t)
-                    data = snap[pool][int(t)].reshape(p.spec.num_layers, -1)
-                    for layer in range(p.spec.num_layers):
-                        np_put(expected, layout, pool, layer, l[t], data[layer])
-            assert_bytes_equal(cache, expected)
+            assert_bytes_equal(cache, expected_after_load(
+                before, layout, new, old, snap,
+                reset_ring_of=slot if scope == "request" else None))
     for copy, _, _ in saved.values():
         copy.free()
     assert budget.used == 0
