@@ -406,6 +406,19 @@ def _probe_context() -> dict:
     return out
 
 
+def _stop_peer(conn, proc) -> None:
+    """Asks a spawned decode process to exit (bounded waits), kills it if it does not."""
+    try:
+        conn.send(("exit", None))
+        conn.poll(10)
+    except OSError:
+        pass
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
 def _raw_write_seconds(ag, lx, rx, peer: str, notif: bytes, count: int) -> float:
     """One raw NIXL WRITE (``nixl_agent`` ``ag``, descriptor lists ``lx`` -> ``rx``), polled to
     DONE (bounded, 15 s); returns its seconds from ``initialize_xfer`` on."""
@@ -501,14 +514,7 @@ def _probe_main(kind: str) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded; the caller decides
         out["error"] = f"{type(e).__name__}: {e}"
     finally:
-        try:
-            conn.send(("exit", None))
-            conn.poll(5)
-        except OSError:
-            pass
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
+        _stop_peer(conn, proc)
     print("PROBE_RESULT " + json.dumps(out), flush=True)
     return out
 
@@ -888,15 +894,7 @@ def _run(args, mem, T):
         rows.append(common.row("host cores", os.cpu_count(), "count"))
         agent.close()
     finally:
-        try:
-            conn.send(("exit", ()))
-            conn.poll(10)
-        except OSError:
-            pass
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        _stop_peer(conn, proc)
     return rows
 
 

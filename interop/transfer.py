@@ -878,9 +878,6 @@ class Registration:
         self._outbound: set[int] = set()
         self.invalid_blocks: set = set()
         self.released = False
-        # True while self._bufs were made by _retake (at the lock) and not handed out since:
-        # wait() can then hand them out as they are (no second retake on the critical path)
-        self._fresh = False
 
     # -- the cache ---------------------------------------------------------------------------------
     def _check_live(self):
@@ -889,7 +886,6 @@ class Registration:
         dead = [i for i, b in enumerate(self._bufs) if b.is_deleted()]
         if dead and self._torch is not None:  # views deleted; the torch memory is intact
             self._bufs = TorchOwnedCache(self._torch, self.layout).views()
-            self._fresh = True
             dead = []
         if dead:
             raise RuntimeError(
@@ -914,7 +910,6 @@ class Registration:
                 if not a.is_deleted():
                     a.delete()
             self._bufs = TorchOwnedCache(self._torch, self.layout).views()
-            self._fresh = True
             return
         new = tuple(_take(old))
         kept, blocked = [], []
@@ -928,7 +923,6 @@ class Registration:
                 raise RuntimeError("donating identity did not keep the buffer addresses on this "
                                    "backend; cannot hand out the registered memory safely")
         self._bufs = tuple(kept)
-        self._fresh = not blocked
         if blocked:
             raise ValueError(
                 f"registered buffer(s) {blocked} are still referenced outside JAX (a NumPy view "
@@ -944,7 +938,6 @@ class Registration:
             raise TransferInFlightError(
                 f"{len(self._inbound)} inbound transfer(s) are in flight into this cache; "
                 "the cache is only available from PendingTransfer.wait()")
-        self._fresh = False
         return Cache(self._bufs, self.layout)
 
     def update(self, cache: Cache) -> None:
@@ -1289,7 +1282,6 @@ class PendingTransfer:
         reg = self.registration
         if reg._inbound:  # other transfers still write into this cache
             return None
-        reg._check_live()
-        if not reg._fresh:  # arrays handed out since the lock must die (they may be stale)
-            reg._retake()
+        # no second retake: the arrays were made when the lock was taken (expect / read) and
+        # nobody could have been handed them since (reg.cache raises while locked)
         return reg.cache

@@ -1182,15 +1182,7 @@ def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
     """
     A = _alloc()
     geo = layout.geometry
-    column_of_first, column = [], []  # names[k]'s column in the fetched array
-    for k, n in enumerate(names):
-        same = _SAME_LOCS.get(n)
-        if same in names:
-            column.append(column[names.index(same)])
-        else:
-            column.append(len(column_of_first))
-            column_of_first.append(k)
-    column = tuple(column)
+    column_of_first, column = _shared_columns(names)  # names[k]'s column in the fetched array
     limits = []
     for n in names:
         p = layout.pool(n)
@@ -1226,6 +1218,21 @@ def _pack_fn(layout: Layout, names: tuple[str, ...], scope: str):
     return jax.jit(f, static_argnames=("width",)), column
 
 _SAME_LOCS = {"c4_indexer": "c4", "c4_indexer_state": "c4_state"}
+
+
+def _shared_columns(names: tuple[str, ...]) -> tuple[list[int], tuple[int, ...]]:
+    """Columns of a per-pool location table where pools with the same locations share one:
+    ``(firsts, column)``, ``firsts[c]`` = index in ``names`` of column ``c``'s first pool,
+    ``column[k]`` = pool ``names[k]``'s column."""
+    firsts, column = [], []
+    for k, n in enumerate(names):
+        same = _SAME_LOCS.get(n)
+        if same in names:
+            column.append(column[names.index(same)])
+        else:
+            column.append(len(firsts))
+            firsts.append(k)
+    return firsts, tuple(column)
 
 
 PLAN_MIN_WIDTH = 128
@@ -1291,15 +1298,7 @@ class _PlanFns(NamedTuple):
 def _plan_fns(layout: Layout, names: tuple[str, ...], scope: str) -> _PlanFns:
     A = _alloc()
     geo = layout.geometry
-    firsts, column = [], []
-    for k, n in enumerate(names):
-        same = _SAME_LOCS.get(n)
-        if same in names:
-            column.append(column[names.index(same)])
-        else:
-            column.append(len(firsts))
-            firsts.append(k)
-    column = tuple(column)
+    firsts, column = _shared_columns(names)
     state_col = tuple(layout.pool(names[k]).spec.kind == "state" for k in firsts)
     load_rows, r = [], len(firsts)
     for c, st in enumerate(state_col):

@@ -404,7 +404,6 @@ def test_interleavings_bit_exact(kind, seed, ops):
                     pages.give_back(key, pg)
                 continue
             del retracted[req]
-            src_model = [b.copy() for b in model]
             # expected: the saved bytes (as they were at retract) land in the new locations
             saved = {k: copy.pool_bytes(*k) for k in keys}
             for key, (locs, _) in got.items():
@@ -940,22 +939,29 @@ def test_batch_planning_syncs_do_not_grow_with_the_batch(monkeypatch):
     assert counts[3][0] >= 1  # the spies do see the one translation fetch
 
 
-@pytest.mark.parametrize("limit", [0, None])
-def test_load_batch_window_gives_the_same_bytes(limit):
-    """load_batch's sliding window of host-to-device copies (max_inflight_bytes=0 awaits every
-    earlier copy, None queues the whole small batch) restores the same bytes."""
+def _saved_batch_and_reference(seed):
+    """Three requests saved with start_save_batch, a random target cache, and the bytes of
+    loading them into it one request at a time (the reference for load_batch)."""
     layout = LM_REQ
     state = A.init_state(A.config_from_layout(layout, NREQ, 120))
     state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
     slots = [int(x) for x in np.asarray(slots)]
-    cache = random_cache(layout, seed=37)
+    cache = random_cache(layout, seed=seed)
     copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
                                                    budget=O.HostBudget(1 << 30))]
-    target = random_cache(layout, seed=38)
+    target = random_cache(layout, seed=seed + 1)
     ref = np_bufs(target)
-    for c, s in zip(copies, slots):  # reference: one request at a time, no window
-        ref_cache = O.load(jaxkv.Cache(tuple(jnp.asarray(b) for b in ref), layout), state, c, s)
-        ref = np_bufs(ref_cache)
+    for c, s in zip(copies, slots):
+        ref = np_bufs(O.load(jaxkv.Cache(tuple(jnp.asarray(b) for b in ref), layout), state, c,
+                             s))
+    return state, slots, copies, target, ref
+
+
+@pytest.mark.parametrize("limit", [0, None])
+def test_load_batch_window_gives_the_same_bytes(limit):
+    """load_batch's sliding window of host-to-device copies (max_inflight_bytes=0 awaits every
+    earlier copy, None queues the whole small batch) restores the same bytes."""
+    state, slots, copies, target, ref = _saved_batch_and_reference(37)
     out = O.load_batch(target, state, copies, slots, max_inflight_bytes=limit)
     assert_bytes_equal(out, ref)
 
@@ -1005,18 +1011,7 @@ def test_load_batch_queues_copies_ahead_of_scatters(monkeypatch, order):
     copy before the batch's planning program.  The run-3 order (``ahead=False, early=False``,
     the benchmark's A/B row) queues each scatter right after its copy.  Both restore the same
     bytes as loading one request at a time."""
-    layout = LM_REQ
-    state = A.init_state(A.config_from_layout(layout, NREQ, 120))
-    state, slots, status = A.admit(state, jnp.asarray([50, 17, 90], jnp.int32))
-    slots = [int(x) for x in np.asarray(slots)]
-    cache = random_cache(layout, seed=41)
-    copies = [h.wait() for h in O.start_save_batch(cache, state, slots,
-                                                   budget=O.HostBudget(1 << 30))]
-    target = random_cache(layout, seed=42)
-    ref = np_bufs(target)
-    for c, s in zip(copies, slots):  # reference: one request at a time
-        ref = np_bufs(O.load(jaxkv.Cache(tuple(jnp.asarray(b) for b in ref), layout), state, c,
-                             s))
+    state, slots, copies, target, ref = _saved_batch_and_reference(41)
     events, staged = [], {}
     real_put, real_plan_fns = jax.device_put, O._plan_fns
     data_ids = {id(c.data): k for k, c in enumerate(copies)}
